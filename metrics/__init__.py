@@ -1,0 +1,1 @@
+"""Records, SSE parsing, server-truth scraping, GPU sampling, Locust hooks and reports."""

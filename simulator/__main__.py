@@ -1,0 +1,53 @@
+"""`python -m simulator`: serve one simulated vLLM on loopback (see `--help`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import uvicorn
+
+from simulator.config import build_parser, config_from_args
+from simulator.launcher import READY_PREFIX
+from simulator.request_log import configure_logging
+from simulator.server import create_app
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """An embedded simulator must not outlive the locust process that started it: SIGTERM ourselves then."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    configure_logging(args.log_file)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        sys.exit(f"simulator: cannot bind {args.host}:{args.port}: {exc.strerror}")
+    sock.listen(2048)
+    host, port = sock.getsockname()[:2]
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(
+        app, loop="auto", http="auto", log_level="warning", access_log=False, timeout_keep_alive=30,
+        backlog=2048, lifespan="on",
+    ))
+    if args.parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
+    url_host = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"{READY_PREFIX}http://{url_host}:{port}", flush=True)
+    server.run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

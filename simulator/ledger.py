@@ -1,0 +1,90 @@
+"""The simulator's per-request truth: what the server really did with each request, and when.
+
+stopstorm measures every stop against this ledger, never against what a client believes. Times are
+`time.monotonic()` seconds: CLOCK_MONOTONIC is one system-wide clock on Linux, so a client on the same host
+can compare its own marks with these directly; `epoch_offset` converts them to Unix time for anyone else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LEDGER_SCHEMA_VERSION", "Ledger", "LedgerEntry"]
+
+LEDGER_SCHEMA_VERSION = 1
+
+
+@dataclass(slots=True)
+class LedgerEntry:
+    """One request's life on the server. A mark is None until it happens (never 0 as 'unknown')."""
+
+    request_id: str
+    endpoint: str  # "chat" or "completions"
+    stream: bool
+    prompt_tokens: int
+    max_tokens: int
+    # Tokens this request would generate if nobody stopped it (EOS draw or max_tokens): the counterfactual.
+    target_tokens: int
+    arrival: float
+    scheduled: float | None = None  # admitted to a running slot (queue wait ends)
+    first_token: float | None = None
+    last_token: float | None = None
+    disconnect_seen: float | None = None  # the server noticed the client's connection close
+    freed: float | None = None  # left the engine: slot freed if it ran, removed from the queue if not
+    generated_tokens: int = 0  # as counted in vllm:generation_tokens_total
+    generated_at_disconnect: int | None = None  # generated_tokens when the close was seen
+    sent_tokens: int = 0  # tokens written to the socket (a stalled reader's may sit in buffers)
+    finish_reason: str | None = None  # "stop", "length" or "abort"; None while in flight
+    status_code: int = 200
+    error: str | None = None  # a failure the server itself reported (e.g. a mid-stream error event)
+
+    @property
+    def queue_wait(self) -> float | None:
+        if self.scheduled is None:
+            return None if self.freed is None else self.freed - self.arrival
+        return self.scheduled - self.arrival
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["queue_wait"] = self.queue_wait
+        return out
+
+
+@dataclass(slots=True)
+class Ledger:
+    """All requests since start or the last reset, by request id, in arrival order."""
+
+    entries: dict[str, LedgerEntry] = field(default_factory=dict)
+    # Monotonic → Unix time, taken once so every converted mark shares one offset.
+    epoch_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
+
+    def add(self, entry: LedgerEntry) -> None:
+        self.entries[entry.request_id] = entry
+
+    def get(self, request_id: str) -> LedgerEntry | None:
+        return self.entries.get(request_id)
+
+    def __iter__(self) -> Iterator[LedgerEntry]:
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def reset(self) -> int:
+        """Forget finished requests (in-flight ones stay, so their truth is not cut in half); returns how many."""
+        done = [rid for rid, e in self.entries.items() if e.freed is not None]
+        for rid in done:
+            del self.entries[rid]
+        return len(done)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": LEDGER_SCHEMA_VERSION,
+            "clock": "monotonic",
+            "epoch_offset": self.epoch_offset,
+            "now": time.monotonic(),
+            "requests": [e.to_json() for e in self.entries.values()],
+        }

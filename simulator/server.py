@@ -1,0 +1,454 @@
+"""The simulator's HTTP front: OpenAI-compatible routes over the engine, as vLLM's API server does them.
+
+What matters for stops, copied from vLLM (DESIGN.md §5):
+- response headers go out at once; the first chunk (role) only once the first token exists;
+- every request, streaming or not, runs beside a disconnect listener: uvicorn wakes it on TCP FIN/RST, so a
+  closed connection is seen within about a millisecond, and the engine aborts at its next step boundary;
+- the engine never waits for the writer: a client that stops reading but keeps its socket open blocks only
+  the writer (TCP back-pressure), while its request keeps its slot and runs to the end.
+Ledger routes under `/stopstorm/` expose per-request truth; vLLM has no such routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from simulator.config import SimulatorConfig
+from simulator.engine import EngineLoop, Scheduler, Sequence, StepPlan
+from simulator.ledger import Ledger, LedgerEntry
+from simulator.request_log import RequestLog
+from simulator.text import TokenText, count_prompt_tokens
+from simulator.vllm_metrics import VllmMetrics
+
+__all__ = ["Simulator", "create_app"]
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_DONE = b"data: [DONE]\n\n"
+FAULT_HEADER = "x-stopstorm-fault"
+
+
+class _ObserverFanOut:
+    """Hands each engine event to the metrics and the request log, in that order."""
+
+    def __init__(self, *observers: Any) -> None:
+        self._observers = observers
+
+    def on_added(self, seq: Sequence, now: float) -> None:
+        for o in self._observers:
+            o.on_added(seq, now)
+
+    def on_abort_requested(self, seq: Sequence, now: float) -> None:
+        for o in self._observers:
+            o.on_abort_requested(seq, now)
+
+    def on_first_token(self, seq: Sequence, now: float) -> None:
+        for o in self._observers:
+            o.on_first_token(seq, now)
+
+    def on_step(self, plan: StepPlan, now: float, tokens: int, itl_samples: list[float]) -> None:
+        for o in self._observers:
+            o.on_step(plan, now, tokens, itl_samples)
+
+    def on_finished(self, seq: Sequence, now: float) -> None:
+        for o in self._observers:
+            o.on_finished(seq, now)
+
+    def on_aborted(self, seq: Sequence, now: float) -> None:
+        for o in self._observers:
+            o.on_aborted(seq, now)
+
+    def on_queue_change(self, running: int, waiting: int) -> None:
+        for o in self._observers:
+            o.on_queue_change(running, waiting)
+
+
+class Simulator:
+    """One simulated vLLM server: config, ledger, metrics, request log and the engine loop."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.ledger = Ledger()
+        self.metrics = VllmMetrics(config)
+        self.request_log = RequestLog(config.vllm_flavour)
+        self.scheduler = Scheduler(config, self.ledger, _ObserverFanOut(self.metrics, self.request_log))
+        self.engine = EngineLoop(self.scheduler)
+        self.metrics.engine_loop = self.engine
+        self.created = int(time.time())
+
+
+class _Output:
+    """A request's output as the writer sees it: how many tokens exist, and whether it has finished.
+
+    Like vLLM's RequestOutputCollector, it never blocks the engine: a writer that falls behind finds several
+    new tokens at once and sends them merged in one chunk.
+    """
+
+    __slots__ = ("event", "finish_reason", "generated")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.generated = 0
+        self.finish_reason: str | None = None
+
+    def on_tokens(self, generated: int) -> None:
+        self.generated = generated
+        self.event.set()
+
+    def on_finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.event.set()
+
+
+class BadRequest(Exception):
+    """A request vLLM would refuse; carries the status and error type vLLM would send."""
+
+    def __init__(self, message: str, status: int = 400, err_type: str = "BadRequestError") -> None:
+        super().__init__(message)
+        self.status = status
+        self.err_type = err_type
+
+
+def _error_body(config: SimulatorConfig, message: str, err_type: str, status: int) -> bytes:
+    if config.vllm_flavour == "0.9":
+        return orjson.dumps({"object": "error", "message": message, "type": err_type, "param": None,
+                             "code": status})
+    return orjson.dumps({"error": {"message": message, "type": err_type, "param": None, "code": status}})
+
+
+def _error_response(config: SimulatorConfig, exc: BadRequest) -> Response:
+    return Response(_error_body(config, str(exc), exc.err_type, exc.status), status_code=exc.status,
+                    media_type="application/json")
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    """Return when the client's connection closes (uvicorn sends http.disconnect on FIN/RST)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _int_param(body: dict[str, Any], name: str, default: int | None, minimum: int) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise BadRequest(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+class _Job:
+    """One validated request: its engine sequence and how its response is to be written."""
+
+    def __init__(self, sim: Simulator, body: dict[str, Any], endpoint: str, request_id: str) -> None:
+        cfg = sim.config
+        self.sim = sim
+        self.endpoint = endpoint
+        self.request_id = request_id
+        if endpoint == "chat":
+            if "messages" not in body:
+                raise BadRequest("messages: Field required")
+            prompt_source = body["messages"]
+        else:
+            if "prompt" not in body:
+                raise BadRequest("prompt: Field required")
+            prompt_source = body["prompt"]
+        try:
+            prompt_tokens = count_prompt_tokens(prompt_source)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        n = _int_param(body, "n", 1, 1)
+        if n != 1:
+            raise BadRequest("the simulator supports n=1 only")
+        max_tokens = _int_param(body, "max_completion_tokens", None, 1)
+        if max_tokens is None:
+            max_tokens = _int_param(body, "max_tokens", None, 1)
+        if max_tokens is None:
+            max_tokens = cfg.max_model_len - prompt_tokens
+        if prompt_tokens + max_tokens > cfg.max_model_len:
+            raise BadRequest(
+                f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion."
+            )
+        if max_tokens < 1:
+            raise BadRequest(f"The prompt ({prompt_tokens} tokens) fills the context of {cfg.max_model_len}.")
+        min_tokens = _int_param(body, "min_tokens", 0, 0) or 0
+        ignore_eos = bool(body.get("ignore_eos", False))
+        self.stream = bool(body.get("stream", False))
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise BadRequest("stream_options must be an object")
+        if options and not self.stream:
+            raise BadRequest("Stream options can only be defined when `stream=True`.")
+        self.include_usage = bool(options.get("include_usage", False))
+        self.continuous_usage = self.include_usage and bool(options.get("continuous_usage_stats", False))
+        self.prompt_tokens = prompt_tokens
+        self.model = body["model"]
+        self.created = int(time.time())
+        self.text = TokenText(request_id)
+        self.output = _Output()
+        target = sim.scheduler.target_tokens(max_tokens, ignore_eos, min(min_tokens, max_tokens))
+        self.entry = LedgerEntry(
+            request_id=request_id, endpoint=endpoint, stream=self.stream, prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens, target_tokens=target, arrival=time.monotonic(),
+        )
+        self.error_after: int | None = None
+
+    # -- chunk encoding (bytes joined, no per-token JSON) -----------------------------------------------
+
+    def _usage(self, completion: int) -> bytes:
+        p = self.prompt_tokens
+        return b'{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}' % (p, p + completion, completion)
+
+    def _head(self) -> bytes:
+        obj = b"chat.completion.chunk" if self.endpoint == "chat" else b"text_completion"
+        return b'data: {"id":"%s","object":"%s","created":%d,"model":%s,"choices":' % (
+            self.request_id.encode(), obj, self.created, orjson.dumps(self.model))
+
+    def role_chunk(self) -> bytes:
+        usage = b',"usage":' + self._usage(0) if self.continuous_usage else b""
+        return (self._head() + b'[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+                b'"finish_reason":null}]' + usage + b"}\n\n")
+
+    def content_chunk(self, first: int, stop: int, finish: str | None) -> bytes:
+        text = self.text.escaped(first, stop)
+        reason = b'"%s"' % finish.encode() if finish else b"null"
+        usage = b',"usage":' + self._usage(stop) if self.continuous_usage else b""
+        if self.endpoint == "chat":
+            choice = b'[{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":%s,"stop_reason":null}]'
+        else:
+            choice = b'[{"index":0,"text":"%s","logprobs":null,"finish_reason":%s,"stop_reason":null}]'
+        return self._head() + choice % (text, reason) + usage + b"}\n\n"
+
+    def usage_chunk(self, completion: int) -> bytes:
+        return self._head() + b'[],"usage":' + self._usage(completion) + b"}\n\n"
+
+    def error_chunk(self, message: str, err_type: str, status: int) -> bytes:
+        return b"data: " + _error_body(self.sim.config, message, err_type, status) + b"\n\n"
+
+    def full_response(self) -> bytes:
+        e = self.entry
+        text = self.text.text(0, e.generated_tokens)
+        usage = orjson.loads(self._usage(e.generated_tokens))
+        if self.endpoint == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": e.finish_reason, "stop_reason": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": e.finish_reason,
+                      "stop_reason": None}
+            obj = "text_completion"
+        return orjson.dumps({"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
+                             "choices": [choice], "usage": usage})
+
+    # -- ASGI response ----------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request beside a disconnect listener, as vLLM's routes do; a close aborts it."""
+        seq = Sequence(self.entry, sink=self.output)
+        self.sim.engine.add(seq)
+        if self.stream:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        work = asyncio.ensure_future(self._stream(send) if self.stream else self._unary(send))
+        listener = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait((work, listener), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not listener.done():
+                listener.cancel()
+        if work in done:
+            work.result()
+            return
+        # The client closed its connection before we were done: abort, as vLLM does.
+        self.sim.engine.client_gone(self.entry)
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await work
+
+    async def _stream(self, send: Send) -> None:
+        out, entry = self.output, self.entry
+        per_chunk = self.sim.config.tokens_per_chunk
+        sent = 0
+        while True:
+            await out.event.wait()
+            out.event.clear()
+            generated, finish = out.generated, out.finish_reason
+            if finish is None and generated - sent < per_chunk:
+                continue
+            if self.error_after is not None and generated >= self.error_after:
+                await self._fail_mid_stream(send, sent)
+                return
+            parts: list[bytes] = []
+            if sent == 0 and generated and self.endpoint == "chat":
+                parts.append(self.role_chunk())
+            if generated > sent:
+                parts.append(self.content_chunk(sent, generated, finish))
+            if finish is not None:
+                if finish == "abort":
+                    return  # only a gone client gets here; nothing more to send
+                if generated == sent:
+                    parts.append(self.content_chunk(sent, sent, finish))
+                if self.include_usage:
+                    parts.append(self.usage_chunk(generated))
+                parts.append(_DONE)
+            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": finish is None})
+            sent = entry.sent_tokens = generated
+            if finish is not None:
+                return
+
+    async def _fail_mid_stream(self, send: Send, sent: int) -> None:
+        """An engine error after some tokens: vLLM sends `data: {"error": …}` then `[DONE]`."""
+        self.entry.status_code = 500
+        self.entry.error = f"simulated engine error after {self.entry.generated_tokens} tokens"
+        self.sim.scheduler.request_abort(self.request_id, time.monotonic())
+        body = self.error_chunk("Simulated engine error (x-stopstorm-fault)", "InternalServerError", 500) + _DONE
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _unary(self, send: Send) -> None:
+        out = self.output
+        while out.finish_reason is None:
+            await out.event.wait()
+            out.event.clear()
+        self.entry.sent_tokens = self.entry.generated_tokens
+        body = self.full_response()
+        await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _AsgiJob(Response):
+    """Lets a route return a `_Job` as its response object."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.job(scope, receive, send)
+
+
+def _parse_fault(header: str | None) -> int | None:
+    if not header:
+        return None
+    kind, _, value = header.partition(":")
+    if kind.strip() == "error-after" and value.strip().isdigit():
+        return int(value)
+    raise BadRequest(f"{FAULT_HEADER}: unknown fault {header!r}; known: error-after:N")
+
+
+def create_app(config: SimulatorConfig) -> FastAPI:
+    """The ASGI app for one simulator; `app.state.sim` holds its ledger, metrics and engine."""
+    sim = Simulator(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sim.engine.start()
+        yield
+        await sim.engine.stop()
+
+    app = FastAPI(title="stopstorm simulator", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.sim = sim
+
+    async def _completion(request: Request, endpoint: str) -> Response:
+        try:
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                raise BadRequest(f"Request body is not valid JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise BadRequest("Request body must be a JSON object")
+            model = body.get("model")
+            if model is not None and model != config.model:
+                raise BadRequest(f"The model `{model}` does not exist.", 404, "NotFoundError")
+            body["model"] = config.model
+            prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
+            request_id = prefix + (request.headers.get("x-request-id") or uuid.uuid4().hex)
+            if sim.ledger.get(request_id) is not None:
+                raise BadRequest(f"request id {request_id} is already in use")
+            error_after = _parse_fault(request.headers.get(FAULT_HEADER))
+            job = _Job(sim, body, endpoint, request_id)
+            job.error_after = error_after
+        except BadRequest as exc:
+            return _error_response(config, exc)
+        if config.max_waiting is not None and len(sim.scheduler.waiting) >= config.max_waiting:
+            return _error_response(config, BadRequest(
+                f"The server is overloaded: {len(sim.scheduler.waiting)} requests are already waiting "
+                f"(--max-waiting {config.max_waiting}).", 503, "ServiceUnavailableError"))
+        return _AsgiJob(job)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _completion(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _completion(request, "completions")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        card = {"id": config.model, "object": "model", "created": sim.created, "owned_by": "vllm",
+                "root": config.model, "parent": None, "max_model_len": config.max_model_len}
+        return Response(orjson.dumps({"object": "list", "data": [card]}), media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return Response(orjson.dumps({"version": f"stopstorm-simulator (mimics vLLM {config.vllm_flavour})"}),
+                        media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(sim.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/stopstorm/ledger")
+    async def ledger() -> Response:
+        return Response(orjson.dumps(sim.ledger.to_json()), media_type="application/json")
+
+    @app.get("/stopstorm/ledger/{request_id}")
+    async def ledger_entry(request_id: str) -> Response:
+        entry = sim.ledger.get(request_id)
+        if entry is None:
+            return _error_response(config, BadRequest(f"no request {request_id} in the ledger", 404,
+                                                      "NotFoundError"))
+        return Response(orjson.dumps(entry.to_json()), media_type="application/json")
+
+    @app.post("/stopstorm/ledger/reset")
+    async def ledger_reset() -> Response:
+        removed = sim.ledger.reset()
+        return Response(orjson.dumps({"removed": removed, "in_flight": len(sim.ledger)}),
+                        media_type="application/json")
+
+    @app.get("/stopstorm/stats")
+    async def stats() -> Response:
+        return Response(orjson.dumps({"engine": sim.engine.stats(), "config": {
+            "model": config.model, "max_num_seqs": config.max_num_seqs,
+            "max_num_batched_tokens": config.max_num_batched_tokens, "max_model_len": config.max_model_len,
+            "step_base_s": config.step_base_s, "step_per_seq_s": config.step_per_seq_s,
+            "prefill_per_token_s": config.prefill_per_token_s, "output_len": str(config.output_len),
+            "tokens_per_chunk": config.tokens_per_chunk, "vllm_flavour": config.vllm_flavour}}),
+            media_type="application/json")
+
+    return app

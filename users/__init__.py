@@ -1,0 +1,1 @@
+"""Locust user classes, one per client stack, over one shared streaming core."""
