@@ -1,7 +1,10 @@
 """Every Locust event hook stopstorm registers, in one module, so the locustfile stays a table of contents.
 
-For now: the embedded simulator. With no `--host`, the run starts one (in its own process, on a free loopback
-port), points the run at it, and stops it when Locust quits (normal end, Ctrl-C, SIGTERM or an error).
+- Command-line options: the users' (users/options.py), the probe's, and the embedded simulator's.
+- The embedded simulator: with no `--host`, the run starts one (in its own process, on a free loopback port),
+  points the run at it, and stops it when Locust quits (normal end, Ctrl-C, SIGTERM or an error).
+- Bad settings stop the run before any load, with the option named.
+- The stop-semantics probe's table, printed after Locust's own summary and saved as JSON.
 """
 
 from __future__ import annotations
@@ -17,15 +20,21 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from simulator.launcher import EmbeddedSimulator
+from users.options import add_arguments as add_user_arguments
+from users.options import settings_for
+from users.probe import add_probe_arguments, probe_results, write_probe_results
 
 __all__ = ["embedded_simulator"]
 
 _log = logging.getLogger("stopstorm")
 _state: dict[str, EmbeddedSimulator] = {}
+_probe_env: dict[str, Environment] = {}
 
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: LocustArgumentParser) -> None:
+    add_user_arguments(parser)
+    add_probe_arguments(parser)
     group = parser.add_argument_group("stopstorm embedded simulator", "used when no --host is given")
     group.add_argument("--sim-max-num-seqs", type=int, default=2, env_var="STOPSTORM_SIM_MAX_NUM_SEQS",
                        help="running slots of the embedded simulator, as vLLM's --max-num-seqs (default 2)")
@@ -63,6 +72,34 @@ def _start_simulator(environment: Environment, **_kwargs: Any) -> None:
         opts.host = url
     _log.info("no --host given: started the embedded simulator at %s (pid %s, %s); its log: %s",
               url, sim.pid, " ".join(args), sim.log_path)
+
+
+@events.init.add_listener
+def _check_settings(environment: Environment, **_kwargs: Any) -> None:
+    """Refuse bad options before any load; workers get theirs checked by the master first."""
+    if not environment.host or isinstance(environment.runner, WorkerRunner):
+        return
+    try:
+        settings_for(environment, environment.host)
+    except ValueError as exc:
+        _log.error("stopstorm: %s", exc)
+        _stop_simulator()
+        raise SystemExit(2) from None
+
+
+@events.quit.add_listener
+def _print_probe_table(**_kwargs: Any) -> None:
+    if not probe_results() or _probe_env.get("env") is None:
+        return
+    env = _probe_env["env"]
+    path = env.parsed_options.probe_json
+    table = write_probe_results(path, env.host)
+    print(f"\nstopstorm stop-semantics probe (truth: simulator ledger; JSON: {path})\n{table}\n", flush=True)
+
+
+@events.init.add_listener
+def _remember_environment(environment: Environment, **_kwargs: Any) -> None:
+    _probe_env["env"] = environment
 
 
 events.quit.add_listener(_stop_simulator)

@@ -1,0 +1,84 @@
+"""The one record of a stream, as its client saw it: raw marks, with every figure derived from them.
+
+Every client stack fills the same `StreamRecord`; reports and the ledger join it with server truth by request
+id. Times are `time.monotonic()` seconds (CLOCK_MONOTONIC, one clock for the whole host on Linux, so marks
+compare directly with the simulator's ledger), plus one wall-clock start for humans. A derived figure is
+None when its marks are missing, never 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from typing import Any
+
+__all__ = ["RECORD_SCHEMA_VERSION", "StreamRecord"]
+
+RECORD_SCHEMA_VERSION = 1
+
+
+@dataclass(slots=True)
+class StreamRecord:
+    """One streamed completion from send to close."""
+
+    stack: str  # client stack: requests, httpx, httpx-async, openai, openai-async, fasthttp
+    close_mode: str  # what the client does at Stop: close, drop, hold or none
+    endpoint: str  # chat or completions
+    request_id: str  # the X-Request-Id we sent
+    stop_plan: str  # when the user was to press Stop: "never", "tokens:37", "seconds:1.25", "first-token"
+    wall_start: float  # time.time() when sent
+    sent: float
+    server_id: str | None = None  # the id the server put in its chunks (chatcmpl-… / cmpl-…)
+    headers: float | None = None
+    first_token: float | None = None
+    # Arrival of each chunk that carried tokens, and the running token count after it.
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    stop: float | None = None  # the user pressed Stop
+    tokens_at_stop: int | None = None
+    closed: float | None = None  # close (or the end of a hold) returned
+    ended: float | None = None  # the stream ended by itself: [DONE], or the server closed it
+    tokens: int = 0  # tokens received: from usage when the server sends it, else chunks with text
+    usage_tokens: int | None = None  # last completion_tokens the server reported
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None  # as the server sent it (never present for our own disconnect)
+    done: bool = False  # saw data: [DONE]
+    status: int | None = None  # HTTP status
+    error: str | None = None  # why the stream failed, in words; None if it did not
+
+    # -- derived ---------------------------------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.sent
+
+    @property
+    def itl(self) -> list[float]:
+        """Gaps between consecutive token-carrying chunks (a merged chunk counts once)."""
+        return [b - a for a, b in pairwise(self.chunk_times)]
+
+    @property
+    def duration(self) -> float | None:
+        """Send until the user stopped reading: Stop, or the end of the stream, or the failure."""
+        end = self.stop if self.stop is not None else self.ended
+        return None if end is None else end - self.sent
+
+    @property
+    def tokens_read(self) -> int:
+        """Tokens the user saw: up to Stop (a `none` close reads on, but nobody looks)."""
+        return self.tokens if self.tokens_at_stop is None else self.tokens_at_stop
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ttft"] = self.ttft
+        out["duration"] = self.duration
+        out["tokens_read"] = self.tokens_read
+        return out

@@ -1,0 +1,55 @@
+"""Server truth for one request, from the simulator's ledger (`GET /stopstorm/ledger/<id>`).
+
+Real vLLM has no ledger; its truth (metrics, log) comes through other readers. Every figure built from this
+one says its source is the simulator ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import requests
+
+__all__ = ["LEDGER_SOURCE", "LedgerClient"]
+
+LEDGER_SOURCE = "simulator ledger"
+
+
+class LedgerClient:
+    """Reads ledger entries; None when the server has no ledger (not the simulator) or no such request."""
+
+    def __init__(self, host: str, timeout: float = 5.0) -> None:
+        self.host = host.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def available(self) -> bool:
+        try:
+            resp = self.session.get(f"{self.host}/stopstorm/stats", timeout=self.timeout)
+        except requests.RequestException:
+            return False
+        return resp.status_code == 200
+
+    def entry(self, server_id: str) -> dict[str, Any] | None:
+        try:
+            resp = self.session.get(f"{self.host}/stopstorm/ledger/{server_id}", timeout=self.timeout)
+        except requests.RequestException:
+            return None
+        if resp.status_code != 200:
+            return None
+        result: dict[str, Any] = orjson.loads(resp.content)
+        return result
+
+    def wait_freed(self, server_id: str, timeout: float, poll: float = 0.02) -> dict[str, Any] | None:
+        """The entry once the request has left the engine (finished or aborted), or as it is at `timeout`."""
+        deadline = time.monotonic() + timeout
+        entry = self.entry(server_id)
+        while (entry is None or entry.get("freed") is None) and time.monotonic() < deadline:
+            time.sleep(poll)
+            entry = self.entry(server_id)
+        return entry
+
+    def close(self) -> None:
+        self.session.close()

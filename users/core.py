@@ -1,0 +1,403 @@
+"""The streaming core every client stack shares: reading, Stop, abandoning the stream, and reporting it.
+
+A stack module (users/stack_*.py) holds only its transport: open a stream, hand over its lines (or SDK
+chunks), close it, and translate its own exceptions into `StreamFailure`. Everything else is here, once:
+
+- `StreamReader` turns lines or chunks into the `StreamRecord` and says when the user presses Stop;
+- `run_stream` / `arun_stream` are the sync/async twins of the one read loop, with the close modes:
+  `close` (explicit close), `drop` (break and drop every reference: the garbage collector decides),
+  `hold` (keep the response and its socket for `hold_seconds` without reading, then close), `none` (the user
+  stops looking but the client reads to the end);
+- `StreamingUser` is the abstract Locust user: one stream per task, one `request` event after it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, ClassVar, Protocol
+
+import gevent
+import orjson
+from locust import User, task
+
+from metrics.record import StreamRecord
+from metrics.sse import DONE, SSELineDecoder
+from users.options import RunSettings, settings_for
+from users.policy import StopPlan
+from users.request import StreamRequest
+
+__all__ = [
+    "AsyncStream",
+    "AsyncStreamingUser",
+    "AsyncTransport",
+    "StreamFailure",
+    "StreamReader",
+    "StreamingUser",
+    "SyncStream",
+    "SyncStreamingUser",
+    "SyncTransport",
+    "arun_stream",
+    "error_text",
+    "report",
+    "run_stream",
+]
+
+
+class StreamFailure(Exception):
+    """A stream failed; the message says how in words a user reads in Locust's failure table."""
+
+
+class SyncStream(Protocol):
+    def items(self) -> Iterator[Any]:
+        """SSE lines (bytes, without terminators) or, for SDK stacks, chunk objects."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class AsyncStream(Protocol):
+    def aitems(self) -> AsyncIterator[Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SyncTransport(Protocol):
+    name: str
+    yields_chunks: bool  # True: items are OpenAI SDK chunk objects, not SSE lines
+
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> SyncStream:
+        """Send the request; return once the response headers are in (set record.status)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+class AsyncTransport(Protocol):
+    name: str
+    yields_chunks: bool
+
+    async def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> AsyncStream:
+        ...
+
+    async def shutdown(self) -> None: ...
+
+
+def error_text(body: bytes | str, limit: int = 300) -> str:
+    """The message inside a vLLM/OpenAI error body (`{"error": {"message": …}}` or `{"message": …}`)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        return text.strip()[:limit] or "(empty body)"
+    if isinstance(obj, dict):
+        inner = obj.get("error", obj)
+        if isinstance(inner, dict) and "message" in inner:
+            return str(inner["message"])[:limit]
+        if isinstance(inner, str):
+            return inner[:limit]
+    return str(obj)[:limit]
+
+
+class _StopPressed(BaseException):
+    """Raised into a read that is waiting when the user's Stop time comes (a BaseException so stacks' own
+    `except Exception` cannot swallow it)."""
+
+
+class StreamReader:
+    """One stream's reading: lines or chunks in, record filled, True out when the client stops reading."""
+
+    __slots__ = ("_decoder", "_plan", "_read_on", "_stop_at_tokens", "_text_key", "record")
+
+    def __init__(self, record: StreamRecord, plan: StopPlan, read_on: bool) -> None:
+        self.record = record
+        self._plan = plan
+        self._read_on = read_on  # close mode `none`: Stop is recorded but reading goes on to the end
+        self._stop_at_tokens = 1 if plan.first_token else plan.tokens
+        self._decoder = SSELineDecoder()
+        self._text_key = "content" if record.endpoint == "chat" else "text"
+
+    def press_stop(self, now: float) -> None:
+        rec = self.record
+        if rec.stop is None:
+            rec.stop = now
+            rec.tokens_at_stop = rec.tokens
+
+    def feed_line(self, line: bytes | str) -> bool:
+        event = self._decoder.feed_line(line)
+        return False if event is None else self.feed_data(event.data)
+
+    def feed_data(self, data: str) -> bool:
+        """One SSE `data` payload from an OpenAI-style stream."""
+        now = time.monotonic()
+        rec = self.record
+        if data == DONE:
+            rec.done = True
+            rec.ended = now
+            return True
+        try:
+            obj = orjson.loads(data)
+            if "error" in obj:
+                rec.error = f"server error mid-stream: {error_text(data)}"
+                return False  # vLLM follows an error event with [DONE]
+            if rec.server_id is None:
+                rec.server_id = obj.get("id")
+            usage = obj.get("usage")
+            choices = obj.get("choices")
+            text = finish = None
+            if choices:
+                choice = choices[0]
+                text = (choice.get("delta") or {}).get("content") if self._text_key == "content" else choice["text"]
+                finish = choice.get("finish_reason")
+            completion = prompt = None
+            if usage:
+                completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+        except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError, IndexError) as exc:
+            rec.error = f"malformed stream: {type(exc).__name__} in chunk {data[:120]!r}"
+            rec.ended = now
+            return True
+        return self._on_chunk(now, text, completion, prompt, finish)
+
+    def feed_chunk(self, chunk: Any) -> bool:
+        """One OpenAI SDK chunk object (ChatCompletionChunk or Completion)."""
+        now = time.monotonic()
+        rec = self.record
+        if rec.server_id is None:
+            rec.server_id = chunk.id
+        text = finish = None
+        if chunk.choices:
+            choice = chunk.choices[0]
+            text = choice.delta.content if self._text_key == "content" else choice.text
+            finish = choice.finish_reason
+        usage = chunk.usage
+        completion = prompt = None
+        if usage is not None:
+            completion, prompt = usage.completion_tokens, usage.prompt_tokens
+        return self._on_chunk(now, text, completion, prompt, finish)
+
+    def _on_chunk(self, now: float, text: str | None, completion: int | None, prompt: int | None,
+                  finish: str | None) -> bool:
+        rec = self.record
+        if prompt is not None:
+            rec.prompt_tokens = prompt
+        if finish:
+            rec.finish_reason = finish
+        if completion is not None:
+            rec.usage_tokens = completion
+        if not text:
+            if completion is not None and rec.stop is None:
+                rec.tokens = max(rec.tokens, completion)  # final usage chunk of a stream read without continuous usage
+            return False
+        if rec.first_token is None:
+            rec.first_token = now
+        rec.tokens = completion if completion is not None else rec.tokens + 1
+        rec.chunk_times.append(now)
+        rec.chunk_tokens.append(rec.tokens)
+        if rec.stop is None:
+            plan = self._plan
+            if (self._stop_at_tokens is not None and rec.tokens >= self._stop_at_tokens) or (
+                plan.seconds is not None and now - rec.sent >= plan.seconds
+            ):
+                self.press_stop(now)
+                return not self._read_on
+        return False
+
+    def feed(self, item: Any, chunks: bool) -> bool:
+        return self.feed_chunk(item) if chunks else self.feed_line(item)
+
+    def finish_unended(self, now: float) -> None:
+        """The server closed the stream without [DONE]: a cut-off stream, recorded as a failure."""
+        rec = self.record
+        rec.ended = now
+        if not rec.done and rec.error is None:
+            rec.error = "stream cut off: the server closed it before data: [DONE]"
+
+
+def _stop_deadline(plan: StopPlan, read_on: bool) -> float | None:
+    """Seconds from send until a time-based Stop, for modes that stop reading (a silent stream is stopped too)."""
+    return None if read_on else plan.seconds
+
+
+def run_stream(transport: SyncTransport, settings: RunSettings, request: StreamRequest, record: StreamRecord,
+               plan: StopPlan) -> None:
+    """The read loop for sync stacks (under gevent). Never raises: the record says what happened."""
+    mode = record.close_mode
+    reader = StreamReader(record, plan, read_on=mode == "none")
+    stream: SyncStream | None = None
+    deadline = _stop_deadline(plan, mode == "none")
+    timer = gevent.Timeout(deadline, _StopPressed) if deadline is not None else None
+    record.wall_start, record.sent = time.time(), time.monotonic()
+    try:
+        if timer is not None:
+            timer.start()
+        stream = transport.open(settings.host, request, record, settings.read_timeout)
+        for item in stream.items():
+            if reader.feed(item, transport.yields_chunks):
+                break
+        else:
+            reader.finish_unended(time.monotonic())
+    except _StopPressed:
+        reader.press_stop(time.monotonic())
+    except StreamFailure as exc:
+        record.error = str(exc)
+        record.ended = time.monotonic()
+    except Exception as exc:  # a stack bug must not kill the user: record it
+        record.error = f"unexpected {type(exc).__name__}: {exc}"
+        record.ended = time.monotonic()
+    finally:
+        if timer is not None:
+            timer.close()
+    if stream is None:
+        return
+    if record.stop is not None and mode == "drop":
+        stream = None  # every reference gone: what happens to the socket is the library's business
+        return
+    if record.stop is not None and mode == "hold":
+        gevent.sleep(settings.hold_seconds)
+    with contextlib.suppress(Exception):
+        stream.close()
+    if record.stop is not None:
+        record.closed = time.monotonic()
+
+
+async def arun_stream(transport: AsyncTransport, settings: RunSettings, request: StreamRequest,
+                      record: StreamRecord, plan: StopPlan) -> None:
+    """The async twin of `run_stream`, run on the bridge's event loop."""
+    mode = record.close_mode
+    reader = StreamReader(record, plan, read_on=mode == "none")
+    stream: AsyncStream | None = None
+    deadline = _stop_deadline(plan, mode == "none")
+    record.wall_start, record.sent = time.time(), time.monotonic()
+    try:
+        async with asyncio.timeout(deadline):
+            stream = await transport.open(settings.host, request, record, settings.read_timeout)
+            async for item in stream.aitems():
+                if reader.feed(item, transport.yields_chunks):
+                    break
+            else:
+                reader.finish_unended(time.monotonic())
+    except TimeoutError:
+        if deadline is None:
+            record.error = "timeout"
+            record.ended = time.monotonic()
+        else:
+            reader.press_stop(time.monotonic())
+    except StreamFailure as exc:
+        record.error = str(exc)
+        record.ended = time.monotonic()
+    except Exception as exc:
+        record.error = f"unexpected {type(exc).__name__}: {exc}"
+        record.ended = time.monotonic()
+    if stream is None:
+        return
+    if record.stop is not None and mode == "drop":
+        stream = None
+        return
+    if record.stop is not None and mode == "hold":
+        await asyncio.sleep(settings.hold_seconds)
+    with contextlib.suppress(Exception):
+        await stream.aclose()
+    if record.stop is not None:
+        record.closed = time.monotonic()
+
+
+def report(environment: Any, record: StreamRecord) -> None:
+    """Fire Locust's `request` event for the stream, and one for its TTFT; the record rides in `context`."""
+    name = f"{record.close_mode} stop" if record.stopped else "full stream"
+    duration = record.duration
+    exc = StreamFailure(record.error) if record.error is not None else None
+    environment.events.request.fire(
+        request_type=record.stack, name=name,
+        response_time=(duration if duration is not None else time.monotonic() - record.sent) * 1e3,
+        response_length=record.tokens_read, exception=exc, context={"record": record},
+    )
+    if record.ttft is not None:
+        environment.events.request.fire(
+            request_type=record.stack, name="ttft", response_time=record.ttft * 1e3, response_length=0,
+            exception=None, context={},
+        )
+
+
+class StreamingUser(User):
+    """A chat user who streams completions and sometimes presses Stop; subclasses pick the client stack."""
+
+    abstract = True
+    stack: ClassVar[str] = ""
+
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        self.rng = random.Random()
+        self.settings: RunSettings | None = None
+
+    def wait_time(self) -> float:
+        think = self._settings().think_time
+        return self.rng.expovariate(1.0 / think) if think > 0 else 0.0
+
+    def _settings(self) -> RunSettings:
+        if self.settings is None:
+            self.settings = settings_for(self.environment, self.host)
+        return self.settings
+
+    def new_stream(self) -> tuple[StreamRequest, StreamRecord, StopPlan]:
+        settings = self._settings()
+        request = settings.requests.build(self.rng)
+        plan = settings.stop_policy.draw(self.rng)
+        mode = "none" if plan.never else settings.close_mix.draw(self.rng)
+        record = StreamRecord(stack=self.stack, close_mode=mode, endpoint=request.endpoint,
+                              request_id=request.request_id, stop_plan=str(plan), wall_start=time.time(),
+                              sent=time.monotonic())
+        return request, record, plan
+
+    def stream_once(self, request: StreamRequest, record: StreamRecord, plan: StopPlan) -> None:
+        raise NotImplementedError
+
+    @task
+    def stream(self) -> None:
+        request, record, plan = self.new_stream()
+        self.stream_once(request, record, plan)
+        report(self.environment, record)
+
+
+class SyncStreamingUser(StreamingUser):
+    """A user whose client blocks (cooperatively, under gevent): requests, httpx, openai, FastHttp."""
+
+    abstract = True
+    transport_class: ClassVar[type[Any]]
+
+    def on_start(self) -> None:
+        self.transport: SyncTransport = self.transport_class()
+
+    def on_stop(self) -> None:
+        self.transport.shutdown()
+
+    def stream_once(self, request: StreamRequest, record: StreamRecord, plan: StopPlan) -> None:
+        run_stream(self.transport, self._settings(), request, record, plan)
+
+
+class AsyncStreamingUser(StreamingUser):
+    """A user whose client is asyncio's (httpx.AsyncClient, AsyncOpenAI), run through the one bridge.
+
+    The transport is created on the bridge's loop, as async clients must be.
+    """
+
+    abstract = True
+    transport_class: ClassVar[type[Any]]
+
+    def on_start(self) -> None:
+        from users.bridge import get_bridge
+
+        self.bridge = get_bridge()
+        self.transport: AsyncTransport = self.bridge.run(self._create_transport)
+
+    async def _create_transport(self) -> AsyncTransport:
+        return self.transport_class()  # type: ignore[no-any-return]
+
+    def on_stop(self) -> None:
+        self.bridge.run(self.transport.shutdown, timeout=10)
+
+    def stream_once(self, request: StreamRequest, record: StreamRecord, plan: StopPlan) -> None:
+        settings = self._settings()
+        self.bridge.run(lambda: arun_stream(self.transport, settings, request, record, plan))

@@ -1,0 +1,121 @@
+"""stopstorm's user options as Locust command-line arguments (so also in the web UI and `locust.conf`),
+and the validated settings every user reads.
+
+Settings are parsed once per process; a bad value stops the run before any load, naming the option.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import requests
+from locust.argument_parser import LocustArgumentParser
+
+from users.policy import CloseMix, StopPolicy
+from users.request import BUILTIN_PROMPTS, RequestFactory, load_prompts
+
+__all__ = ["RunSettings", "add_arguments", "settings_for"]
+
+
+def add_arguments(parser: LocustArgumentParser) -> None:
+    g = parser.add_argument_group("stopstorm streams", "what each simulated user streams and when it stops")
+    g.add_argument("--endpoint", choices=["chat", "completions"], default="chat", env_var="STOPSTORM_ENDPOINT",
+                   help="/v1/chat/completions or /v1/completions (default chat)")
+    g.add_argument("--model", default="", env_var="STOPSTORM_MODEL",
+                   help="model name to request (default: the first one the server lists at /v1/models)")
+    g.add_argument("--prompts", default="", env_var="STOPSTORM_PROMPTS",
+                   help="file of prompts: text (one a line) or JSONL of messages (default: a built-in varied set)")
+    g.add_argument("--max-tokens", type=int, default=256, env_var="STOPSTORM_MAX_TOKENS",
+                   help="max_tokens per request (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, env_var="STOPSTORM_TEMPERATURE",
+                   help="sampling temperature (default 0)")
+    g.add_argument("--ignore-eos", action="store_true", default=False, env_var="STOPSTORM_IGNORE_EOS",
+                   help="ask the server to generate exactly max_tokens (vLLM's ignore_eos)")
+    g.add_argument("--no-usage", action="store_true", default=False, env_var="STOPSTORM_NO_USAGE",
+                   help="do not ask for stream_options usage (tokens are then counted from chunks)")
+    g.add_argument("--no-continuous-usage", action="store_true", default=False,
+                   env_var="STOPSTORM_NO_CONTINUOUS_USAGE",
+                   help="ask for usage only in the last chunk, not in every chunk (continuous_usage_stats)")
+    # Secrets must be added on the parser itself: Locust masks them in its web UI only there.
+    parser.add_argument("--api-key", default="", env_var="STOPSTORM_API_KEY", is_secret=True,
+                   help="API key sent as a Bearer token (default: $OPENAI_API_KEY if set); never printed")
+    g.add_argument("--stop-probability", type=float, default=0.5, env_var="STOPSTORM_STOP_PROBABILITY",
+                   help="chance that a user presses Stop during a stream (default 0.5)")
+    g.add_argument("--stop-at", default="tokens:uniform:1:128", env_var="STOPSTORM_STOP_AT",
+                   help="when Stop is pressed: tokens:<dist>, seconds:<dist> or first-token; <dist> is "
+                   "fixed:N, uniform:A:B or exponential:MEAN (default tokens:uniform:1:128)")
+    g.add_argument("--close-mix", default="close:1,drop:1,hold:1,none:1", env_var="STOPSTORM_CLOSE_MIX",
+                   help="what the client does at Stop, weighted: close (explicit close), drop (drop every "
+                   "reference, leave it to the GC), hold (keep the socket open for --hold-seconds), none (read to "
+                   "the end) (default close:1,drop:1,hold:1,none:1)")
+    g.add_argument("--hold-seconds", type=float, default=5.0, env_var="STOPSTORM_HOLD_SECONDS",
+                   help="how long a `hold` keeps the abandoned stream open before releasing it (default 5)")
+    g.add_argument("--think-time", type=float, default=1.0, env_var="STOPSTORM_THINK_TIME",
+                   help="mean seconds a user waits between streams, exponential (default 1)")
+    g.add_argument("--read-timeout", type=float, default=60.0, env_var="STOPSTORM_READ_TIMEOUT",
+                   help="seconds without a byte before a stream counts as timed out (default 60)")
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """Everything a streaming user needs, validated."""
+
+    host: str
+    requests: RequestFactory
+    stop_policy: StopPolicy
+    close_mix: CloseMix
+    hold_seconds: float
+    think_time: float
+    read_timeout: float
+    api_key: str | None
+
+
+def _discover_model(host: str, api_key: str | None, timeout: float = 10.0) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = requests.get(f"{host}/v1/models", headers=headers, timeout=timeout)
+    except requests.RequestException as exc:
+        raise ValueError(f"cannot list models at {host}/v1/models: {exc}") from None
+    if resp.status_code != 200:
+        raise ValueError(f"{host}/v1/models answered HTTP {resp.status_code}: {resp.text[:200]}")
+    try:
+        return str(orjson.loads(resp.content)["data"][0]["id"])
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        raise ValueError(f"{host}/v1/models did not list a model in OpenAI's format; give --model") from None
+
+
+def build_settings(opts: Any, host: str) -> RunSettings:
+    """Validate the options; raises ValueError naming the option at fault."""
+    host = host.rstrip("/")
+    api_key = opts.api_key or os.environ.get("OPENAI_API_KEY") or None
+    if opts.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {opts.max_tokens}")
+    for name in ("hold_seconds", "think_time", "read_timeout"):
+        if getattr(opts, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
+    stop_policy = StopPolicy.parse(opts.stop_probability, opts.stop_at)
+    close_mix = CloseMix.parse(opts.close_mix)
+    prompts = load_prompts(opts.prompts) if opts.prompts else [[{"role": "user", "content": p}]
+                                                               for p in BUILTIN_PROMPTS]
+    model = opts.model or _discover_model(host, api_key)
+    factory = RequestFactory(
+        endpoint=opts.endpoint, model=model, prompts=prompts, max_tokens=opts.max_tokens,
+        temperature=opts.temperature, ignore_eos=opts.ignore_eos, include_usage=not opts.no_usage,
+        continuous_usage=not opts.no_continuous_usage, api_key=api_key,
+    )
+    return RunSettings(host, factory, stop_policy, close_mix, opts.hold_seconds, opts.think_time,
+                       opts.read_timeout, api_key)
+
+
+_cache: dict[tuple[int, str], RunSettings] = {}
+
+
+def settings_for(environment: Any, host: str) -> RunSettings:
+    """The settings of this process's run against `host`, built on first use."""
+    key = (id(environment), host)
+    if key not in _cache:
+        _cache[key] = build_settings(environment.parsed_options, host)
+    return _cache[key]

@@ -1,0 +1,158 @@
+"""The stop-semantics probe: the seed's hand experiment, run for every client stack × close mode.
+
+One stream at a time (so nothing else competes for the slot), each stopped after a fixed number of tokens,
+each judged by server truth: did the server abort, how long after Stop was the slot freed, and how many
+tokens did it generate that nobody read. Run it with `locust -f locustfile.py --headless -u 1 StopProbeUser`;
+it walks the matrix once and stops the run by itself, then prints the table and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from typing import Any
+
+import orjson
+from locust import User, constant, task
+from locust.argument_parser import LocustArgumentParser
+
+from metrics.probe_report import PROBE_SCHEMA_VERSION, ProbeSample, format_table, summarise
+from metrics.record import StreamRecord
+from metrics.truth import LEDGER_SOURCE, LedgerClient
+from users.core import AsyncStreamingUser, arun_stream, run_stream
+from users.options import RunSettings, settings_for
+from users.policy import CLOSE_MODES, StopPlan
+from users.stacks import STACKS, user_class
+
+__all__ = ["StopProbeUser", "add_probe_arguments", "probe_results", "write_probe_results"]
+
+_log = logging.getLogger("stopstorm.probe")
+_results: list[tuple[StreamRecord, dict[str, Any] | None]] = []
+
+
+def add_probe_arguments(parser: LocustArgumentParser) -> None:
+    g = parser.add_argument_group("stopstorm stop-semantics probe", "used by StopProbeUser")
+    g.add_argument("--probe-stacks", default=",".join(STACKS), env_var="STOPSTORM_PROBE_STACKS",
+                   help=f"client stacks to probe, comma-separated (default all: {','.join(STACKS)})")
+    g.add_argument("--probe-modes", default=",".join(CLOSE_MODES[:3]), env_var="STOPSTORM_PROBE_MODES",
+                   help="close modes to probe (default close,drop,hold)")
+    g.add_argument("--probe-repeats", type=int, default=3, env_var="STOPSTORM_PROBE_REPEATS",
+                   help="streams per cell (default 3)")
+    g.add_argument("--probe-stop-tokens", type=int, default=20, env_var="STOPSTORM_PROBE_STOP_TOKENS",
+                   help="Stop after this many tokens (default 20)")
+    g.add_argument("--probe-json", default="stopstorm-probe.json", env_var="STOPSTORM_PROBE_JSON",
+                   help="where to write the probe's results (default stopstorm-probe.json)")
+
+
+def probe_results() -> list[tuple[StreamRecord, dict[str, Any] | None]]:
+    return _results
+
+
+def write_probe_results(path: str, host: str) -> str:
+    """Print the table and write the JSON; returns the table."""
+    samples = [ProbeSample.from_pair(record, entry) for record, entry in _results]
+    cells = summarise(samples)
+    table = format_table(cells)
+    doc = {
+        "schema_version": PROBE_SCHEMA_VERSION,
+        "host": host,
+        "truth_source": LEDGER_SOURCE,
+        "versions": _library_versions(),
+        "cells": [dataclasses.asdict(c) for c in cells],
+        "streams": [{"record": r.to_json(), "ledger": e} for r, e in _results],
+    }
+    with open(path, "wb") as f:
+        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    return table
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("requests", "httpx", "openai", "geventhttpclient", "locust", "gevent"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+class StopProbeUser(User):
+    """Walks stack × close mode, one stream at a time, then ends the run."""
+
+    wait_time = constant(0)
+    fixed_count = 1
+
+    @task
+    def walk_matrix(self) -> None:
+        opts = self.environment.parsed_options
+        settings = settings_for(self.environment, self.host)
+        ledger = LedgerClient(settings.host)
+        if not ledger.available():
+            _log.error("the probe needs server truth: %s has no simulator ledger (real vLLM comes later)", self.host)
+            self.environment.runner.quit()
+            return
+        stacks = [s.strip() for s in opts.probe_stacks.split(",") if s.strip()]
+        modes = [m.strip() for m in opts.probe_modes.split(",") if m.strip()]
+        for mode in modes:
+            if mode not in CLOSE_MODES:
+                raise ValueError(f"--probe-modes: unknown close mode {mode!r}; choose from {', '.join(CLOSE_MODES)}")
+        plan = StopPlan(tokens=opts.probe_stop_tokens)
+        settle = settings.hold_seconds + 10.0
+        for stack in stacks:
+            cls = user_class(stack)
+            runner = _StreamRunner(cls, settings)
+            try:
+                for mode in modes:
+                    for _ in range(opts.probe_repeats):
+                        record = runner.run(mode, plan)
+                        entry = ledger.wait_freed(record.server_id or _ledger_id(record), settle)
+                        _results.append((record, entry))
+            finally:
+                runner.shutdown()
+        ledger.close()
+        self.environment.runner.quit()
+
+
+def _ledger_id(record: StreamRecord) -> str:
+    return ("chatcmpl-" if record.endpoint == "chat" else "cmpl-") + record.request_id
+
+
+class _StreamRunner:
+    """Runs single streams with one stack's transport, outside that stack's Locust user."""
+
+    def __init__(self, cls: type[Any], settings: RunSettings) -> None:
+        self.cls = cls
+        self.settings = settings
+        self.is_async = issubclass(cls, AsyncStreamingUser)
+        if self.is_async:
+            from users.bridge import get_bridge
+
+            self.bridge = get_bridge()
+
+            async def create() -> Any:
+                return cls.transport_class()
+
+            self.transport = self.bridge.run(create)
+        else:
+            self.transport = cls.transport_class()
+
+    def run(self, mode: str, plan: StopPlan) -> StreamRecord:
+        request = self.settings.requests.build(random.Random())
+        record = StreamRecord(stack=self.cls.stack, close_mode=mode, endpoint=request.endpoint,
+                              request_id=request.request_id, stop_plan=str(plan), wall_start=time.time(),
+                              sent=time.monotonic())
+        if self.is_async:
+            self.bridge.run(lambda: arun_stream(self.transport, self.settings, request, record, plan))
+        else:
+            run_stream(self.transport, self.settings, request, record, plan)
+        return record
+
+    def shutdown(self) -> None:
+        if self.is_async:
+            self.bridge.run(self.transport.shutdown, timeout=10)
+        else:
+            self.transport.shutdown()

@@ -1,0 +1,110 @@
+"""The `fasthttp` stack: Locust's FastHttpUser transport (geventhttpclient), read line by line.
+
+Why not subclass `FastHttpUser` or call its `FastHttpSession`: the session fires Locust's `request` event when
+the headers arrive (a stream must be reported once, after its last chunk, by the core), wraps failures in fake
+responses, follows redirects, asks for gzip, and its `iter_lines` batches 1 KiB reads, which ruins inter-token
+timing (DESIGN.md §5). Underneath, FastHttpSession → LocustUserAgent → HTTPClientPool → `HTTPClient.request`
+returns a geventhttpclient `HTTPSocketPoolResponse`; this module calls that bottom layer itself, so the socket,
+its pool and the response object (whose release and garbage collection decide what the server sees at Stop)
+are exactly FastHttpUser's, and reads lines with the response's own `readline`, which returns each SSE line
+as soon as its bytes are in.
+
+Lines are split at LF (the SSE decoder strips a CR before it); a server ending lines with a bare CR is not
+supported here. Releasing a response that is not complete closes its socket (geventhttpclient's
+`should_close`), so `close` really closes; an unread response dropped by everyone is closed by its `__del__`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+from geventhttpclient import HTTPClient
+from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
+
+from metrics.record import StreamRecord
+from users.core import StreamFailure, SyncStreamingUser, error_text
+from users.request import StreamRequest
+
+__all__ = ["FastHttpStreamUser", "FastHttpTransport"]
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def _describe(exc: Exception, timeout: float, mid_stream: bool) -> str:
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        return f"timeout: no byte for {timeout:g} s ({type(exc).__name__})"
+    if mid_stream:
+        return f"stream cut off: connection broken mid-stream ({detail})"
+    return f"connection error: {detail}"
+
+
+class _FastHttpStream:
+    __slots__ = ("_resp", "_timeout")
+
+    def __init__(self, resp: HTTPSocketPoolResponse, timeout: float) -> None:
+        self._resp = resp
+        self._timeout = timeout
+
+    def items(self) -> Iterator[bytes]:
+        readline = self._resp.readline
+        try:
+            while line := readline(b"\n"):
+                yield line
+            if rest := self._resp.read():  # a last line without its terminator
+                yield rest
+        except (OSError, HTTPParseError) as exc:
+            raise StreamFailure(_describe(exc, self._timeout, mid_stream=True)) from None
+
+    def close(self) -> None:
+        self._resp.release()
+
+
+class FastHttpTransport:
+    """One geventhttpclient `HTTPClient` per user (a pool of up to 10 connections, FastHttpUser's default)."""
+
+    name = "fasthttp"
+    yields_chunks = False
+
+    def __init__(self) -> None:
+        self.clients: dict[str, HTTPClient] = {}  # by host (one, under Locust)
+
+    def _client(self, host: str, timeout: float) -> HTTPClient:
+        client = self.clients.get(host)
+        if client is None:
+            client = self.clients[host] = HTTPClient.from_url(
+                host, connection_timeout=min(10.0, timeout), network_timeout=timeout, concurrency=10, insecure=True)
+        return client
+
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> _FastHttpStream:
+        path = urlsplit(host).path.rstrip("/") + request.path
+        try:
+            resp = self._client(host, timeout).request("POST", path, body=request.body_bytes,
+                                                       headers=request.headers)
+        except (OSError, HTTPParseError) as exc:
+            raise StreamFailure(_describe(exc, timeout, mid_stream=False)) from None
+        record.headers = time.monotonic()
+        record.status = resp.status_code
+        if resp.status_code >= 400:
+            try:
+                body = resp.read(_ERROR_BODY_LIMIT)
+            except (OSError, HTTPParseError):  # the error body is a courtesy; the status alone is the failure
+                body = b""
+            finally:
+                resp.release()
+            raise StreamFailure(f"HTTP {resp.status_code}: {error_text(body[:_ERROR_BODY_LIMIT])}")
+        return _FastHttpStream(resp, timeout)
+
+    def shutdown(self) -> None:
+        for client in self.clients.values():
+            client.close()
+        self.clients.clear()
+
+
+class FastHttpStreamUser(SyncStreamingUser):
+    """Named apart from Locust's own `FastHttpUser`, which it does not subclass (see above)."""
+
+    stack = "fasthttp"
+    transport_class = FastHttpTransport

@@ -1,0 +1,103 @@
+"""The `httpx` stack (sync `httpx.Client`, `send(stream=True)`, `iter_lines`): only what is particular to httpx.
+
+The response's line iterator is kept on the stream object, not only inside the loop that reads it: httpx closes
+the connection when that iterator is closed (httpcore's pool stream closes on any exception thrown into it,
+`GeneratorExit` included), so a `hold` must keep it, and a `drop` lets it go with the response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import httpx
+
+from metrics.record import StreamRecord
+from users.core import StreamFailure, SyncStreamingUser, error_text
+from users.request import StreamRequest
+
+__all__ = ["HttpxTransport", "HttpxUser", "describe_httpx_error", "httpx_timeout"]
+
+ERROR_BODY_LIMIT = 64 * 1024
+
+# httpx logs every request at INFO, and Locust's logging shows INFO: a line per stream would flood the run's
+# output and cost CPU on the load generator. Warnings and errors still show.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def httpx_timeout(timeout: float) -> httpx.Timeout:
+    """`timeout` between bytes; connecting gets at most 10 s."""
+    return httpx.Timeout(timeout, connect=min(10.0, timeout))
+
+
+def describe_httpx_error(exc: httpx.HTTPError, timeout: float, mid_stream: bool) -> str:
+    """One httpx exception in words (shared with the async twin)."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timeout: no byte for {timeout:g} s ({type(exc).__name__})"
+    if mid_stream and isinstance(exc, httpx.TransportError):
+        return f"stream cut off: connection broken mid-stream ({detail})"
+    if isinstance(exc, httpx.TransportError):
+        return f"connection error: {detail}"
+    return f"{type(exc).__name__}: {detail}"
+
+
+class _HttpxStream:
+    __slots__ = ("_lines", "_resp", "_timeout")
+
+    def __init__(self, resp: httpx.Response, timeout: float) -> None:
+        self._resp = resp
+        self._lines = resp.iter_lines()
+        self._timeout = timeout
+
+    def items(self) -> Iterator[str]:
+        try:
+            for line in self._lines:  # noqa: UP028  (`yield from` would close the lines when this closes)
+                yield line
+        except httpx.HTTPError as exc:
+            raise StreamFailure(describe_httpx_error(exc, self._timeout, mid_stream=True)) from None
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+class HttpxTransport:
+    """One `httpx.Client` per user (its own connection pool), as a backend would keep one."""
+
+    name = "httpx"
+    yields_chunks = False
+
+    def __init__(self) -> None:
+        self.client = httpx.Client()
+
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> _HttpxStream:
+        req = self.client.build_request("POST", host + request.path, content=request.body_bytes,
+                                        headers=request.headers, timeout=httpx_timeout(timeout))
+        try:
+            resp = self.client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise StreamFailure(describe_httpx_error(exc, timeout, mid_stream=False)) from None
+        record.headers = time.monotonic()
+        record.status = resp.status_code
+        if resp.status_code >= 400:
+            body = bytearray()
+            try:
+                for part in resp.iter_bytes():
+                    body += part
+                    if len(body) >= ERROR_BODY_LIMIT:
+                        break
+            except httpx.HTTPError:  # the error body is a courtesy; the status alone is the failure
+                pass
+            finally:
+                resp.close()
+            raise StreamFailure(f"HTTP {resp.status_code}: {error_text(bytes(body[:ERROR_BODY_LIMIT]))}")
+        return _HttpxStream(resp, timeout)
+
+    def shutdown(self) -> None:
+        self.client.close()
+
+
+class HttpxUser(SyncStreamingUser):
+    stack = "httpx"
+    transport_class = HttpxTransport

@@ -1,0 +1,80 @@
+"""The `httpx-async` stack (`httpx.AsyncClient`, `send(stream=True)`, `aiter_lines`), run on the bridge's loop.
+
+The twin of users/stack_httpx.py: the same request, timeouts and error words, with the async line iterator
+kept on the stream object for the same reason (closing it closes the connection).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+
+from metrics.record import StreamRecord
+from users.core import AsyncStreamingUser, StreamFailure, error_text
+from users.request import StreamRequest
+from users.stack_httpx import ERROR_BODY_LIMIT, describe_httpx_error, httpx_timeout
+
+__all__ = ["HttpxAsyncTransport", "HttpxAsyncUser"]
+
+
+class _HttpxAsyncStream:
+    __slots__ = ("_lines", "_resp", "_timeout")
+
+    def __init__(self, resp: httpx.Response, timeout: float) -> None:
+        self._resp = resp
+        self._lines = resp.aiter_lines()
+        self._timeout = timeout
+
+    async def aitems(self) -> AsyncIterator[str]:
+        try:
+            async for line in self._lines:
+                yield line
+        except httpx.HTTPError as exc:
+            raise StreamFailure(describe_httpx_error(exc, self._timeout, mid_stream=True)) from None
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
+
+
+class HttpxAsyncTransport:
+    """One `httpx.AsyncClient` per user; create it inside the bridge's loop (AsyncStreamingUser does)."""
+
+    name = "httpx-async"
+    yields_chunks = False
+
+    def __init__(self) -> None:
+        self.client = httpx.AsyncClient()
+
+    async def open(self, host: str, request: StreamRequest, record: StreamRecord,
+                   timeout: float) -> _HttpxAsyncStream:
+        req = self.client.build_request("POST", host + request.path, content=request.body_bytes,
+                                        headers=request.headers, timeout=httpx_timeout(timeout))
+        try:
+            resp = await self.client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise StreamFailure(describe_httpx_error(exc, timeout, mid_stream=False)) from None
+        record.headers = time.monotonic()
+        record.status = resp.status_code
+        if resp.status_code >= 400:
+            body = bytearray()
+            try:
+                async for part in resp.aiter_bytes():
+                    body += part
+                    if len(body) >= ERROR_BODY_LIMIT:
+                        break
+            except httpx.HTTPError:  # the error body is a courtesy; the status alone is the failure
+                pass
+            finally:
+                await resp.aclose()
+            raise StreamFailure(f"HTTP {resp.status_code}: {error_text(bytes(body[:ERROR_BODY_LIMIT]))}")
+        return _HttpxAsyncStream(resp, timeout)
+
+    async def shutdown(self) -> None:
+        await self.client.aclose()
+
+
+class HttpxAsyncUser(AsyncStreamingUser):
+    stack = "httpx-async"
+    transport_class = HttpxAsyncTransport

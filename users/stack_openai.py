@@ -1,0 +1,170 @@
+"""The `openai` stack: the official SDK (`openai.OpenAI`, which talks through `httpx2`), iterated chunk by chunk.
+
+Only what is particular to the SDK lives here: the call (typed parameters, vLLM's extras in `extra_body`, our
+request id and key in `extra_headers`), its exceptions in words, and one detail the SDK hides: it swallows
+`data: [DONE]` and ends the iteration there *and* when the body just ends, so a decoder that notes [DONE]
+is plugged in through the client's `_make_sse_decoder` hook to tell a finished stream from a cut-off one.
+
+The SDK's `Stream` lives in a reference cycle with its own generator, so dropping it leaves the connection
+open until the garbage collector runs (DESIGN.md §5); the stream object here keeps the SDK's iterator for the
+same reason as the other stacks (`hold` keeps everything, `drop` lets everything go at once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+from openai._streaming import ServerSentEvent, SSEDecoder  # the SDK's own decoder, to note [DONE]
+
+from metrics.record import StreamRecord
+from users.core import StreamFailure, SyncStreamingUser, error_text
+from users.request import StreamRequest
+
+__all__ = ["DoneNotingDecoder", "DoneNotingMixin", "OpenAITransport", "OpenAIUser", "api_key_of", "call_args",
+           "describe_openai_error", "status_failure"]
+
+# The SDK's httpx2 logs every request at INFO (see users/stack_httpx.py): keep warnings and errors only.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
+
+# Body fields the SDK's create() takes as typed parameters; everything else goes in extra_body.
+_TYPED = ("model", "messages", "prompt", "max_tokens", "temperature", "stream_options")
+
+
+class DoneNotingDecoder(SSEDecoder):
+    """The SDK's SSE decoder, remembering whether `data: [DONE]` went by (the SDK does not say)."""
+
+    done = False
+
+    def decode(self, line: str) -> ServerSentEvent | None:
+        sse = super().decode(line)
+        if sse is not None and sse.data.startswith("[DONE]"):
+            self.done = True
+        return sse
+
+
+class DoneNotingMixin:
+    """Mixin for OpenAI/AsyncOpenAI: hand out DoneNotingDecoders; the last one is the current stream's (one
+    stream at a time per client)."""
+
+    last_decoder: DoneNotingDecoder | None = None
+
+    def _make_sse_decoder(self) -> DoneNotingDecoder:
+        self.last_decoder = DoneNotingDecoder()
+        return self.last_decoder
+
+
+def api_key_of(request: StreamRequest) -> str:
+    """The key the request carries as a Bearer token, or vLLM's customary placeholder."""
+    auth = request.headers.get("Authorization", "")
+    return auth.removeprefix("Bearer ") or "EMPTY"
+
+
+def call_args(request: StreamRequest, timeout: float) -> dict[str, Any]:
+    """create()'s keyword arguments for our request: the same body on the wire as every other stack sends."""
+    body = request.body
+    kwargs: dict[str, Any] = {k: body[k] for k in _TYPED if k in body}
+    extra = {k: v for k, v in body.items() if k not in kwargs and k != "stream"}
+    headers = {k: v for k, v in request.headers.items() if k.lower() != "content-type"}  # X-Request-Id, auth...
+    kwargs.update(stream=True, extra_headers=headers, timeout=openai.Timeout(timeout, connect=min(10.0, timeout)))
+    if extra:
+        kwargs["extra_body"] = extra
+    return kwargs
+
+
+def status_failure(exc: openai.APIStatusError) -> StreamFailure:
+    try:
+        message = error_text(exc.response.content)
+    except Exception:  # the body was not read (the SDK closed it): its own words will do
+        message = exc.message
+    return StreamFailure(f"HTTP {exc.status_code}: {message}")
+
+
+def describe_openai_error(exc: Exception, timeout: float, mid_stream: bool) -> str:
+    """One SDK exception in words (shared with the async twin)."""
+    cause = exc.__cause__
+    detail = f"{cause}" if cause is not None and str(cause) else str(exc)
+    if isinstance(exc, openai.APITimeoutError):
+        return f"timeout: no byte for {timeout:g} s ({type(cause or exc).__name__})"
+    if isinstance(exc, openai.APIConnectionError):
+        if mid_stream:
+            return f"stream cut off: connection broken mid-stream ({detail})"
+        return f"connection error: {detail}"
+    if isinstance(exc, openai.APIError) and mid_stream:
+        return f"server error mid-stream: {exc.message}"  # vLLM's `data: {"error": ...}` event
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed stream: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _OpenAIStream:
+    __slots__ = ("_chunks", "_decoder", "_record", "_stream", "_timeout")
+
+    def __init__(self, stream: openai.Stream[Any], decoder: DoneNotingDecoder | None, record: StreamRecord,
+                 timeout: float) -> None:
+        self._stream = stream
+        self._chunks = iter(stream)
+        self._decoder = decoder
+        self._record = record
+        self._timeout = timeout
+
+    def items(self) -> Iterator[Any]:
+        try:
+            for chunk in self._chunks:  # noqa: UP028  (`yield from` would close the SDK's when this closes)
+                yield chunk
+        except (openai.OpenAIError, json.JSONDecodeError) as exc:
+            raise StreamFailure(describe_openai_error(exc, self._timeout, mid_stream=True)) from None
+        if self._decoder is not None and self._decoder.done:
+            self._record.done = True
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _Client(DoneNotingMixin, openai.OpenAI):
+    pass
+
+
+class OpenAITransport:
+    """One SDK client per user, built at the first stream (it needs the server's URL and key)."""
+
+    name = "openai"
+    yields_chunks = True
+
+    def __init__(self) -> None:
+        self.clients: dict[str, _Client] = {}  # by host (one, under Locust)
+
+    def _client(self, host: str, request: StreamRequest) -> _Client:
+        client = self.clients.get(host)
+        if client is None:
+            client = self.clients[host] = _Client(base_url=host + "/v1", api_key=api_key_of(request), max_retries=0)
+        return client
+
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> _OpenAIStream:
+        client = self._client(host, request)
+        create = client.chat.completions.create if request.endpoint == "chat" else client.completions.create
+        try:
+            stream = create(**call_args(request, timeout))
+        except openai.APIStatusError as exc:
+            record.headers = time.monotonic()
+            record.status = exc.status_code
+            raise status_failure(exc) from None
+        except openai.OpenAIError as exc:
+            raise StreamFailure(describe_openai_error(exc, timeout, mid_stream=False)) from None
+        record.headers = time.monotonic()
+        record.status = stream.response.status_code
+        return _OpenAIStream(stream, client.last_decoder, record, timeout)
+
+    def shutdown(self) -> None:
+        for client in self.clients.values():
+            client.close()
+        self.clients.clear()
+
+
+class OpenAIUser(SyncStreamingUser):
+    stack = "openai"
+    transport_class = OpenAITransport

@@ -1,0 +1,100 @@
+"""The `openai-async` stack: `openai.AsyncOpenAI` on the bridge's loop, iterated chunk by chunk.
+
+The twin of users/stack_openai.py (same call, same words for failures, same [DONE]-noting decoder). The SDK's
+`AsyncStream` is an async generator in a reference cycle: dropped unclosed, the garbage collector finds it
+and asyncio's async-generator finaliser schedules its close on the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+
+from metrics.record import StreamRecord
+from users.core import AsyncStreamingUser, StreamFailure
+from users.request import StreamRequest
+from users.stack_openai import (
+    DoneNotingDecoder,
+    DoneNotingMixin,
+    api_key_of,
+    call_args,
+    describe_openai_error,
+    status_failure,
+)
+
+__all__ = ["OpenAIAsyncTransport", "OpenAIAsyncUser"]
+
+
+class _OpenAIAsyncStream:
+    __slots__ = ("_chunks", "_decoder", "_record", "_stream", "_timeout")
+
+    def __init__(self, stream: openai.AsyncStream[Any], decoder: DoneNotingDecoder | None, record: StreamRecord,
+                 timeout: float) -> None:
+        self._stream = stream
+        self._chunks = aiter(stream)
+        self._decoder = decoder
+        self._record = record
+        self._timeout = timeout
+
+    async def aitems(self) -> AsyncIterator[Any]:
+        try:
+            async for chunk in self._chunks:
+                yield chunk
+        except (openai.OpenAIError, json.JSONDecodeError) as exc:
+            raise StreamFailure(describe_openai_error(exc, self._timeout, mid_stream=True)) from None
+        if self._decoder is not None and self._decoder.done:
+            self._record.done = True
+
+    async def aclose(self) -> None:
+        await self._stream.close()
+
+
+class _AsyncClient(DoneNotingMixin, openai.AsyncOpenAI):
+    pass
+
+
+class OpenAIAsyncTransport:
+    """One async SDK client per user, built inside the bridge's loop at the first stream."""
+
+    name = "openai-async"
+    yields_chunks = True
+
+    def __init__(self) -> None:
+        self.clients: dict[str, _AsyncClient] = {}  # by host (one, under Locust)
+
+    def _client(self, host: str, request: StreamRequest) -> _AsyncClient:
+        client = self.clients.get(host)
+        if client is None:
+            client = self.clients[host] = _AsyncClient(base_url=host + "/v1", api_key=api_key_of(request),
+                                                       max_retries=0)
+        return client
+
+    async def open(self, host: str, request: StreamRequest, record: StreamRecord,
+                   timeout: float) -> _OpenAIAsyncStream:
+        client = self._client(host, request)
+        create = client.chat.completions.create if request.endpoint == "chat" else client.completions.create
+        try:
+            stream = await create(**call_args(request, timeout))
+        except openai.APIStatusError as exc:
+            record.headers = time.monotonic()
+            record.status = exc.status_code
+            raise status_failure(exc) from None
+        except openai.OpenAIError as exc:
+            raise StreamFailure(describe_openai_error(exc, timeout, mid_stream=False)) from None
+        record.headers = time.monotonic()
+        record.status = stream.response.status_code
+        return _OpenAIAsyncStream(stream, client.last_decoder, record, timeout)
+
+    async def shutdown(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+        self.clients.clear()
+
+
+class OpenAIAsyncUser(AsyncStreamingUser):
+    stack = "openai-async"
+    transport_class = OpenAIAsyncTransport

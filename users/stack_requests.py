@@ -1,0 +1,85 @@
+"""The `requests` stack (stream=True, iter_lines): only what is particular to requests lives here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+from metrics.record import StreamRecord
+from users.core import StreamFailure, SyncStreamingUser, error_text
+from users.request import StreamRequest
+
+__all__ = ["RequestsTransport", "RequestsUser"]
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def _describe(exc: requests.RequestException, timeout: float) -> str:
+    # Mid-stream, iter_lines raises a read timeout as ConnectionError(urllib3's ReadTimeoutError).
+    if isinstance(exc, requests.Timeout) or (exc.args and isinstance(exc.args[0], ReadTimeoutError)):
+        return f"timeout: no response byte for {timeout:g} s ({type(exc).__name__})"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return f"stream cut off: connection broken mid-stream ({exc})"
+    if isinstance(exc, requests.ConnectionError):
+        return f"connection error: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _RequestsStream:
+    __slots__ = ("_lines", "_resp", "_timeout")
+
+    def __init__(self, resp: requests.Response, timeout: float) -> None:
+        self._resp = resp
+        # Kept here, not only in the reading loop: closing iter_lines' generator closes the connection, so a
+        # `hold` must keep it and a `drop` lets it go with the response.
+        self._lines = resp.iter_lines()
+        self._timeout = timeout
+
+    def items(self) -> Iterator[bytes]:
+        try:
+            for line in self._lines:  # noqa: UP028  (`yield from` would close the lines when this closes)
+                yield line
+        except requests.RequestException as exc:
+            raise StreamFailure(_describe(exc, self._timeout)) from None
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+class RequestsTransport:
+    """One `requests.Session` per user, as a front-end backend would keep one."""
+
+    name = "requests"
+    yields_chunks = False
+
+    def __init__(self) -> None:
+        self.session = requests.Session()
+
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> _RequestsStream:
+        try:
+            resp = self.session.post(host + request.path, data=request.body_bytes, headers=request.headers,
+                                     stream=True, timeout=(min(10.0, timeout), timeout))
+        except requests.RequestException as exc:
+            raise StreamFailure(_describe(exc, timeout)) from None
+        record.headers = time.monotonic()
+        record.status = resp.status_code
+        if resp.status_code >= 400:
+            try:
+                body = resp.raw.read(_ERROR_BODY_LIMIT, decode_content=True)
+            except Exception:  # the error body is a courtesy; the status alone is the failure
+                body = b""
+            finally:
+                resp.close()
+            raise StreamFailure(f"HTTP {resp.status_code}: {error_text(body)}")
+        return _RequestsStream(resp, timeout)
+
+    def shutdown(self) -> None:
+        self.session.close()
+
+
+class RequestsUser(SyncStreamingUser):
+    stack = "requests"
+    transport_class = RequestsTransport
