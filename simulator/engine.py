@@ -178,14 +178,18 @@ class Scheduler:
         return plan
 
     def finish_step(self, plan: StepPlan, now: float) -> None:
-        """The step's results land at `now`: tokens emitted, finished requests leave, aborts take effect."""
-        self.process_aborts(now)
+        """The step's results land at `now`: tokens emitted, finished requests leave, aborts take effect.
+
+        Aborts asked for during the step are processed last, after the step's stats are published, as vLLM
+        does (its engine core handles aborts from its input queue between steps): their in-flight token is
+        dropped uncounted, and vLLM 0.9's gauges, published only from steps, still show them.
+        """
         finished: list[Sequence] = []
         itl: list[float] = []
         tokens = 0
         for seq, n in plan.work:
             if seq.abort_requested:
-                continue  # aborted during the step: its token is dropped uncounted (already left above)
+                continue  # aborted during the step: its token is dropped uncounted (it leaves below)
             entry = seq.entry
             if seq.prompt_left:
                 seq.prompt_left -= n
@@ -211,6 +215,7 @@ class Scheduler:
                 self.observer.on_finished(seq, now)
         self.observer.on_step(plan, now, tokens, itl)
         self.observer.on_queue_change(len(self.running), len(self.waiting))
+        self.process_aborts(now)
 
     def _leave(self, seq: Sequence, now: float, reason: str) -> None:
         seq.entry.freed = now
@@ -293,6 +298,10 @@ class EngineLoop:
             delay = deadline - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            # uvloop's timers have millisecond resolution and can fire up to ~1 ms early: a step must never
+            # end before its model says, so yield (writers keep running) until the deadline has passed.
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0)
             now = time.monotonic()
             lag = max(0.0, now - deadline)
             self.steps += 1

@@ -224,12 +224,18 @@ class _Job:
         self.created = int(time.time())
         self.text = TokenText(request_id)
         self.output = _Output()
-        target = sim.scheduler.target_tokens(max_tokens, ignore_eos, min(min_tokens, max_tokens))
         self.entry = LedgerEntry(
             request_id=request_id, endpoint=endpoint, stream=self.stream, prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens, target_tokens=target, arrival=time.monotonic(),
+            max_tokens=max_tokens, target_tokens=max_tokens, arrival=time.monotonic(),
         )
+        self._eos = (ignore_eos, min(min_tokens, max_tokens))
         self.error_after: int | None = None
+
+    def draw_length(self) -> None:
+        """Draw the output length, once the request is accepted: a refused request must not consume a draw
+        from the seeded generator, or a seed would no longer fix the lengths of the accepted ones."""
+        ignore_eos, min_tokens = self._eos
+        self.entry.target_tokens = self.sim.scheduler.target_tokens(self.entry.max_tokens, ignore_eos, min_tokens)
         self._content_frame: tuple[bytes, bytes] | None = None
 
     # -- chunk encoding (bytes joined, no per-token JSON) -----------------------------------------------
@@ -426,6 +432,7 @@ def create_app(config: SimulatorConfig) -> FastAPI:
             return _error_response(config, BadRequest(
                 f"The server is overloaded: {len(sim.scheduler.waiting)} requests are already waiting "
                 f"(--max-waiting {config.max_waiting}).", 503, "ServiceUnavailableError"))
+        job.draw_length()
         return _AsgiJob(job)
 
     @app.post("/v1/chat/completions")

@@ -225,9 +225,6 @@ def test_running_and_waiting_gauges_follow_the_ledger(msim):
     assert msim.scrape().value("vllm:kv_cache_usage_perc", **LBL) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="simulator bug: with --vllm-flavour 0.9 the gauges never go stale after the "
-                   "last requests are aborted (DESIGN §5, VllmMetrics.on_step): finish_step processes the abort "
-                   "before on_step publishes, so the last step already shows 0 running")
 def test_0_9_gauges_stay_stale_after_the_last_abort(sim_pool):
     sim = sim_pool.fresh(*SIM_09)
     streams = [RawStream(sim, CHAT, chat_body(1000, ignore_eos=True), f"stale{i}") for i in range(2)]
@@ -320,8 +317,6 @@ def test_log_added_and_aborted_lines_latest(msim, workload):
             assert rid not in aborted, rid
 
 
-@pytest.mark.xfail(strict=True, reason="simulator bug: EmbeddedSimulator sends the child's stderr into log_path and "
-                   "also passes --log-file log_path, so every request-log line is written twice")
 def test_log_has_each_request_line_once(msim, workload):
     msim.wait_idle()
     msgs = [m["msg"] for m in log_lines(msim)]
