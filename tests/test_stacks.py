@@ -272,6 +272,40 @@ def test_hold_keeps_generating_until_released(sim: SimHandle, streams: Streams, 
 
 
 @pytest.mark.parametrize("stack", NAMES)
+def test_time_based_stop_holds_without_closing(sim: SimHandle, streams: Streams, stack: str) -> None:
+    """A `seconds:` Stop with `hold` must not interrupt the read (several libraries close the connection when a
+    waiting read is interrupted, which would turn the hold into a close): the server sees nothing until the
+    release, and the Stop is stamped at its time, not at the next chunk."""
+    stop_after = 0.3
+    record, go = streams.prepare(stack, make_settings(sim.url), "hold", StopPlan(seconds=stop_after))
+    greenlet = gevent.spawn(go)
+    greenlet.join(timeout=stop_after + HOLD_S + 10)
+    assert greenlet.successful(), greenlet.exception
+    check_ok_stop(record)
+    assert record.stop is not None and record.closed is not None
+    assert record.stop - record.sent >= stop_after - TIMER_SLACK_S
+    assert record.stop - record.sent <= stop_after + step_bound(sim)
+    entry = freed_entry(sim, record)
+    assert entry["disconnect_seen"] is not None
+    assert entry["disconnect_seen"] >= record.closed - CLOSE_SEEN_TOL_S, "the hold was a close"
+    assert entry["finish_reason"] == "abort"
+
+
+@pytest.mark.parametrize("stack", NAMES)
+def test_killed_user_closes_a_held_stream(sim: SimHandle, streams: Streams, stack: str) -> None:
+    """Locust kills users at the end of a run; one killed mid-hold must still close its stream."""
+    record, go = streams.prepare(stack, make_settings(sim.url), "hold", StopPlan(tokens=STOP_AT))
+    greenlet = gevent.spawn(go)
+    wait_until(lambda: record.stop is not None, timeout=10, what="Stop")
+    gevent.sleep(0.05)
+    killed = time.monotonic()
+    greenlet.kill(block=True, timeout=5)
+    entry = freed_entry(sim, record)
+    assert entry["finish_reason"] == "abort"
+    assert entry["disconnect_seen"] is not None and entry["disconnect_seen"] >= killed - TIMER_SLACK_S
+
+
+@pytest.mark.parametrize("stack", NAMES)
 def test_none_reads_to_the_end(sim: SimHandle, streams: Streams, stack: str) -> None:
     """`none`: Stop is recorded, reading goes on to [DONE]; the server finishes the request normally."""
     record = streams.run(stack, make_settings(sim.url, max_tokens=40), "none", StopPlan(tokens=10))

@@ -206,6 +206,8 @@ class StreamReader:
         return False
 
     def feed(self, item: Any, chunks: bool) -> bool:
+        if self.record.stop is not None and not self._read_on:
+            return True  # Stop was pressed by a timer while we waited: this item is not read
         return self.feed_chunk(item) if chunks else self.feed_line(item)
 
     def finish_unended(self, now: float) -> None:
@@ -216,51 +218,70 @@ class StreamReader:
             rec.error = "stream cut off: the server closed it before data: [DONE]"
 
 
-def _stop_deadline(plan: StopPlan, read_on: bool) -> float | None:
-    """Seconds from send until a time-based Stop, for modes that stop reading (a silent stream is stopped too)."""
-    return None if read_on else plan.seconds
+def _interrupting_stop(plan: StopPlan, mode: str) -> float | None:
+    """Seconds from send until a time-based Stop that interrupts the read: only for `close`.
+
+    A Stop button's handler that closes the stream cuts a waiting read short, so for `close` the deadline
+    raises into the read and the stream is then closed. `hold` and `drop` only stop reading: their Stop is
+    pressed by a timer that raises nothing (several libraries close the connection when a read is
+    interrupted, which would turn a hold into a close), and the loop leaves at its next item.
+    """
+    return plan.seconds if mode == "close" else None
+
+
+def _quiet_stop(plan: StopPlan, mode: str) -> float | None:
+    """Seconds from send until a time-based Stop that only records itself (hold, drop)."""
+    return plan.seconds if mode in ("hold", "drop") else None
 
 
 def run_stream(transport: SyncTransport, settings: RunSettings, request: StreamRequest, record: StreamRecord,
                plan: StopPlan) -> None:
-    """The read loop for sync stacks (under gevent). Never raises: the record says what happened."""
+    """The read loop for sync stacks (under gevent). Never raises but to a killed greenlet, and always closes
+    the stream it opened (unless the close mode is `drop`): the record says what happened."""
     mode = record.close_mode
     reader = StreamReader(record, plan, read_on=mode == "none")
     stream: SyncStream | None = None
-    deadline = _stop_deadline(plan, mode == "none")
-    timer = gevent.Timeout(deadline, _StopPressed) if deadline is not None else None
+    deadline = _interrupting_stop(plan, mode)
+    timeout = gevent.Timeout(deadline, _StopPressed) if deadline is not None else None
+    quiet = _quiet_stop(plan, mode)
+    watcher = gevent.get_hub().loop.timer(quiet) if quiet is not None else None
     record.wall_start, record.sent = time.time(), time.monotonic()
     try:
-        if timer is not None:
-            timer.start()
-        stream = transport.open(settings.host, request, record, settings.read_timeout)
-        for item in stream.items():
-            if reader.feed(item, transport.yields_chunks):
-                break
-        else:
-            reader.finish_unended(time.monotonic())
-    except _StopPressed:
-        reader.press_stop(time.monotonic())
-    except StreamFailure as exc:
-        record.error = str(exc)
-        record.ended = time.monotonic()
-    except Exception as exc:  # a stack bug must not kill the user: record it
-        record.error = f"unexpected {type(exc).__name__}: {exc}"
-        record.ended = time.monotonic()
-    finally:
-        if timer is not None:
-            timer.close()
-    if stream is None:
-        return
-    if record.stop is not None and mode == "drop":
-        stream = None  # every reference gone: what happens to the socket is the library's business
-        return
-    if record.stop is not None and mode == "hold":
-        gevent.sleep(settings.hold_seconds)
-    with contextlib.suppress(Exception):
-        stream.close()
-    if record.stop is not None:
-        record.closed = time.monotonic()
+        try:
+            if timeout is not None:
+                timeout.start()
+            if watcher is not None:
+                watcher.start(lambda: reader.press_stop(time.monotonic()))
+            stream = transport.open(settings.host, request, record, settings.read_timeout)
+            for item in stream.items():
+                if reader.feed(item, transport.yields_chunks):
+                    break
+            else:
+                reader.finish_unended(time.monotonic())
+        except _StopPressed:
+            reader.press_stop(time.monotonic())
+        except StreamFailure as exc:
+            record.error = str(exc)
+            record.ended = time.monotonic()
+        except Exception as exc:  # a stack bug must not kill the user: record it
+            record.error = f"unexpected {type(exc).__name__}: {exc}"
+            record.ended = time.monotonic()
+        finally:
+            if timeout is not None:
+                timeout.close()
+            if watcher is not None:
+                watcher.close()
+        if stream is not None and record.stop is not None:
+            if mode == "drop":
+                stream = None  # every reference gone: what happens to the socket is the library's business
+            elif mode == "hold":
+                gevent.sleep(settings.hold_seconds)
+    finally:  # also when Locust kills the user mid-read or mid-hold
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+            if record.stop is not None:
+                record.closed = time.monotonic()
 
 
 async def arun_stream(transport: AsyncTransport, settings: RunSettings, request: StreamRequest,
@@ -269,39 +290,46 @@ async def arun_stream(transport: AsyncTransport, settings: RunSettings, request:
     mode = record.close_mode
     reader = StreamReader(record, plan, read_on=mode == "none")
     stream: AsyncStream | None = None
-    deadline = _stop_deadline(plan, mode == "none")
+    deadline = _interrupting_stop(plan, mode)
+    quiet = _quiet_stop(plan, mode)
+    handle = (asyncio.get_running_loop().call_later(quiet, lambda: reader.press_stop(time.monotonic()))
+              if quiet is not None else None)
     record.wall_start, record.sent = time.time(), time.monotonic()
     try:
-        async with asyncio.timeout(deadline):
-            stream = await transport.open(settings.host, request, record, settings.read_timeout)
-            async for item in stream.aitems():
-                if reader.feed(item, transport.yields_chunks):
-                    break
+        try:
+            async with asyncio.timeout(deadline):
+                stream = await transport.open(settings.host, request, record, settings.read_timeout)
+                async for item in stream.aitems():
+                    if reader.feed(item, transport.yields_chunks):
+                        break
+                else:
+                    reader.finish_unended(time.monotonic())
+        except TimeoutError:
+            if deadline is None:
+                record.error = "timeout"
+                record.ended = time.monotonic()
             else:
-                reader.finish_unended(time.monotonic())
-    except TimeoutError:
-        if deadline is None:
-            record.error = "timeout"
+                reader.press_stop(time.monotonic())
+        except StreamFailure as exc:
+            record.error = str(exc)
             record.ended = time.monotonic()
-        else:
-            reader.press_stop(time.monotonic())
-    except StreamFailure as exc:
-        record.error = str(exc)
-        record.ended = time.monotonic()
-    except Exception as exc:
-        record.error = f"unexpected {type(exc).__name__}: {exc}"
-        record.ended = time.monotonic()
-    if stream is None:
-        return
-    if record.stop is not None and mode == "drop":
-        stream = None
-        return
-    if record.stop is not None and mode == "hold":
-        await asyncio.sleep(settings.hold_seconds)
-    with contextlib.suppress(Exception):
-        await stream.aclose()
-    if record.stop is not None:
-        record.closed = time.monotonic()
+        except Exception as exc:
+            record.error = f"unexpected {type(exc).__name__}: {exc}"
+            record.ended = time.monotonic()
+        finally:
+            if handle is not None:
+                handle.cancel()
+        if stream is not None and record.stop is not None:
+            if mode == "drop":
+                stream = None
+            elif mode == "hold":
+                await asyncio.sleep(settings.hold_seconds)
+    finally:  # also when the greenlet is killed and the bridge cancels this task
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+            if record.stop is not None:
+                record.closed = time.monotonic()
 
 
 def report(environment: Any, record: StreamRecord) -> None:
