@@ -2,7 +2,7 @@
 
 One stream at a time (so nothing else competes for the slot), each stopped after a fixed number of tokens,
 each judged by server truth: did the server abort, how long after Stop was the slot freed, and how many
-tokens did it generate that nobody read. Run it with `locust -f locustfile.py --headless -u 1 StopProbeUser`;
+tokens did it generate that nobody read. Run it with `locust -f probe.py --headless -u 1 --ignore-eos --max-tokens 200`;
 it walks the matrix once and stops the run by itself, then prints the table and writes the JSON.
 """
 
