@@ -89,6 +89,16 @@ class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
         pass
 
 
+def _quiet_abandoned_streams(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Streams a `drop` user abandoned (the openai SDK's stay open until collected) are finalised when the
+    garbage collector or the loop's shutdown gets to them, and httpx then complains that their generator is
+    "already running". That is the close mode working as designed, not a fault: log it at debug level."""
+    if str(context.get("message", "")).startswith("an error occurred during closing of asynchronous generator"):
+        _log.debug("abandoned stream finalised late: %s", context.get("exception"))
+        return
+    loop.default_exception_handler(context)
+
+
 def _new_event_loop(use_uvloop: bool | None) -> asyncio.AbstractEventLoop:
     """uvloop if wanted and importable, else the stock loop on a real (unpatched) selector."""
     if use_uvloop is not False:
@@ -305,6 +315,7 @@ class AsyncBridge:
         try:
             loop = _new_event_loop(self._use_uvloop)
             loop.set_default_executor(_InlineExecutor())
+            loop.set_exception_handler(_quiet_abandoned_streams)
             asyncio.set_event_loop(loop)
             self._loop = loop
             self._thread_ident = _get_ident()
