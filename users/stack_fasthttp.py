@@ -63,7 +63,10 @@ class _FastHttpStream:
 
 
 class FastHttpTransport:
-    """One geventhttpclient `HTTPClient` per user (a pool of up to 10 connections, FastHttpUser's default)."""
+    """One geventhttpclient `HTTPClient` per user (a pool of up to 10 connections, FastHttpUser's default).
+
+    TLS certificates are verified, like every other stack (FastHttpUser itself defaults to insecure).
+    """
 
     name = "fasthttp"
     yields_chunks = False
@@ -75,7 +78,7 @@ class FastHttpTransport:
         client = self.clients.get(host)
         if client is None:
             client = self.clients[host] = HTTPClient.from_url(
-                host, connection_timeout=min(10.0, timeout), network_timeout=timeout, concurrency=10, insecure=True)
+                host, connection_timeout=min(10.0, timeout), network_timeout=timeout, concurrency=10, insecure=False)
         return client
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> _FastHttpStream:
