@@ -1,0 +1,295 @@
+"""Follow a vLLM server log live and confirm, per request, that the engine added it and aborted it.
+
+Why: client-disconnect aborts are invisible in vLLM's per-request metrics (`request_success_total
+{finished_reason="abort"}` does not count them, no histogram sample is taken, `http_requests_total` calls them
+2xx), so the server log is the only per-request confirmation real vLLM gives that a stopped stream was seen and
+its slot freed. vLLM stamps its lines to the second, so the millisecond truth comes from reading the file live
+and stamping each line with `time.monotonic()` as it arrives (DESIGN §4).
+
+Formats recognised (a process prefix such as `(APIServer pid=123) ` before the level is allowed):
+
+- vLLM 0.9.x: `INFO 07-10 18:41:40 [async_llm.py:270] Added request chatcmpl-<id>.`,
+  `... Aborted request chatcmpl-<id>.` and `... Request chatcmpl-<id> aborted.` (two lines for one abort);
+- newest vLLM with `--enable-log-requests`: `Added request chatcmpl-<id>-<8 hex>.` and
+  `Aborted request(s) chatcmpl-<id>-<8 hex>.`, possibly several comma-separated ids in one line;
+- the project's simulator, which adds milliseconds: `INFO 11-24 14:37:49.960 [request_log.py:54] Added request ...`.
+
+Ids are `chatcmpl-…` or `cmpl-…`. Newest vLLM appends `-<8 hex>` to the id the client sees in its chunks; each
+event keeps the raw id and a base id with such a suffix removed. A client-chosen `X-Request-Id` may itself end in
+`-` plus 8 hex, so the base id is only a guess: the follower indexes each event under both, and a raw id always
+wins over another event's base id.
+
+The follower runs in a gevent greenlet (as everything under Locust does); nothing here touches Locust's hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import gevent
+from gevent.event import Event
+
+__all__ = ["LogEvent", "LogFollower", "base_request_id", "parse_events", "parse_line"]
+
+EventKind = Literal["added", "aborted"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# [(process pid=N) ]LEVEL MM-DD HH:MM:SS[.mmm] [file.py:line] message
+_HEADER = re.compile(
+    r"^\s*(?:\([^)]*\)\s+)?"
+    r"(?:DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\s+"
+    r"\d\d-\d\d\s+(?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)(?:[.,](?P<frac>\d{1,6}))?\s+"
+    r"\[[^\]]*\]\s+(?P<msg>.*?)\s*$"
+)
+_ADDED = re.compile(r"^Added request (?P<ids>.+)\.$")
+_ABORTED = re.compile(r"^Aborted request(?:\(s\)|s)? (?P<ids>.+)\.$")
+_ABORTED_09 = re.compile(r"^Request (?P<ids>\S+) aborted\.$")
+_SUFFIX = re.compile(r"^(?P<base>.+)-[0-9a-f]{8}$")
+_ID_SPLIT = re.compile(r"[,\s]+")
+_ID_STRIP = "[]'\""
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """One request named by one log line: the engine added it, or aborted it.
+
+    `log_time` is the line's own stamp as seconds of the day (1 s resolution for vLLM, 1 ms for the simulator;
+    no date, no timezone), None when the line has none. `seen` is `time.monotonic()` when the line was read.
+    """
+
+    kind: EventKind
+    request_id_raw: str
+    request_id_base: str
+    log_time: float | None
+    seen: float
+
+
+def base_request_id(raw: str) -> str:
+    """`raw` without a trailing `-<8 lowercase hex>` (newest vLLM's internal suffix); `raw` if it has none."""
+    m = _SUFFIX.match(raw)
+    return m.group("base") if m else raw
+
+
+def parse_events(line: str, seen: float | None = None) -> list[LogEvent]:
+    """Every add/abort event in one log line (several for an `Aborted request(s) a,b.` line); [] for others.
+
+    `seen` defaults to `time.monotonic()` now.
+    """
+    m = _HEADER.match(_ANSI.sub("", line))
+    if m is None:
+        return []
+    msg = m.group("msg")
+    kind: EventKind
+    if (im := _ADDED.match(msg)) is not None:
+        kind = "added"
+    elif (im := _ABORTED.match(msg) or _ABORTED_09.match(msg)) is not None:
+        kind = "aborted"
+    else:
+        return []
+    ids = [i.strip(_ID_STRIP) for i in _ID_SPLIT.split(im.group("ids"))]
+    ids = [i for i in ids if i]
+    if not ids:
+        return []
+    frac = m.group("frac")
+    log_time = int(m.group("h")) * 3600 + int(m.group("m")) * 60 + int(m.group("s")) + (
+        int(frac) / 10 ** len(frac) if frac else 0.0)
+    if seen is None:
+        seen = time.monotonic()
+    return [LogEvent(kind, raw, base_request_id(raw), log_time, seen) for raw in ids]
+
+
+def parse_line(line: str, seen: float | None = None) -> LogEvent | None:
+    """The event in one log line, or None. A line naming several ids gives the first: use `parse_events`."""
+    events = parse_events(line, seen)
+    return events[0] if events else None
+
+
+def _index(table: dict[str, LogEvent], ev: LogEvent) -> bool:
+    """Store `ev` under its raw and base ids; False if its raw id was already there (e.g. 0.9's second line)."""
+    raw, base = ev.request_id_raw, ev.request_id_base
+    held = table.get(raw)
+    if held is not None and held.request_id_raw == raw:
+        return False
+    table[raw] = ev
+    if base != raw:
+        held = table.get(base)
+        if held is None or held.request_id_raw != base:  # a raw id beats another event's base id
+            table[base] = ev
+    return True
+
+
+class LogFollower:
+    """Follow a log file like `tail -F` in a greenlet and index the add/abort events it names.
+
+    `added` and `aborted` map both raw and base ids to the first event seen for that raw id (0.9.x logs two
+    lines per abort; the first wins); a base id points at the newest raw id that has it. `lookup(id)` answers
+    for either. The file may not exist yet (it is read from its start once it appears), be truncated (read again
+    from its start) or be rotated (a new inode at `path`: the old file is drained, the new one read from its
+    start); a last line without its newline waits for it. With `from_start=False` a file that exists at
+    `start()` is read from its end as it is then. Errors never leave the greenlet: they are counted in `errors`,
+    the last one kept in `last_error`, and following goes on.
+
+    `on_event`, if given, is called in the greenlet once per new event (not for 0.9's duplicate abort line).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], poll: float = 0.02, from_start: bool = False,
+                 on_event: Callable[[LogEvent], object] | None = None) -> None:
+        self.path = os.fspath(path)
+        self.poll = poll
+        self.from_start = from_start
+        self.on_event = on_event
+        self.added: dict[str, LogEvent] = {}
+        self.aborted: dict[str, LogEvent] = {}
+        self.lines = 0
+        self.events = 0
+        self.reopens = 0
+        self.truncations = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._fd: int | None = None
+        self._ino: tuple[int, int] | None = None
+        self._pos = 0
+        self._partial = b""
+        self._greenlet: gevent.Greenlet | None = None
+        self._stop = Event()
+
+    # --- public ----------------------------------------------------------------------------------------------
+
+    def start(self) -> LogFollower:
+        """Open the file now (if it exists) so that nothing written after this returns is missed; then follow."""
+        if self._greenlet is not None:
+            raise RuntimeError("follower already started")
+        self._stop.clear()
+        try:
+            self._open(from_end=not self.from_start)
+        except Exception as exc:  # recorded, and the greenlet retries
+            self._record(exc)
+        self._greenlet = gevent.spawn(self._run)
+        return self
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop following within about `timeout` seconds (a last read first) and close the file."""
+        self._stop.set()
+        g, self._greenlet = self._greenlet, None
+        if g is not None:
+            g.join(timeout)
+            if not g.dead:
+                g.kill(block=True, timeout=timeout)
+        self._close()
+
+    @property
+    def running(self) -> bool:
+        return self._greenlet is not None and not self._greenlet.dead
+
+    def lookup(self, request_id: str) -> tuple[LogEvent | None, LogEvent | None]:
+        """(added, aborted) events for a raw id or a base id (the id the client saw), None where not seen."""
+        return self.added.get(request_id), self.aborted.get(request_id)
+
+    def poll_once(self) -> None:
+        """Read what is new now (what the greenlet does every `poll` seconds); errors are recorded, not raised."""
+        try:
+            self._step()
+        except Exception as exc:  # the follower must never raise
+            self._record(exc)
+
+    def __enter__(self) -> LogFollower:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the greenlet ----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.poll)
+        self.poll_once()  # what was written before stop()
+
+    def _record(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _open(self, from_end: bool) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        st = os.fstat(fd)
+        self._fd = fd
+        self._ino = (st.st_dev, st.st_ino)
+        self._pos = st.st_size if from_end else 0
+        self._partial = b""
+        return True
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _step(self) -> None:
+        if self._fd is None:
+            # Not there at start(), or gone: whatever appears at `path` is all new.
+            had_file = self._ino is not None
+            if not self._open(from_end=False):
+                return
+            self.reopens += had_file
+        self._read_new()
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return  # moved away and no new file yet: keep the old one, as `tail -F` does
+        if (st.st_dev, st.st_ino) != self._ino:
+            self._read_new()  # drain the rotated file
+            self._flush_partial()
+            self._close()
+            if self._open(from_end=False):
+                self.reopens += 1
+                self._read_new()
+            return
+        fst = os.fstat(self._fd)
+        if fst.st_size < self._pos:
+            self.truncations += 1
+            self._pos = 0
+            self._partial = b""
+            self._read_new()
+
+    def _read_new(self) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        while True:
+            chunk = os.pread(fd, 1 << 16, self._pos)
+            if not chunk:
+                return
+            seen = time.monotonic()
+            self._pos += len(chunk)
+            data = self._partial + chunk
+            *whole, self._partial = data.split(b"\n")
+            for raw in whole:
+                self._handle(raw, seen)
+
+    def _flush_partial(self) -> None:
+        if self._partial:
+            raw, self._partial = self._partial, b""
+            self._handle(raw, time.monotonic())
+
+    def _handle(self, raw: bytes, seen: float) -> None:
+        self.lines += 1
+        for ev in parse_events(raw.decode("utf-8", errors="replace").rstrip("\r"), seen):
+            table = self.added if ev.kind == "added" else self.aborted
+            if not _index(table, ev):
+                continue
+            self.events += 1
+            if self.on_event is not None:
+                try:
+                    self.on_event(ev)
+                except Exception as exc:  # a bad callback must not stop the follower
+                    self._record(exc)
