@@ -31,6 +31,7 @@ from users.policy import StopPlan
 from users.request import StreamRequest
 
 __all__ = [
+    "ERROR_BODY_LIMIT",
     "AsyncStream",
     "AsyncStreamingUser",
     "AsyncTransport",
@@ -42,6 +43,7 @@ __all__ = [
     "SyncTransport",
     "arun_stream",
     "error_text",
+    "http_failure",
     "report",
     "run_stream",
 ]
@@ -84,6 +86,14 @@ class AsyncTransport(Protocol):
         ...
 
     async def shutdown(self) -> None: ...
+
+
+ERROR_BODY_LIMIT = 64 * 1024  # bytes of a 4xx/5xx body a stack reads for the server's message
+
+
+def http_failure(status: int, body: bytes | str) -> StreamFailure:
+    """The failure of a request the server refused: its status and the message from its (bounded) body."""
+    return StreamFailure(f"HTTP {status}: {error_text(body[:ERROR_BODY_LIMIT])}")
 
 
 def error_text(body: bytes | str, limit: int = 300) -> str:

@@ -24,13 +24,10 @@ from geventhttpclient import HTTPClient
 from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 
 from metrics.record import StreamRecord
-from users.core import StreamFailure, SyncStreamingUser, error_text
+from users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from users.request import StreamRequest
 
 __all__ = ["FastHttpStreamUser", "FastHttpTransport"]
-
-_ERROR_BODY_LIMIT = 64 * 1024
-
 
 def _describe(exc: Exception, timeout: float, mid_stream: bool) -> str:
     detail = str(exc) or type(exc).__name__
@@ -92,12 +89,12 @@ class FastHttpTransport:
         record.status = resp.status_code
         if resp.status_code >= 400:
             try:
-                body = resp.read(_ERROR_BODY_LIMIT)
+                body = resp.read(ERROR_BODY_LIMIT)
             except (OSError, HTTPParseError):  # the error body is a courtesy; the status alone is the failure
                 body = b""
             finally:
                 resp.release()
-            raise StreamFailure(f"HTTP {resp.status_code}: {error_text(body[:_ERROR_BODY_LIMIT])}")
+            raise http_failure(resp.status_code, body)
         return _FastHttpStream(resp, timeout)
 
     def shutdown(self) -> None:

@@ -14,12 +14,11 @@ from collections.abc import Iterator
 import httpx
 
 from metrics.record import StreamRecord
-from users.core import StreamFailure, SyncStreamingUser, error_text
+from users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from users.request import StreamRequest
 
 __all__ = ["HttpxTransport", "HttpxUser", "describe_httpx_error", "httpx_timeout"]
 
-ERROR_BODY_LIMIT = 64 * 1024
 
 # httpx logs every request at INFO, and Locust's logging shows INFO: a line per stream would flood the run's
 # output and cost CPU on the load generator. Warnings and errors still show.
@@ -91,7 +90,7 @@ class HttpxTransport:
                 pass
             finally:
                 resp.close()
-            raise StreamFailure(f"HTTP {resp.status_code}: {error_text(bytes(body[:ERROR_BODY_LIMIT]))}")
+            raise http_failure(resp.status_code, bytes(body))
         return _HttpxStream(resp, timeout)
 
     def shutdown(self) -> None:

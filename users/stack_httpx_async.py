@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 import httpx
 
 from metrics.record import StreamRecord
-from users.core import AsyncStreamingUser, StreamFailure, error_text
+from users.core import ERROR_BODY_LIMIT, AsyncStreamingUser, StreamFailure, http_failure
 from users.request import StreamRequest
-from users.stack_httpx import ERROR_BODY_LIMIT, describe_httpx_error, httpx_timeout
+from users.stack_httpx import describe_httpx_error, httpx_timeout
 
 __all__ = ["HttpxAsyncTransport", "HttpxAsyncUser"]
 
@@ -68,7 +68,7 @@ class HttpxAsyncTransport:
                 pass
             finally:
                 await resp.aclose()
-            raise StreamFailure(f"HTTP {resp.status_code}: {error_text(bytes(body[:ERROR_BODY_LIMIT]))}")
+            raise http_failure(resp.status_code, bytes(body))
         return _HttpxAsyncStream(resp, timeout)
 
     async def shutdown(self) -> None:

@@ -9,13 +9,10 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from metrics.record import StreamRecord
-from users.core import StreamFailure, SyncStreamingUser, error_text
+from users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from users.request import StreamRequest
 
 __all__ = ["RequestsTransport", "RequestsUser"]
-
-_ERROR_BODY_LIMIT = 64 * 1024
-
 
 def _describe(exc: requests.RequestException, timeout: float) -> str:
     # Mid-stream, iter_lines raises a read timeout as ConnectionError(urllib3's ReadTimeoutError).
@@ -68,12 +65,12 @@ class RequestsTransport:
         record.status = resp.status_code
         if resp.status_code >= 400:
             try:
-                body = resp.raw.read(_ERROR_BODY_LIMIT, decode_content=True)
+                body = resp.raw.read(ERROR_BODY_LIMIT, decode_content=True)
             except Exception:  # the error body is a courtesy; the status alone is the failure
                 body = b""
             finally:
                 resp.close()
-            raise StreamFailure(f"HTTP {resp.status_code}: {error_text(body)}")
+            raise http_failure(resp.status_code, body)
         return _RequestsStream(resp, timeout)
 
     def shutdown(self) -> None:
