@@ -5,6 +5,9 @@
   points the run at it, and stops it when Locust quits (normal end, Ctrl-C, SIGTERM or an error).
 - Bad settings stop the run before any load, with the option named.
 - The stop-semantics probe's table, printed after Locust's own summary and saved as JSON.
+- Abort accounting: every stream's record is kept (from the `request` event's context), `/metrics` is read at
+  the start and the end, and at quit the simulator's ledger is fetched once (before the simulator stops), the
+  run is accounted (metrics/accounting.py), its summary printed after Locust's and its JSON written.
 """
 
 from __future__ import annotations
@@ -12,13 +15,20 @@ from __future__ import annotations
 import atexit
 import logging
 import shlex
+import time
 from typing import Any
 
+import locust
 from locust import events
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
+from metrics.accounting import account, ledger_by_id
+from metrics.record import StreamRecord
+from metrics.run_report import format_summary, to_json, write_report
+from metrics.truth import LedgerClient
+from metrics.vllm_metrics_scrape import MetricsScraper
 from simulator.launcher import EmbeddedSimulator
 from users.options import add_arguments as add_user_arguments
 from users.options import settings_for
@@ -29,6 +39,12 @@ __all__ = ["embedded_simulator"]
 _log = logging.getLogger("stopstorm")
 _state: dict[str, EmbeddedSimulator] = {}
 _probe_env: dict[str, Environment] = {}
+_records: list[StreamRecord] = []
+_run: dict[str, Any] = {}  # collect (bool), started/stopped (monotonic), started_wall, scraper
+# Options worth keeping in the report's meta (never the API key).
+_META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "max_tokens", "ignore_eos",
+                 "stop_probability", "stop_at", "close_mix", "hold_seconds", "think_time", "sim_max_num_seqs",
+                 "sim_args")
 
 
 @events.init_command_line_parser.add_listener
@@ -43,6 +59,10 @@ def _add_arguments(parser: LocustArgumentParser) -> None:
                        "(see python -m simulator --help)")
     group.add_argument("--sim-log", default="", env_var="STOPSTORM_SIM_LOG",
                        help="file for the embedded simulator's vLLM-like request log (default: a temp file)")
+    parser.add_argument_group("stopstorm report").add_argument(
+        "--stopstorm-report", default="stopstorm-report.json", env_var="STOPSTORM_REPORT",
+        help="where to write the run's abort accounting as JSON; its summary is printed after Locust's "
+        "(default stopstorm-report.json)")
 
 
 def embedded_simulator() -> EmbeddedSimulator | None:
@@ -102,4 +122,88 @@ def _remember_environment(environment: Environment, **_kwargs: Any) -> None:
     _probe_env["env"] = environment
 
 
+@events.init.add_listener
+def _start_collecting(environment: Environment, **_kwargs: Any) -> None:
+    # Workers keep nothing for now: their records would have to travel to the master.
+    _run["collect"] = not isinstance(environment.runner, WorkerRunner)
+
+
+@events.request.add_listener
+def _collect_record(context: dict[str, Any] | None = None, **_kwargs: Any) -> None:
+    if _run.get("collect") and context and isinstance(context.get("record"), StreamRecord):
+        _records.append(context["record"])
+
+
+@events.test_start.add_listener
+def _run_started(environment: Environment, **_kwargs: Any) -> None:
+    if not _run.get("collect") or "started" in _run:
+        return
+    _run["started"], _run["started_wall"] = time.monotonic(), time.time()
+    if environment.host:
+        try:
+            scraper = MetricsScraper(f"{environment.host.rstrip('/')}/metrics", timeout=2.0)
+            if scraper.scrape_once() is not None:  # a delta needs a reading from the start
+                _run["scraper"] = scraper
+            else:
+                _log.info("stopstorm: no /metrics at %s (%s); no vLLM counters in the report",
+                          environment.host, scraper.last_error)
+        except Exception as exc:
+            _log.warning("stopstorm: reading /metrics failed: %s", exc)
+
+
+@events.test_stop.add_listener
+def _run_stopped(**_kwargs: Any) -> None:
+    _run.setdefault("stopped", time.monotonic())
+
+
+def _fetch_ledger(host: str, settle_s: float = 1.0) -> dict[str, Any] | None:
+    """The whole ledger, once every request has left the engine (users killed at the end are closing theirs),
+    or as it is after `settle_s`; None when the server has no ledger (real vLLM)."""
+    client = LedgerClient(host)
+    try:
+        if not client.available():
+            return None
+        deadline = time.monotonic() + settle_s
+        while True:
+            doc = client.ledger()
+            if doc is None:
+                raise RuntimeError(f"cannot read the simulator ledger at {host}/stopstorm/ledger")
+            if all(e.get("freed") is not None for e in doc.get("requests", [])) or time.monotonic() > deadline:
+                return doc
+            time.sleep(0.02)
+    finally:
+        client.close()
+
+
+@events.quit.add_listener
+def _write_run_report(**_kwargs: Any) -> None:
+    """After Locust's own stats (and the probe's table); before the simulator stops, so its ledger is there."""
+    env = _probe_env.get("env")
+    if env is None or not _run.get("collect") or "started" not in _run:
+        return
+    try:
+        opts = env.parsed_options
+        path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
+        host = env.host or ""
+        ledger_doc = _fetch_ledger(host) if host else None
+        scraper = _run.pop("scraper", None)
+        delta = None
+        if scraper is not None:
+            scraper.scrape_once()
+            delta = scraper.delta()
+            scraper.close()
+        end = _run.get("stopped", time.monotonic())
+        duration = end - _run["started"]
+        accounting = account(list(_records), ledger_by_id(ledger_doc) if ledger_doc is not None else None, delta,
+                             duration, run_end=ledger_doc.get("now") if ledger_doc is not None else None)
+        meta = {"host": host, "locust_version": locust.__version__, "started_at": _run["started_wall"],
+                "duration_s": duration, "ledger_schema_version": (ledger_doc or {}).get("schema_version"),
+                "options": {k: getattr(opts, k) for k in _META_OPTIONS if hasattr(opts, k)}}
+        write_report(path, to_json(accounting, meta))
+        print(f"\nstopstorm abort accounting (JSON: {path})\n{format_summary(accounting)}\n", flush=True)
+    except Exception:
+        _log.exception("stopstorm: the abort accounting failed; Locust's own results stand")
+
+
+# Last: the run report above reads the simulator's ledger before this stops it.
 events.quit.add_listener(_stop_simulator)

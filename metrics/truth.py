@@ -42,6 +42,17 @@ class LedgerClient:
         result: dict[str, Any] = orjson.loads(resp.content)
         return result
 
+    def ledger(self) -> dict[str, Any] | None:
+        """The whole ledger document (`GET /stopstorm/ledger`); None when it cannot be read."""
+        try:
+            resp = self.session.get(f"{self.host}/stopstorm/ledger", timeout=self.timeout)
+        except requests.RequestException:
+            return None
+        if resp.status_code != 200:
+            return None
+        result: dict[str, Any] = orjson.loads(resp.content)
+        return result
+
     def wait_freed(self, server_id: str, timeout: float, poll: float = 0.02) -> dict[str, Any] | None:
         """The entry once the request has left the engine (finished or aborted), or as it is at `timeout`."""
         deadline = time.monotonic() + timeout

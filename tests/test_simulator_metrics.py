@@ -235,7 +235,9 @@ def test_0_9_gauges_stay_stale_after_the_last_abort(sim_pool):
     for s in streams:
         s.close()
     sim.wait_idle()
-    assert sim.scrape().value("vllm:num_requests_running", **lbl) == 2
+    # Stale: the last step still ran with an aborted request. Both closes usually land in one step (2), but a
+    # step boundary may fall between them, and then one more step ran with the other request alone (1).
+    assert sim.scrape().value("vllm:num_requests_running", **lbl) in (1, 2)
 
 
 # --- names and labels -----------------------------------------------------------------------------------------

@@ -1,0 +1,368 @@
+"""Abort accounting: what every Stop cost the server, per client stack × close mode and for the whole run.
+
+Pure functions over the client's `StreamRecord`s and the server's truth: the simulator's ledger (exact, per
+request) and a vLLM `/metrics` window delta (aggregate). No I/O, so a report can be rebuilt from saved files.
+Each record is joined to its ledger entry by server id: `record.server_id`, else the id the server derives
+from our X-Request-Id (`chatcmpl-…` for chat, `cmpl-…` for completions).
+
+Every figure carries its unit and its source, so nobody mistakes a client's belief for server truth:
+
+- `simulator ledger`: the simulator's per-request truth (exact);
+- `vLLM metrics`: Δ of vLLM's Prometheus counters over the run (aggregate only: not per stack or mode);
+- `client records`: what the clients themselves did and saw (streams, Stops, tokens read): truth about the
+  client, which is the only place it exists;
+- `client estimate`: a server-side quantity guessed from client marks, used only when no truth has it.
+
+A figure whose truth is missing is None (source `unavailable`), never 0; a sum over an empty but known set is 0.
+Real vLLM (log lines, per-request metrics joins) plugs in later as further sources of the same figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from metrics.record import StreamRecord
+from metrics.vllm_metrics_scrape import MetricsDelta
+
+__all__ = [
+    "CLIENT_ESTIMATE",
+    "CLIENT_SOURCE",
+    "LEDGER_SOURCE",
+    "METRICS_SOURCE",
+    "UNAVAILABLE",
+    "ZOMBIE_GRACE_S",
+    "Accounting",
+    "Cell",
+    "Distribution",
+    "Figure",
+    "Figures",
+    "RunFigures",
+    "account",
+    "distribution",
+    "ledger_by_id",
+    "server_id",
+]
+
+LEDGER_SOURCE = "simulator ledger"
+METRICS_SOURCE = "vLLM metrics"
+CLIENT_SOURCE = "client records"
+CLIENT_ESTIMATE = "client estimate"
+UNAVAILABLE = "unavailable"
+
+ZOMBIE_GRACE_S = 0.1
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """Summary of a sample, in the unit of its figure. Percentiles interpolate linearly between ranks."""
+
+    count: int
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    max: float
+    mean: float
+
+    def to_json(self) -> dict[str, float | int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+Value = int | float | str | dict[str, int] | Distribution | None
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One number (or distribution, count table, finding) with its unit and where it comes from."""
+
+    value: Value
+    unit: str
+    source: str
+    note: str | None = None  # e.g. "aggregate": not a per-stream sum
+
+    @property
+    def known(self) -> bool:
+        return self.value is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """The figures of one stack × close mode cell, or of the whole run (stack and mode "all")."""
+
+    streams: Figure  # streams the clients reported
+    stopped: Figure  # of which the user pressed Stop
+    failed: Figure  # of which failed (error text set)
+    failures: Figure  # failed streams by error text
+    aborted: Figure  # stopped streams the server aborted
+    abort_latency: Figure  # Stop → slot freed, aborted stopped streams (Distribution, s)
+    wasted_tokens: Figure  # generated but never read
+    zombies: Figure  # stopped streams still holding a slot `zombie_grace_s` after Stop
+    zombie_slot_seconds: Figure  # slot time zombies held after Stop
+    queue_wait: Figure  # arrival → scheduled (Distribution, s)
+    freed_tokens: Figure  # tokens aborts spared the engine vs running every stopped stream to its end
+    freed_slot_seconds: Figure  # the same, in slot-seconds
+    goodput_tokens: Figure  # tokens delivered to users still reading
+    goodput_rate: Figure  # goodput_tokens / run duration
+
+    def items(self) -> list[tuple[str, Figure]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    stack: str
+    close_mode: str
+    figures: Figures
+
+
+@dataclass(frozen=True, slots=True)
+class RunFigures:
+    """Whole-run figures that have no per-cell meaning."""
+
+    duration: Figure
+    freed_tokens_rate: Figure  # freed tokens per second of run
+    ledger_aborts: Figure  # every abort in the ledger (client disconnects), joined to a record or not
+    vllm_counted_aborts: Figure  # Δ request_success_total{finished_reason="abort"}
+    blind_spot: Figure  # the finding, in words: "N aborts, vLLM counted M"
+    unmatched_requests: Figure  # ledger requests no record reported (e.g. users killed at the run's end)
+    unjoined_streams: Figure  # records the ledger does not know (with a ledger present)
+
+    def items(self) -> list[tuple[str, Figure]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+@dataclass(frozen=True, slots=True)
+class Accounting:
+    cells: tuple[Cell, ...]  # sorted by stack, then close mode
+    overall: Figures
+    run: RunFigures
+    sources: tuple[str, ...]  # the truths that were available
+    zombie_grace_s: float
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def server_id(record: StreamRecord) -> str:
+    """The id the server knows this stream by."""
+    if record.server_id:
+        return record.server_id
+    return ("chatcmpl-" if record.endpoint == "chat" else "cmpl-") + record.request_id
+
+
+def ledger_by_id(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ledger document (`GET /stopstorm/ledger`) as entries by request id."""
+    return {e["request_id"]: e for e in doc.get("requests", [])}
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def distribution(values: Iterable[float]) -> Distribution | None:
+    """Count, percentiles, max and mean; None for an empty sample."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return Distribution(len(ordered), _percentile(ordered, 0.50), _percentile(ordered, 0.90),
+                        _percentile(ordered, 0.95), _percentile(ordered, 0.99), ordered[-1],
+                        math.fsum(ordered) / len(ordered))
+
+
+def _unknown(unit: str) -> Figure:
+    return Figure(None, unit, UNAVAILABLE)
+
+
+def _itl(entry: Mapping[str, Any]) -> float | None:
+    """Mean inter-token time of one request, from its first and last token; None under two tokens."""
+    n = entry.get("generated_tokens") or 0
+    first, last = entry.get("first_token"), entry.get("last_token")
+    if n < 2 or first is None or last is None:
+        return None
+    return float(last - first) / (n - 1)
+
+
+@dataclass(slots=True)
+class _Joined:
+    record: StreamRecord
+    entry: dict[str, Any] | None
+
+
+def _zombie_time(j: _Joined, grace: float, run_end: float | None) -> float | None:
+    """Slot time a stopped stream's request held after Stop, if it is a zombie; None if it is not (or unknown).
+
+    A zombie: a stopped stream whose server request still held a running slot `grace` seconds after Stop,
+    i.e. it was scheduled, and was freed more than `grace` after Stop (or never, by the run's end). Its slot
+    time runs from Stop (or its scheduling, if later) to freed (or the run's end).
+    """
+    r, e = j.record, j.entry
+    if r.stop is None or e is None or e.get("scheduled") is None:
+        return None
+    end = e.get("freed")
+    if end is None:
+        end = run_end
+    if end is None or end - r.stop <= grace:
+        return None
+    held = end - max(r.stop, e["scheduled"])
+    return held if held > 0 else None
+
+
+def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: float,
+             run_end: float | None) -> Figures:
+    records = [j.record for j in group]
+    stopped = [j for j in group if j.record.stopped]
+    failures = Counter(r.error for r in records if r.error is not None)
+    joined = [j for j in group if j.entry is not None]
+    goodput = sum(r.tokens_read for r in records)
+    rate = Figure(goodput / duration_s, "tokens/s", CLIENT_SOURCE) if duration_s > 0 else _unknown("tokens/s")
+    base = {
+        "streams": Figure(len(records), "streams", CLIENT_SOURCE),
+        "stopped": Figure(len(stopped), "streams", CLIENT_SOURCE),
+        "failed": Figure(sum(failures.values()), "streams", CLIENT_SOURCE),
+        "failures": Figure(dict(sorted(failures.items())), "streams", CLIENT_SOURCE, "by error text"),
+        "goodput_tokens": Figure(goodput, "tokens", CLIENT_SOURCE, "tokens read before Stop or to the end"),
+        "goodput_rate": rate,
+    }
+    if not has_ledger:
+        waits = [r.first_token - r.headers for r in records if r.first_token is not None and r.headers is not None]
+        qw = distribution(waits)
+        return Figures(
+            **base,
+            aborted=_unknown("streams"), abort_latency=_unknown("s"), wasted_tokens=_unknown("tokens"),
+            zombies=_unknown("streams"), zombie_slot_seconds=_unknown("slot-s"),
+            queue_wait=(Figure(qw, "s", CLIENT_ESTIMATE, "headers → first token: queue wait + prefill")
+                        if qw is not None else _unknown("s")),
+            freed_tokens=_unknown("tokens"), freed_slot_seconds=_unknown("slot-s"),
+        )
+
+    aborted = [j for j in stopped if j.entry is not None and j.entry.get("finish_reason") == "abort"]
+    latencies = [j.entry["freed"] - j.record.stop for j in aborted
+                 if j.entry is not None and j.entry.get("freed") is not None and j.record.stop is not None]
+    wasted = sum(max(0, (j.entry or {}).get("generated_tokens", 0) - j.record.tokens_read) for j in joined)
+    zombie_times = [t for j in stopped if (t := _zombie_time(j, grace, run_end)) is not None]
+    waits = []
+    for j in joined:
+        e = j.entry or {}
+        w = e.get("queue_wait")
+        if w is None and e.get("scheduled") is not None:
+            w = e["scheduled"] - e["arrival"]
+        if w is not None:
+            waits.append(w)
+    freed_tokens = 0
+    freed_slot_s = 0.0
+    slot_s_known = 0
+    slot_s_wanted = 0
+    for j in aborted:
+        e = j.entry or {}
+        rest = max(0, e.get("target_tokens", 0) - e.get("generated_tokens", 0))
+        freed_tokens += rest
+        if rest:
+            slot_s_wanted += 1
+            itl = _itl(e)
+            if itl is not None:
+                freed_slot_s += rest * itl
+                slot_s_known += 1
+    lat = distribution(latencies)
+    qw = distribution(waits)
+    slot_note = "remaining tokens × the request's mean inter-token time"
+    if slot_s_known < slot_s_wanted:
+        slot_note += f"; {slot_s_wanted - slot_s_known} request(s) with under two tokens left out"
+    return Figures(
+        **base,
+        aborted=Figure(len(aborted), "streams", LEDGER_SOURCE),
+        abort_latency=Figure(lat, "s", LEDGER_SOURCE, "Stop → slot freed") if lat is not None else _unknown("s"),
+        wasted_tokens=Figure(wasted, "tokens", LEDGER_SOURCE, "generated − read, per stream"),
+        zombies=Figure(len(zombie_times), "streams", LEDGER_SOURCE, f"not freed within {grace:g} s of Stop"),
+        zombie_slot_seconds=Figure(math.fsum(zombie_times), "slot-s", LEDGER_SOURCE),
+        queue_wait=Figure(qw, "s", LEDGER_SOURCE, "arrival → scheduled") if qw is not None else _unknown("s"),
+        freed_tokens=Figure(freed_tokens, "tokens", LEDGER_SOURCE, "target − generated, aborted stopped streams"),
+        freed_slot_seconds=(Figure(freed_slot_s, "slot-s", LEDGER_SOURCE, slot_note)
+                            if slot_s_known or not slot_s_wanted else _unknown("slot-s")),
+    )
+
+
+def _metrics_aborts(delta: MetricsDelta | None) -> float | None:
+    if delta is None or delta.total.success is None:
+        return None
+    return delta.total.success.get("abort", 0.0)
+
+
+# --- the accounting --------------------------------------------------------------------------------------------
+
+
+def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | None,
+            metrics_delta: MetricsDelta | None, duration_s: float, *, zombie_grace_s: float = ZOMBIE_GRACE_S,
+            run_end: float | None = None) -> Accounting:
+    """Account for every stream: per stack × close mode, overall, and run-wide findings.
+
+    `ledger`: the simulator's entries by request id (`ledger_by_id`), None without a simulator.
+    `metrics_delta`: vLLM `/metrics` over the run, None if not scraped. `duration_s`: the run's length, for
+    rates. `run_end`: monotonic time a request still in flight is counted to (the ledger's `now`); by default
+    the latest mark in the ledger.
+    """
+    has_ledger = ledger is not None
+    entries = ledger or {}
+    if run_end is None and entries:
+        marks = [m for e in entries.values() for k in ("arrival", "scheduled", "first_token", "last_token",
+                                                      "disconnect_seen", "freed") if (m := e.get(k)) is not None]
+        run_end = max(marks) if marks else None
+    joined = [_Joined(r, entries.get(server_id(r))) for r in records]
+    groups: dict[tuple[str, str], list[_Joined]] = {}
+    for j in joined:
+        groups.setdefault((j.record.stack, j.record.close_mode), []).append(j)
+    cells = tuple(Cell(stack, mode, _figures(groups[(stack, mode)], has_ledger, duration_s, zombie_grace_s, run_end))
+                  for stack, mode in sorted(groups))
+    overall = _figures(joined, has_ledger, duration_s, zombie_grace_s, run_end)
+
+    if not has_ledger and metrics_delta is not None and metrics_delta.total.generation_tokens is not None:
+        wasted = metrics_delta.total.generation_tokens - sum(r.tokens for r in records)
+        overall = _replace(overall, wasted_tokens=Figure(
+            wasted, "tokens", METRICS_SOURCE,
+            "aggregate: Δ generation_tokens_total − tokens the clients received"))
+
+    ledger_aborts = sum(1 for e in entries.values() if e.get("finish_reason") == "abort") if has_ledger else None
+    counted = _metrics_aborts(metrics_delta)
+    if ledger_aborts is not None and counted is not None:
+        finding: Figure = Figure(f"{ledger_aborts} aborts, vLLM counted {counted:g}", "finding", LEDGER_SOURCE,
+                                 "ledger aborts vs Δ request_success_total{finished_reason=\"abort\"}")
+    else:
+        finding = _unknown("finding")
+    seen_ids = {server_id(r) for r in records}
+    freed = overall.freed_tokens.value
+    run = RunFigures(
+        duration=Figure(duration_s, "s", CLIENT_SOURCE),
+        freed_tokens_rate=(Figure(freed / duration_s, "tokens/s", LEDGER_SOURCE)
+                           if isinstance(freed, int) and duration_s > 0 else _unknown("tokens/s")),
+        ledger_aborts=(Figure(ledger_aborts, "requests", LEDGER_SOURCE, "finish_reason abort")
+                       if ledger_aborts is not None else _unknown("requests")),
+        vllm_counted_aborts=(Figure(counted, "requests", METRICS_SOURCE,
+                                    "Δ request_success_total{finished_reason=\"abort\"}")
+                             if counted is not None else _unknown("requests")),
+        blind_spot=finding,
+        unmatched_requests=(Figure(sum(1 for rid in entries if rid not in seen_ids), "requests", LEDGER_SOURCE,
+                                   "in the ledger, reported by no stream")
+                            if has_ledger else _unknown("requests")),
+        unjoined_streams=(Figure(sum(1 for j in joined if j.entry is None), "streams", LEDGER_SOURCE,
+                                 "reported, but not in the ledger")
+                          if has_ledger else _unknown("streams")),
+    )
+    sources = [CLIENT_SOURCE]
+    if has_ledger:
+        sources.append(LEDGER_SOURCE)
+    else:
+        sources.append(CLIENT_ESTIMATE)
+    if metrics_delta is not None:
+        sources.append(METRICS_SOURCE)
+    return Accounting(cells, overall, run, tuple(sources), zombie_grace_s)
+
+
+def _replace(figures: Figures, **changes: Figure) -> Figures:
+    return Figures(**{**dict(figures.items()), **changes})

@@ -1,0 +1,148 @@
+"""The run's abort accounting as a JSON document and as the console table a capacity planner reads.
+
+`to_json` and `format_summary` are pure; `write_report` is the one writer, atomic (temp file + rename) so a
+reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from metrics.accounting import Accounting, Distribution, Figure, Figures
+
+__all__ = ["REPORT_SCHEMA_VERSION", "format_summary", "to_json", "write_report"]
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def _figure(f: Figure) -> dict[str, Any]:
+    value = f.value.to_json() if isinstance(f.value, Distribution) else f.value
+    out: dict[str, Any] = {"value": value, "unit": f.unit, "source": f.source}
+    if f.note is not None:
+        out["note"] = f.note
+    return out
+
+
+def _figures(figures: Figures) -> dict[str, dict[str, Any]]:
+    return {name: _figure(f) for name, f in figures.items()}
+
+
+def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
+    """The report document. Layout (schema_version 1):
+
+        {"schema_version": 1,
+         "meta": {...},                      # the caller's: host, options, library versions, times
+         "sources": ["client records", "simulator ledger", ...],   # the truths this run had
+         "zombie_grace_s": 0.1,
+         "cells": [{"stack": "requests", "close_mode": "close", "figures": {NAME: FIGURE, ...}}, ...],
+         "overall": {"figures": {NAME: FIGURE, ...}},
+         "run": {"figures": {NAME: FIGURE, ...}}}
+
+    Every FIGURE is {"value", "unit", "source"} plus an optional "note". "value" is a number, a string (a
+    finding), an object of counts by error text (`failures`), an object {"count", "p50", "p90", "p95", "p99",
+    "max", "mean"} for a distribution, or null when its truth was unavailable (source "unavailable"); never 0
+    for unknown. Times are seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams,
+    stopped, failed, failures, aborted, abort_latency, wasted_tokens, zombies, zombie_slot_seconds, queue_wait,
+    freed_tokens, freed_slot_seconds, goodput_tokens, goodput_rate. Run figures: duration, freed_tokens_rate,
+    ledger_aborts, vllm_counted_aborts, blind_spot, unmatched_requests, unjoined_streams.
+    """
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "meta": meta,
+        "sources": list(accounting.sources),
+        "zombie_grace_s": accounting.zombie_grace_s,
+        "cells": [{"stack": c.stack, "close_mode": c.close_mode, "figures": _figures(c.figures)}
+                  for c in accounting.cells],
+        "overall": {"figures": _figures(accounting.overall)},
+        "run": {"figures": {name: _figure(f) for name, f in accounting.run.items()}},
+    }
+
+
+def write_report(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
+    """Write `doc` as JSON to `path` atomically: a temp file beside it, then a rename over it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2))
+            fh.write(b"\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- the console table -----------------------------------------------------------------------------------------
+
+
+def _num(f: Figure, scale: float = 1.0, digits: int = 0) -> str:
+    if not isinstance(f.value, int | float):
+        return "–"
+    v = f.value * scale
+    return f"{v:,.{digits}f}"
+
+
+def _pct(f: Figure, which: str, scale: float = 1e3, digits: int = 1) -> str:
+    if not isinstance(f.value, Distribution):
+        return "–"
+    return f"{getattr(f.value, which) * scale:,.{digits}f}"
+
+
+_COLUMNS = ("stack", "close mode", "streams", "stopped", "aborted", "abort p50 ms", "abort p99 ms",
+            "wasted tok", "zombies", "zombie slot-s")
+
+
+def _row(stack: str, mode: str, f: Figures) -> tuple[str, ...]:
+    return (stack, mode, _num(f.streams), _num(f.stopped), _num(f.aborted), _pct(f.abort_latency, "p50"),
+            _pct(f.abort_latency, "p99"), _num(f.wasted_tokens), _num(f.zombies),
+            _num(f.zombie_slot_seconds, digits=2))
+
+
+def format_summary(accounting: Accounting) -> str:
+    """Per stack × close mode what Stop cost the server, then the run-wide figures, with their sources."""
+    rows = [_COLUMNS] + [_row(c.stack, c.close_mode, c.figures) for c in accounting.cells]
+    rows.append(_row("all", "all", accounting.overall))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+
+    def line(r: tuple[str, ...]) -> str:
+        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+
+    out = [line(rows[0]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows[1:-1]]
+    out += ["  ".join("-" * w for w in widths), line(rows[-1]), ""]
+
+    o, run = accounting.overall, accounting.run
+    wasted_src = o.wasted_tokens.source + (f" ({o.wasted_tokens.note})" if o.wasted_tokens.note else "")
+    qw = o.queue_wait
+    out.append(f"truth: {', '.join(accounting.sources)}; zombie = stopped stream still holding a slot "
+               f"{accounting.zombie_grace_s:g} s after Stop")
+    out.append(f"aborted, abort latency, zombies, freed: {o.aborted.source}; "
+               f"wasted tokens: {wasted_src}")
+    out.append(f"queue wait p50 / p95:   {_pct(qw, 'p50')} / {_pct(qw, 'p95')} ms  [{qw.source}]")
+    out.append(f"goodput:                {_num(o.goodput_rate, digits=1)} tok/s "
+               f"({_num(o.goodput_tokens)} tokens read in {_num(run.duration, digits=1)} s)  [{o.goodput_rate.source}]")
+    out.append(f"freed by aborts:        {_num(o.freed_tokens)} tokens, {_num(o.freed_slot_seconds, digits=2)} "
+               f"slot-s ({_num(run.freed_tokens_rate, digits=1)} tok/s) vs every stopped stream run to its end  "
+               f"[{o.freed_tokens.source}]")
+    if run.blind_spot.known:
+        out.append(f"vLLM blind spot:        {run.blind_spot.value}  [ledger vs {run.vllm_counted_aborts.source}]")
+    else:
+        aborts = _num(run.ledger_aborts)
+        out.append(f"vLLM blind spot:        {aborts} aborts in the ledger; vLLM's count unknown (no /metrics delta)"
+                   if run.ledger_aborts.known else "vLLM blind spot:        unknown (needs the ledger and /metrics)")
+    failures = o.failures.value
+    if isinstance(failures, dict) and failures:
+        out.append("failed streams:")
+        out += [f"  {n:>6}  {text}" for text, n in sorted(failures.items(), key=lambda kv: -kv[1])]
+    extra = [f"{name.replace('_', ' ')}: {_num(f)}" for name, f in (("unmatched_requests", run.unmatched_requests),
+                                                                   ("unjoined_streams", run.unjoined_streams))
+             if isinstance(f.value, int) and f.value]
+    if extra:
+        out.append("; ".join(extra))
+    return "\n".join(out)
