@@ -26,32 +26,24 @@ class LedgerClient:
         self.session = requests.Session()
 
     def available(self) -> bool:
-        try:
-            resp = self.session.get(f"{self.host}/stopstorm/stats", timeout=self.timeout)
-        except requests.RequestException:
-            return False
-        return resp.status_code == 200
+        return self._get_json("/stopstorm/stats") is not None
 
-    def entry(self, server_id: str) -> dict[str, Any] | None:
+    def _get_json(self, path: str) -> dict[str, Any] | None:
         try:
-            resp = self.session.get(f"{self.host}/stopstorm/ledger/{server_id}", timeout=self.timeout)
+            resp = self.session.get(f"{self.host}{path}", timeout=self.timeout)
         except requests.RequestException:
             return None
         if resp.status_code != 200:
             return None
         result: dict[str, Any] = orjson.loads(resp.content)
         return result
+
+    def entry(self, server_id: str) -> dict[str, Any] | None:
+        return self._get_json(f"/stopstorm/ledger/{server_id}")
 
     def ledger(self) -> dict[str, Any] | None:
         """The whole ledger document (`GET /stopstorm/ledger`); None when it cannot be read."""
-        try:
-            resp = self.session.get(f"{self.host}/stopstorm/ledger", timeout=self.timeout)
-        except requests.RequestException:
-            return None
-        if resp.status_code != 200:
-            return None
-        result: dict[str, Any] = orjson.loads(resp.content)
-        return result
+        return self._get_json("/stopstorm/ledger")
 
     def wait_freed(self, server_id: str, timeout: float, poll: float = 0.02) -> dict[str, Any] | None:
         """The entry once the request has left the engine (finished or aborted), or as it is at `timeout`."""
