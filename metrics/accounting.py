@@ -11,10 +11,15 @@ Every figure carries its unit and its source, so nobody mistakes a client's beli
 - `vLLM metrics`: Δ of vLLM's Prometheus counters over the run (aggregate only: not per stack or mode);
 - `client records`: what the clients themselves did and saw (streams, Stops, tokens read): truth about the
   client, which is the only place it exists;
+- `vLLM log`: vLLM's own `Added request …` / `Aborted request …` lines, each stamped with `time.monotonic()`
+  when the follower read it (metrics/vllm_log.py): per-request abort confirmation without a ledger. Its abort
+  latency is Stop → abort *logged* (line read), not slot freed: the engine frees the slot at about that time,
+  but the log adds its own write and read delays (the follower polls every 20 ms by default);
 - `client estimate`: a server-side quantity guessed from client marks, used only when no truth has it.
 
 A figure whose truth is missing is None (source `unavailable`), never 0; a sum over an empty but known set is 0.
-Real vLLM (log lines, per-request metrics joins) plugs in later as further sources of the same figures.
+With a ledger, the ledger gives `aborted` and `abort_latency`; the log's own view is kept beside it
+(`log_aborted`, `log_abort_latency`) so the two can be compared. Without a ledger, the log gives both.
 """
 
 from __future__ import annotations
@@ -23,15 +28,17 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 from metrics.record import StreamRecord
+from metrics.vllm_log import LogEvent, base_request_id
 from metrics.vllm_metrics_scrape import MetricsDelta
 
 __all__ = [
     "CLIENT_ESTIMATE",
     "CLIENT_SOURCE",
     "LEDGER_SOURCE",
+    "LOG_SOURCE",
     "METRICS_SOURCE",
     "UNAVAILABLE",
     "ZOMBIE_GRACE_S",
@@ -40,6 +47,7 @@ __all__ = [
     "Distribution",
     "Figure",
     "Figures",
+    "LogLookup",
     "RunFigures",
     "account",
     "distribution",
@@ -49,11 +57,20 @@ __all__ = [
 
 LEDGER_SOURCE = "simulator ledger"
 METRICS_SOURCE = "vLLM metrics"
+LOG_SOURCE = "vLLM log"
 CLIENT_SOURCE = "client records"
 CLIENT_ESTIMATE = "client estimate"
 UNAVAILABLE = "unavailable"
 
 ZOMBIE_GRACE_S = 0.1
+
+
+class LogLookup(Protocol):
+    """What accounting needs of a vLLM log: `LogFollower` (live) or `LogIndex` (saved lines)."""
+
+    aborted: Mapping[str, LogEvent]
+
+    def lookup(self, request_id: str) -> tuple[LogEvent | None, LogEvent | None]: ...
 
 @dataclass(frozen=True, slots=True)
 class Distribution:
@@ -106,6 +123,8 @@ class Figures:
     freed_slot_seconds: Figure  # the same, in slot-seconds
     goodput_tokens: Figure  # tokens delivered to users still reading
     goodput_rate: Figure  # goodput_tokens / run duration
+    log_aborted: Figure  # stopped streams whose abort the vLLM log shows
+    log_abort_latency: Figure  # Stop → abort line read, those streams (Distribution, s)
 
     def items(self) -> list[tuple[str, Figure]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
@@ -127,6 +146,7 @@ class RunFigures:
     ledger_aborts: Figure  # every abort in the ledger (client disconnects), joined to a record or not
     vllm_counted_aborts: Figure  # Δ request_success_total{finished_reason="abort"}
     blind_spot: Figure  # the finding, in words: "N aborts, vLLM counted M"
+    log_aborts: Figure  # every abort the vLLM log showed during the run, joined to a record or not
     unmatched_requests: Figure  # ledger requests no record reported (e.g. users killed at the run's end)
     unjoined_streams: Figure  # records the ledger does not know (with a ledger present)
 
@@ -215,8 +235,40 @@ def _zombie_time(j: _Joined, grace: float, run_end: float | None) -> float | Non
     return held if held > 0 else None
 
 
+def _abort_index(log: LogLookup) -> dict[str, LogEvent]:
+    """Every abort event under its raw and its base id; where several share an id, the first read.
+
+    vLLM 0.32 logs `Aborted request(s) <id>-<hex>.` then `Request <id> aborted.` for one abort; the follower
+    indexes the second under `<id>`, so the earlier line is found here by its base id.
+    """
+    out: dict[str, LogEvent] = {}
+    for ev in log.aborted.values():
+        for rid in (ev.request_id_raw, ev.request_id_base):
+            held = out.get(rid)
+            if held is None or ev.seen < held.seen:
+                out[rid] = ev
+    return out
+
+
+def _log_abort(record: StreamRecord, aborts: Mapping[str, LogEvent]) -> LogEvent | None:
+    """The log's abort event for this stream: by its server id, raw or base (newest vLLM adds `-<8 hex>`)."""
+    sid = server_id(record)
+    found = [ev for rid in dict.fromkeys((sid, base_request_id(sid))) if (ev := aborts.get(rid)) is not None]
+    return min(found, key=lambda ev: ev.seen) if found else None
+
+
+def _log_figures(stopped: list[_Joined], aborts: Mapping[str, LogEvent] | None) -> tuple[Figure, Figure]:
+    if aborts is None:
+        return _unknown("streams"), _unknown("s")
+    confirmed = [(j.record, ev) for j in stopped if (ev := _log_abort(j.record, aborts)) is not None]
+    lat = distribution(ev.seen - r.stop for r, ev in confirmed if r.stop is not None)
+    return (Figure(len(confirmed), "streams", LOG_SOURCE, "stopped streams with an abort line for their id"),
+            Figure(lat, "s", LOG_SOURCE, "Stop → abort logged (line read), not slot freed")
+            if lat is not None else _unknown("s"))
+
+
 def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: float,
-             run_end: float | None) -> Figures:
+             run_end: float | None, aborts: Mapping[str, LogEvent] | None = None) -> Figures:
     records = [j.record for j in group]
     stopped = [j for j in group if j.record.stopped]
     failures = Counter(r.error for r in records if r.error is not None)
@@ -231,12 +283,14 @@ def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: f
         "goodput_tokens": Figure(goodput, "tokens", CLIENT_SOURCE, "tokens read before Stop or to the end"),
         "goodput_rate": rate,
     }
+    log_aborted, log_latency = _log_figures(stopped, aborts)
+    base["log_aborted"], base["log_abort_latency"] = log_aborted, log_latency
     if not has_ledger:
         waits = [r.first_token - r.headers for r in records if r.first_token is not None and r.headers is not None]
         qw = distribution(waits)
         return Figures(
             **base,
-            aborted=_unknown("streams"), abort_latency=_unknown("s"), wasted_tokens=_unknown("tokens"),
+            aborted=log_aborted, abort_latency=log_latency, wasted_tokens=_unknown("tokens"),
             zombies=_unknown("streams"), zombie_slot_seconds=_unknown("slot-s"),
             queue_wait=(Figure(qw, "s", CLIENT_ESTIMATE, "headers → first token: queue wait + prefill")
                         if qw is not None else _unknown("s")),
@@ -300,13 +354,13 @@ def _metrics_aborts(delta: MetricsDelta | None) -> float | None:
 
 def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | None,
             metrics_delta: MetricsDelta | None, duration_s: float, *, zombie_grace_s: float = ZOMBIE_GRACE_S,
-            run_end: float | None = None) -> Accounting:
+            run_end: float | None = None, log: LogLookup | None = None) -> Accounting:
     """Account for every stream: per stack × close mode, overall, and run-wide findings.
 
     `ledger`: the simulator's entries by request id (`ledger_by_id`), None without a simulator.
     `metrics_delta`: vLLM `/metrics` over the run, None if not scraped. `duration_s`: the run's length, for
     rates. `run_end`: monotonic time a request still in flight is counted to (the ledger's `now`); by default
-    the latest mark in the ledger.
+    the latest mark in the ledger. `log`: vLLM's request log (`LogFollower` or `LogIndex`), None if not read.
     """
     has_ledger = ledger is not None
     entries = ledger or {}
@@ -315,12 +369,14 @@ def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | Non
                                                       "disconnect_seen", "freed") if (m := e.get(k)) is not None]
         run_end = max(marks) if marks else None
     joined = [_Joined(r, entries.get(server_id(r))) for r in records]
+    aborts = _abort_index(log) if log is not None else None
     groups: dict[tuple[str, str], list[_Joined]] = {}
     for j in joined:
         groups.setdefault((j.record.stack, j.record.close_mode), []).append(j)
-    cells = tuple(Cell(stack, mode, _figures(groups[(stack, mode)], has_ledger, duration_s, zombie_grace_s, run_end))
+    cells = tuple(Cell(stack, mode, _figures(groups[(stack, mode)], has_ledger, duration_s, zombie_grace_s, run_end,
+                                             aborts))
                   for stack, mode in sorted(groups))
-    overall = _figures(joined, has_ledger, duration_s, zombie_grace_s, run_end)
+    overall = _figures(joined, has_ledger, duration_s, zombie_grace_s, run_end, aborts)
 
     if not has_ledger and metrics_delta is not None and metrics_delta.total.generation_tokens is not None:
         wasted = metrics_delta.total.generation_tokens - sum(r.tokens for r in records)
@@ -330,9 +386,14 @@ def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | Non
 
     ledger_aborts = sum(1 for e in entries.values() if e.get("finish_reason") == "abort") if has_ledger else None
     counted = _metrics_aborts(metrics_delta)
+    # By base id: vLLM 0.9 logs two lines per abort with one id, 0.32 two lines with the raw and the base id.
+    log_aborts = len({e.request_id_base for e in log.aborted.values()}) if log is not None else None
     if ledger_aborts is not None and counted is not None:
         finding: Figure = Figure(f"{ledger_aborts} aborts, vLLM counted {counted:g}", "finding", LEDGER_SOURCE,
                                  "ledger aborts vs Δ request_success_total{finished_reason=\"abort\"}")
+    elif log_aborts is not None and counted is not None:
+        finding = Figure(f"{log_aborts} aborts logged, vLLM counted {counted:g}", "finding", LOG_SOURCE,
+                         "aborts in vLLM's log vs Δ request_success_total{finished_reason=\"abort\"}")
     else:
         finding = _unknown("finding")
     seen_ids = {server_id(r) for r in records}
@@ -347,6 +408,8 @@ def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | Non
                                     "Δ request_success_total{finished_reason=\"abort\"}")
                              if counted is not None else _unknown("requests")),
         blind_spot=finding,
+        log_aborts=(Figure(log_aborts, "requests", LOG_SOURCE, "aborts logged during the run, distinct base ids")
+                    if log_aborts is not None else _unknown("requests")),
         unmatched_requests=(Figure(sum(1 for rid in entries if rid not in seen_ids), "requests", LEDGER_SOURCE,
                                    "in the ledger, reported by no stream")
                             if has_ledger else _unknown("requests")),
@@ -359,6 +422,8 @@ def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | Non
         sources.append(LEDGER_SOURCE)
     else:
         sources.append(CLIENT_ESTIMATE)
+    if log is not None:
+        sources.append(LOG_SOURCE)
     if metrics_delta is not None:
         sources.append(METRICS_SOURCE)
     return Accounting(cells, overall, run, tuple(sources), zombie_grace_s)

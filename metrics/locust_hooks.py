@@ -5,9 +5,12 @@
   points the run at it, and stops it when Locust quits (normal end, Ctrl-C, SIGTERM or an error).
 - Bad settings stop the run before any load, with the option named.
 - The stop-semantics probe's table, printed after Locust's own summary and saved as JSON.
-- Abort accounting: every stream's record is kept (from the `request` event's context), `/metrics` is read at
-  the start and the end, and at quit the simulator's ledger is fetched once (before the simulator stops), the
-  run is accounted (metrics/accounting.py), its summary printed after Locust's and its JSON written.
+- Abort accounting: every stream's record is kept (from the `request` event's context); `{host}/metrics` is
+  scraped in the background every `--metrics-interval` seconds from test_start to test_stop (its first and
+  latest good snapshots give the vLLM counters' delta; a host without /metrics only counts errors); with
+  `--server-log PATH` vLLM's request log is followed from test_start to quit (per-request abort confirmation,
+  each line stamped as it is read); at quit the simulator's ledger is fetched once (before the simulator
+  stops), the run is accounted (metrics/accounting.py), its summary printed after Locust's and its JSON written.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from metrics.accounting import account, ledger_by_id
 from metrics.record import StreamRecord
 from metrics.run_report import format_summary, to_json, write_report
 from metrics.truth import LedgerClient
+from metrics.vllm_log import LogFollower
 from metrics.vllm_metrics_scrape import MetricsScraper
 from simulator.launcher import EmbeddedSimulator
 from users.options import add_arguments as add_user_arguments
@@ -40,7 +44,7 @@ _log = logging.getLogger("stopstorm")
 _state: dict[str, EmbeddedSimulator] = {}
 _probe_env: dict[str, Environment] = {}
 _records: list[StreamRecord] = []
-_run: dict[str, Any] = {}  # collect (bool), started/stopped (monotonic), started_wall, scraper
+_run: dict[str, Any] = {}  # collect (bool), started/stopped (monotonic), started_wall, scraper, log
 # Options worth keeping in the report's meta (never the API key).
 _META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "max_tokens", "ignore_eos",
                  "stop_probability", "stop_at", "close_mix", "hold_seconds", "think_time", "sim_max_num_seqs",
@@ -59,10 +63,18 @@ def _add_arguments(parser: LocustArgumentParser) -> None:
                        "(see python -m simulator --help)")
     group.add_argument("--sim-log", default="", env_var="STOPSTORM_SIM_LOG",
                        help="file for the embedded simulator's vLLM-like request log (default: a temp file)")
-    parser.add_argument_group("stopstorm report").add_argument(
+    report = parser.add_argument_group("stopstorm report")
+    report.add_argument(
         "--stopstorm-report", default="stopstorm-report.json", env_var="STOPSTORM_REPORT",
         help="where to write the run's abort accounting as JSON; its summary is printed after Locust's "
         "(default stopstorm-report.json)")
+    report.add_argument(
+        "--server-log", default="", env_var="STOPSTORM_SERVER_LOG",
+        help="vLLM's log file (run it with --enable-log-requests), followed during the run to confirm each "
+        "stopped stream's abort; the embedded simulator's log (--sim-log) works too")
+    report.add_argument(
+        "--metrics-interval", type=float, default=0.25, env_var="STOPSTORM_METRICS_INTERVAL",
+        help="seconds between scrapes of {host}/metrics during the run (default 0.25)")
 
 
 def embedded_simulator() -> EmbeddedSimulator | None:
@@ -139,21 +151,45 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
     if not _run.get("collect") or "started" in _run:
         return
     _run["started"], _run["started_wall"] = time.monotonic(), time.time()
+    opts = environment.parsed_options
+    log_path = getattr(opts, "server_log", "") or ""
+    if log_path:
+        try:
+            _run["log"] = LogFollower(log_path).start()  # from the file's end now: this run's lines only
+        except Exception as exc:
+            _log.warning("stopstorm: following the server log %s failed: %s", log_path, exc)
     if environment.host:
         try:
-            scraper = MetricsScraper(f"{environment.host.rstrip('/')}/metrics", timeout=2.0)
-            if scraper.scrape_once() is not None:  # a delta needs a reading from the start
-                _run["scraper"] = scraper
-            else:
-                _log.info("stopstorm: no /metrics at %s (%s); no vLLM counters in the report",
+            interval = float(getattr(opts, "metrics_interval", 0.25) or 0.25)
+            scraper = MetricsScraper(f"{environment.host.rstrip('/')}/metrics", interval=interval, timeout=2.0)
+            if scraper.scrape_once() is None:  # a reading at the start, before the greenlet's first
+                _log.info("stopstorm: no /metrics at %s yet (%s); scraping on, errors counted",
                           environment.host, scraper.last_error)
+            scraper.start()
+            _run["scraper"] = scraper
         except Exception as exc:
-            _log.warning("stopstorm: reading /metrics failed: %s", exc)
+            _log.warning("stopstorm: scraping /metrics failed: %s", exc)
 
 
 @events.test_stop.add_listener
 def _run_stopped(**_kwargs: Any) -> None:
     _run.setdefault("stopped", time.monotonic())
+    _stop_scraper()
+
+
+def _stop_scraper() -> None:
+    """Stop the background scrapes, with one last reading; the scraper is kept for the report."""
+    scraper = _run.get("scraper")
+    if scraper is not None and scraper.alive:
+        scraper.stop()
+        scraper.scrape_once()
+
+
+def _stop_log() -> LogFollower | None:
+    follower = _run.pop("log", None)
+    if follower is not None:
+        follower.stop()  # reads what is new first
+    return follower
 
 
 def _fetch_ledger(host: str, settle_s: float = 1.0) -> dict[str, Any] | None:
@@ -180,29 +216,41 @@ def _write_run_report(**_kwargs: Any) -> None:
     """After Locust's own stats (and the probe's table); before the simulator stops, so its ledger is there."""
     env = _probe_env.get("env")
     if env is None or not _run.get("collect") or "started" not in _run:
+        _stop_log()
         return
     try:
         opts = env.parsed_options
         path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
         host = env.host or ""
-        ledger_doc = _fetch_ledger(host) if host else None
+        ledger_doc = _fetch_ledger(host) if host else None  # also lets the users' last aborts reach the log
+        follower = _stop_log()
+        _stop_scraper()
         scraper = _run.pop("scraper", None)
         delta = None
         if scraper is not None:
-            scraper.scrape_once()
             delta = scraper.delta()
             scraper.close()
         end = _run.get("stopped", time.monotonic())
         duration = end - _run["started"]
         accounting = account(list(_records), ledger_by_id(ledger_doc) if ledger_doc is not None else None, delta,
-                             duration, run_end=ledger_doc.get("now") if ledger_doc is not None else None)
+                             duration, run_end=ledger_doc.get("now") if ledger_doc is not None else None,
+                             log=follower)
         meta = {"host": host, "locust_version": locust.__version__, "started_at": _run["started_wall"],
                 "duration_s": duration, "ledger_schema_version": (ledger_doc or {}).get("schema_version"),
                 "options": {k: getattr(opts, k) for k in _META_OPTIONS if hasattr(opts, k)}}
+        if scraper is not None:
+            meta["metrics"] = {"url": scraper.url, "interval_s": scraper.interval, "scrapes": scraper.scrapes,
+                               "errors": scraper.errors, "last_error": scraper.last_error,
+                               "window_s": delta.duration if delta is not None else None}
+        if follower is not None:
+            meta["server_log"] = {"path": follower.path, "lines": follower.lines, "events": follower.events,
+                                  "errors": follower.errors, "last_error": follower.last_error}
         write_report(path, to_json(accounting, meta))
         print(f"\nstopstorm abort accounting (JSON: {path})\n{format_summary(accounting)}\n", flush=True)
     except Exception:
         _log.exception("stopstorm: the abort accounting failed; Locust's own results stand")
+    finally:
+        _stop_log()
 
 
 # Last: the run report above reads the simulator's ledger before this stops it.

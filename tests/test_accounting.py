@@ -259,7 +259,7 @@ def test_report_json_and_summary(tmp_path: Path) -> None:
     doc = to_json(acc, {"host": "http://x"})
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["meta"] == {"host": "http://x"}
     figs = every_figure(doc)
-    assert len(figs) == 3 * 14 + 7
+    assert len(figs) == 3 * 16 + 8
     for name, fig in figs:
         assert {"value", "unit", "source"} <= fig.keys(), name
     assert doc["overall"]["figures"]["abort_latency"]["value"]["count"] == 2
@@ -409,3 +409,37 @@ def test_locust_run_prints_and_writes_the_report(tmp_path: Path) -> None:
     assert modes <= {"close", "hold"} and "close" in modes
     for name, fig in every_figure(doc):
         assert {"value", "unit", "source"} <= fig.keys(), name
+
+
+@pytest.mark.slow
+def test_locust_run_follows_the_server_log_and_scrapes_metrics(tmp_path: Path) -> None:
+    """--server-log on the embedded simulator's (vLLM-shaped) log: the log's aborts agree with the ledger's."""
+    report, sim_log = tmp_path / "r.json", tmp_path / "sim.log"
+    cmd = [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "3", "-r", "3", "-t", "4s",
+           "RequestsUser", "--sim-args", "--step-base-ms 5", "--think-time", "0.1", "--stop-probability", "1",
+           "--close-mix", "close:1", "--sim-log", str(sim_log), "--server-log", str(sim_log),
+           "--metrics-interval", "0.1", "--stopstorm-report", str(report)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STOPSTORM_", "LOCUST_"))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=60, check=False)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:]
+    doc = json.loads(report.read_text())
+    assert "vLLM log" in doc["sources"] and "vLLM metrics" in doc["sources"]
+    meta = doc["meta"]
+    assert meta["server_log"]["path"] == str(sim_log) and meta["server_log"]["events"] > 0
+    assert meta["server_log"]["errors"] == 0
+    assert meta["metrics"]["scrapes"] >= 10 and meta["metrics"]["errors"] == 0  # 0.1 s over ~4 s
+    o, run = doc["overall"]["figures"], doc["run"]["figures"]
+    assert o["aborted"]["source"] == LEDGER_SOURCE and o["log_aborted"]["source"] == "vLLM log"
+    assert o["aborted"]["value"] > 0
+    assert o["log_aborted"]["value"] == o["aborted"]["value"], (o["aborted"], o["log_aborted"])
+    for c in doc["cells"]:
+        assert c["figures"]["log_aborted"]["value"] == c["figures"]["aborted"]["value"], c
+    # every abort in the ledger (users killed at the end included) was logged and read
+    assert run["log_aborts"]["value"] == run["ledger_aborts"]["value"]
+    # Stop → abort logged (read) comes no sooner than Stop → slot freed, and within the follower's poll + slack
+    log_lat, led_lat = o["log_abort_latency"]["value"], o["abort_latency"]["value"]
+    assert log_lat["count"] == led_lat["count"] == o["aborted"]["value"]
+    assert log_lat["p50"] >= led_lat["p50"] - 0.005 and log_lat["max"] < 1.0
+    assert "Stop → abort logged" in out
