@@ -50,6 +50,7 @@ def test_probe_walks_its_matrix_and_ends_the_run(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=90,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--run-time limit reached" not in proc.stderr, "the probe did not end the run by itself"
     assert "stopstorm stop-semantics probe" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["truth_source"] == "simulator ledger"

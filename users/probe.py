@@ -12,11 +12,13 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, NoReturn
 
+import gevent
 import orjson
 from locust import User, constant, task
 from locust.argument_parser import LocustArgumentParser
+from locust.exception import StopUser
 
 from metrics.probe_report import PROBE_SCHEMA_VERSION, ProbeSample, format_table, summarise
 from metrics.record import StreamRecord
@@ -93,8 +95,7 @@ class StopProbeUser(User):
         ledger = LedgerClient(settings.host)
         if not ledger.available():
             _log.error("the probe needs server truth: %s has no simulator ledger (real vLLM comes later)", self.host)
-            self.environment.runner.quit()
-            return
+            self._end_run()
         stacks = [s.strip() for s in opts.probe_stacks.split(",") if s.strip()]
         modes = [m.strip() for m in opts.probe_modes.split(",") if m.strip()]
         for mode in modes:
@@ -114,7 +115,13 @@ class StopProbeUser(User):
             finally:
                 runner.shutdown()
         ledger.close()
-        self.environment.runner.quit()
+        self._end_run()
+
+    def _end_run(self) -> NoReturn:
+        """Quit the run from a greenlet of its own: quitting stops every user, this one included, and a
+        greenlet killed inside its own quit leaves the run going until its time limit."""
+        gevent.spawn(self.environment.runner.quit)
+        raise StopUser()
 
 
 def _ledger_id(record: StreamRecord) -> str:
