@@ -42,9 +42,8 @@ __all__ = ["embedded_simulator"]
 
 _log = logging.getLogger("stopstorm")
 _state: dict[str, EmbeddedSimulator] = {}
-_probe_env: dict[str, Environment] = {}
 _records: list[StreamRecord] = []
-_run: dict[str, Any] = {}  # collect (bool), started/stopped (monotonic), started_wall, scraper, log
+_run: dict[str, Any] = {}  # env, collect (bool), started/stopped (monotonic), started_wall, scraper, log, log
 # Options worth keeping in the report's meta (never the API key).
 _META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "max_tokens", "ignore_eos",
                  "stop_probability", "stop_at", "close_mix", "hold_seconds", "think_time", "sim_max_num_seqs",
@@ -121,21 +120,17 @@ def _check_settings(environment: Environment, **_kwargs: Any) -> None:
 
 @events.quit.add_listener
 def _print_probe_table(**_kwargs: Any) -> None:
-    if not probe_results() or _probe_env.get("env") is None:
+    env = _run.get("env")
+    if not probe_results() or env is None:
         return
-    env = _probe_env["env"]
     path = env.parsed_options.probe_json
     table = write_probe_results(path, env.host)
     print(f"\nstopstorm stop-semantics probe (truth: simulator ledger; JSON: {path})\n{table}\n", flush=True)
 
 
 @events.init.add_listener
-def _remember_environment(environment: Environment, **_kwargs: Any) -> None:
-    _probe_env["env"] = environment
-
-
-@events.init.add_listener
 def _start_collecting(environment: Environment, **_kwargs: Any) -> None:
+    _run["env"] = environment
     # Workers keep nothing for now: their records would have to travel to the master.
     _run["collect"] = not isinstance(environment.runner, WorkerRunner)
 
@@ -214,7 +209,7 @@ def _fetch_ledger(host: str, settle_s: float = 1.0) -> dict[str, Any] | None:
 @events.quit.add_listener
 def _write_run_report(**_kwargs: Any) -> None:
     """After Locust's own stats (and the probe's table); before the simulator stops, so its ledger is there."""
-    env = _probe_env.get("env")
+    env = _run.get("env")
     if env is None or not _run.get("collect") or "started" not in _run:
         _stop_log()
         return
