@@ -48,9 +48,9 @@ class HttpxAsyncTransport:
         self.client = httpx.AsyncClient()
 
     async def open(self, host: str, request: StreamRequest, record: StreamRecord,
-                   timeout: float) -> _HttpxAsyncStream:
+                   timeout: float, connect_timeout: float = 10.0) -> _HttpxAsyncStream:
         req = self.client.build_request("POST", host + request.path, content=request.body_bytes,
-                                        headers=request.headers, timeout=httpx_timeout(timeout))
+                                        headers=request.headers, timeout=httpx_timeout(timeout, connect_timeout))
         try:
             resp = await self.client.send(req, stream=True)
         except httpx.HTTPError as exc:

@@ -74,11 +74,11 @@ class OpenAIAsyncTransport:
         return client
 
     async def open(self, host: str, request: StreamRequest, record: StreamRecord,
-                   timeout: float) -> _OpenAIAsyncStream:
+                   timeout: float, connect_timeout: float = 10.0) -> _OpenAIAsyncStream:
         client = self._client(host, request)
         create = client.chat.completions.create if request.endpoint == "chat" else client.completions.create
         try:
-            stream = await create(**call_args(request, timeout))
+            stream = await create(**call_args(request, timeout, connect_timeout))
         except openai.APIStatusError as exc:
             record.headers = time.monotonic()
             record.status = exc.status_code
