@@ -25,7 +25,7 @@ import orjson
 from gevent import GreenletExit
 from locust import User, task
 
-from metrics.record import StreamRecord
+from metrics.record import INTERRUPTED, StreamRecord
 from metrics.sse import DONE, SSELineDecoder
 from users.options import RunSettings, settings_for
 from users.policy import StopPlan
@@ -48,9 +48,6 @@ __all__ = [
     "report",
     "run_stream",
 ]
-
-
-INTERRUPTED = "interrupted: the run ended mid-stream"
 
 
 class StreamFailure(Exception):

@@ -94,11 +94,11 @@ def build_settings(opts: Any, host: str) -> RunSettings:
     for name, value in (("connect-timeout", connect_timeout), ("headers-timeout", headers_timeout)):
         if not value > 0:
             raise ValueError(f"--{name} must be > 0 seconds, got {value}")
-    models = check_server(host, api_key, connect_timeout)  # bad URL, no answer or not OpenAI's API: refused here
     stop_policy = StopPolicy.parse(opts.stop_probability, opts.stop_at)
     close_mix = CloseMix.parse(opts.close_mix)
     prompts = load_prompts(opts.prompts) if opts.prompts else [[{"role": "user", "content": p}]
                                                                for p in BUILTIN_PROMPTS]
+    models = check_server(host, api_key, connect_timeout)  # bad URL, no answer or not OpenAI's API: refused here
     if opts.model and opts.model not in models:
         raise ValueError(f"--model {opts.model!r}: {host} serves {', '.join(map(repr, models))}")
     model = opts.model or models[0]
