@@ -228,9 +228,10 @@ def _fetch_ledger(host: str, settle_s: float = 1.0) -> dict[str, Any] | None:
 def _write_run_report(**_kwargs: Any) -> None:
     """After Locust's own stats (and the probe's table); before the simulator stops, so its ledger is there."""
     env = _run.get("env")
-    if env is None or not _run.get("collect") or "started" not in _run:
-        _stop_log()
+    if env is None or not _run.get("collect") or "started" not in _run or _run.get("reported"):
+        _stop_log()  # (after SIGTERM Locust's shutdown runs twice: the report is written once)
         return
+    _run["reported"] = True
     try:
         opts = env.parsed_options
         path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
