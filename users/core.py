@@ -445,7 +445,7 @@ class SyncStreamingUser(StreamingUser):
     transport_class: ClassVar[type[Any]]
 
     def on_start(self) -> None:
-        self.transport: SyncTransport = self.transport_class()
+        self.transport: SyncTransport = self.transport_class(insecure=self._settings().insecure)
 
     def on_stop(self) -> None:
         self.transport.shutdown()
@@ -467,10 +467,11 @@ class AsyncStreamingUser(StreamingUser):
         from users.bridge import get_bridge
 
         self.bridge = get_bridge()
-        self.transport: AsyncTransport = self.bridge.run(self._create_transport)
+        insecure = self._settings().insecure
+        self.transport: AsyncTransport = self.bridge.run(lambda: self._create_transport(insecure))
 
-    async def _create_transport(self) -> AsyncTransport:
-        return self.transport_class()  # type: ignore[no-any-return]
+    async def _create_transport(self, insecure: bool) -> AsyncTransport:
+        return self.transport_class(insecure=insecure)  # type: ignore[no-any-return]
 
     def on_stop(self) -> None:
         self.bridge.run(self.transport.shutdown, timeout=10)

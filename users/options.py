@@ -13,7 +13,7 @@ from typing import Any
 from locust.argument_parser import LocustArgumentParser
 
 from users.policy import CloseMix, StopPolicy
-from users.preflight import check_server
+from users.preflight import check_server, check_url
 from users.request import BUILTIN_PROMPTS, RequestFactory, load_prompts
 
 __all__ = ["RunSettings", "add_arguments", "settings_for"]
@@ -59,6 +59,9 @@ def add_arguments(parser: LocustArgumentParser) -> None:
     g.add_argument("--connect-timeout", type=float, default=10.0, env_var="STOPSTORM_CONNECT_TIMEOUT",
                    help="seconds to connect before a stream counts as failed, and for the start-up check that "
                    "the host answers (default 10)")
+    g.add_argument("--insecure", action="store_true", default=False, env_var="STOPSTORM_INSECURE",
+                   help="do not verify the server's TLS certificate (default: verified, by every stack and the "
+                   "start-up check)")
     g.add_argument("--headers-timeout", type=float, default=60.0, env_var="STOPSTORM_HEADERS_TIMEOUT",
                    help="seconds from send to the response headers before a stream counts as timed out "
                    "(default 60)")
@@ -78,10 +81,13 @@ class RunSettings:
     api_key: str | None
     connect_timeout: float = 10.0
     headers_timeout: float = 60.0
+    insecure: bool = False  # --insecure: TLS certificates not verified
 
 
-def build_settings(opts: Any, host: str) -> RunSettings:
-    """Validate the options; raises ValueError naming the option at fault."""
+def build_settings(opts: Any, host: str, check: bool = False) -> RunSettings:
+    """Validate the options; raises ValueError naming the option at fault. With `check` (a run's settings),
+    the server too: reachable, OpenAI-compatible, serving --model; without it only when --model is not given
+    (the model is then discovered), so a test can build settings for a server it knows."""
     host = host.rstrip("/")
     api_key = opts.api_key or os.environ.get("OPENAI_API_KEY") or None
     if opts.max_tokens < 1:
@@ -98,8 +104,11 @@ def build_settings(opts: Any, host: str) -> RunSettings:
     close_mix = CloseMix.parse(opts.close_mix)
     prompts = load_prompts(opts.prompts) if opts.prompts else [[{"role": "user", "content": p}]
                                                                for p in BUILTIN_PROMPTS]
-    models = check_server(host, api_key, connect_timeout)  # bad URL, no answer or not OpenAI's API: refused here
-    if opts.model and opts.model not in models:
+    check_url(host)
+    models: list[str] = []
+    if check or not opts.model:  # a bad URL, no answer or not OpenAI's API: refused here, before any load
+        models = check_server(host, api_key, connect_timeout, verify=not getattr(opts, "insecure", False))
+    if opts.model and models and opts.model not in models:
         raise ValueError(f"--model {opts.model!r}: {host} serves {', '.join(map(repr, models))}")
     model = opts.model or models[0]
     factory = RequestFactory(
@@ -108,7 +117,8 @@ def build_settings(opts: Any, host: str) -> RunSettings:
         continuous_usage=not opts.no_continuous_usage, api_key=api_key,
     )
     return RunSettings(host, factory, stop_policy, close_mix, opts.hold_seconds, opts.think_time,
-                       opts.read_timeout, api_key, connect_timeout, headers_timeout)
+                       opts.read_timeout, api_key, connect_timeout, headers_timeout,
+                       bool(getattr(opts, "insecure", False)))
 
 
 _cache: dict[tuple[int, str], RunSettings] = {}
@@ -118,5 +128,5 @@ def settings_for(environment: Any, host: str) -> RunSettings:
     """The settings of this process's run against `host`, built on first use."""
     key = (id(environment), host)
     if key not in _cache:
-        _cache[key] = build_settings(environment.parsed_options, host)
+        _cache[key] = build_settings(environment.parsed_options, host, check=True)
     return _cache[key]

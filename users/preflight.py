@@ -32,7 +32,7 @@ def check_url(host: str) -> tuple[str, int]:
     return parts.hostname, port if port is not None else (443 if parts.scheme == "https" else 80)
 
 
-def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0) -> list[str]:
+def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0, verify: bool = True) -> list[str]:
     """The model ids `host` serves, once it has been found reachable and OpenAI-compatible; ValueError if not."""
     hostname, port = check_url(host)
     started = time.monotonic()
@@ -45,7 +45,7 @@ def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0) 
     url = f"{host}/v1/models"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = requests.get(url, headers=headers, timeout=(connect_timeout, max(connect_timeout, 10.0)))
+        resp = requests.get(url, headers=headers, timeout=(connect_timeout, max(connect_timeout, 10.0)), verify=verify)
     except requests.RequestException as exc:
         raise ValueError(f"--host {host}: GET /v1/models failed: {type(exc).__name__}") from None
     if resp.status_code != 200:

@@ -68,14 +68,16 @@ class FastHttpTransport:
     name = "fasthttp"
     yields_chunks = False
 
-    def __init__(self) -> None:
+    def __init__(self, insecure: bool = False) -> None:
         self.clients: dict[str, HTTPClient] = {}  # by host (one, under Locust)
+        self.insecure = insecure  # --insecure: skip TLS verification
 
     def _client(self, host: str, timeout: float, connect_timeout: float) -> HTTPClient:
         client = self.clients.get(host)
         if client is None:
             client = self.clients[host] = HTTPClient.from_url(
-                host, connection_timeout=connect_timeout, network_timeout=timeout, concurrency=10, insecure=False)
+                host, connection_timeout=connect_timeout, network_timeout=timeout, concurrency=10,
+                insecure=self.insecure)
         return client
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,

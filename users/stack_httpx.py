@@ -67,8 +67,8 @@ class HttpxTransport:
     name = "httpx"
     yields_chunks = False
 
-    def __init__(self) -> None:
-        self.client = httpx.Client()
+    def __init__(self, insecure: bool = False) -> None:
+        self.client = httpx.Client(verify=not insecure)
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
              connect_timeout: float = 10.0) -> _HttpxStream:

@@ -44,8 +44,8 @@ class HttpxAsyncTransport:
     name = "httpx-async"
     yields_chunks = False
 
-    def __init__(self) -> None:
-        self.client = httpx.AsyncClient()
+    def __init__(self, insecure: bool = False) -> None:
+        self.client = httpx.AsyncClient(verify=not insecure)
 
     async def open(self, host: str, request: StreamRequest, record: StreamRecord,
                    timeout: float, connect_timeout: float = 10.0) -> _HttpxAsyncStream:

@@ -135,13 +135,16 @@ class OpenAITransport:
     name = "openai"
     yields_chunks = True
 
-    def __init__(self) -> None:
+    def __init__(self, insecure: bool = False) -> None:
         self.clients: dict[str, _Client] = {}  # by host (one, under Locust)
+        self.insecure = insecure
 
     def _client(self, host: str, request: StreamRequest) -> _Client:
         client = self.clients.get(host)
         if client is None:
-            client = self.clients[host] = _Client(base_url=host + "/v1", api_key=api_key_of(request), max_retries=0)
+            client = self.clients[host] = _Client(
+                base_url=host + "/v1", api_key=api_key_of(request), max_retries=0,
+                http_client=openai.DefaultHttpxClient(verify=False) if self.insecure else None)
         return client
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,

@@ -52,8 +52,9 @@ class RequestsTransport:
     name = "requests"
     yields_chunks = False
 
-    def __init__(self) -> None:
+    def __init__(self, insecure: bool = False) -> None:
         self.session = requests.Session()
+        self.session.verify = not insecure
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
              connect_timeout: float = 10.0) -> _RequestsStream:
