@@ -23,8 +23,8 @@ from locust_tools import SimProcess, figure, free_port, records, run_locust, ser
 from metrics.record import INTERRUPTED
 from simulator.faults import Fault, FaultPlan, parse_fault
 
-TIMEOUT_S = 1.5  # the run's --read-timeout and --headers-timeout
-SLOW_S = 4  # a stall or a header delay: well past the timeouts
+TIMEOUT_S = 2.0  # the run's --read-timeout and --headers-timeout
+SLOW_S = 5  # a stall or a header delay: well past the timeouts
 TOKENS = 12  # every stream asks exactly this many (ignore_eos), so every fault point is reached
 
 # Fault → the cause a stream it hit must be failed with (None: valid SSE, the stream must succeed).
