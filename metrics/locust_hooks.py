@@ -29,7 +29,9 @@ from locust.runners import WorkerRunner
 
 from metrics.accounting import account, ledger_by_id
 from metrics.record import StreamRecord
+from metrics.record_sink import RecordSink
 from metrics.run_report import format_summary, to_json, write_report
+from metrics.run_stop import install_stop_signals, stop_reason
 from metrics.truth import LedgerClient
 from metrics.vllm_log import LogFollower
 from metrics.vllm_metrics_scrape import MetricsScraper
@@ -67,6 +69,10 @@ def _add_arguments(parser: LocustArgumentParser) -> None:
         "--stopstorm-report", default="stopstorm-report.json", env_var="STOPSTORM_REPORT",
         help="where to write the run's abort accounting as JSON; its summary is printed after Locust's "
         "(default stopstorm-report.json)")
+    report.add_argument(
+        "--stopstorm-records", default="", env_var="STOPSTORM_RECORDS",
+        help="also write every stream's record to this JSONL file as the stream ends (flushed, so a killed run "
+        "keeps them; truncated at start; default: not written)")
     report.add_argument(
         "--server-log", default="", env_var="STOPSTORM_SERVER_LOG",
         help="vLLM's log file (run it with --enable-log-requests), followed during the run to confirm each "
@@ -133,12 +139,24 @@ def _start_collecting(environment: Environment, **_kwargs: Any) -> None:
     _run["env"] = environment
     # Workers keep nothing for now: their records would have to travel to the master.
     _run["collect"] = not isinstance(environment.runner, WorkerRunner)
+    if _run["collect"]:
+        install_stop_signals()
+        path = getattr(environment.parsed_options, "stopstorm_records", "") or ""
+        if path:
+            _run["sink"] = RecordSink(path)
 
 
 @events.request.add_listener
 def _collect_record(context: dict[str, Any] | None = None, **_kwargs: Any) -> None:
     if _run.get("collect") and context and isinstance(context.get("record"), StreamRecord):
         _records.append(context["record"])
+        sink = _run.get("sink")
+        if sink is not None:
+            try:
+                sink.write(context["record"])
+            except OSError as exc:  # the run goes on; the report still gets every record
+                _log.error("stopstorm: writing %s failed (%s); records go on to the report only", sink.path, exc)
+                _run.pop("sink").close()
 
 
 @events.test_start.add_listener
@@ -210,9 +228,10 @@ def _fetch_ledger(host: str, settle_s: float = 1.0) -> dict[str, Any] | None:
 def _write_run_report(**_kwargs: Any) -> None:
     """After Locust's own stats (and the probe's table); before the simulator stops, so its ledger is there."""
     env = _run.get("env")
-    if env is None or not _run.get("collect") or "started" not in _run:
-        _stop_log()
+    if env is None or not _run.get("collect") or "started" not in _run or _run.get("reported"):
+        _stop_log()  # (after SIGTERM Locust's shutdown runs twice: the report is written once)
         return
+    _run["reported"] = True
     try:
         opts = env.parsed_options
         path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
@@ -240,12 +259,24 @@ def _write_run_report(**_kwargs: Any) -> None:
         if follower is not None:
             meta["server_log"] = {"path": follower.path, "lines": follower.lines, "events": follower.events,
                                   "errors": follower.errors, "last_error": follower.last_error}
+        reason = stop_reason()
+        meta["partial"] = reason is not None
+        if reason is not None:
+            meta["partial_reason"] = reason
+        sink = _run.get("sink")
+        if sink is not None:
+            meta["records"] = {"path": str(sink.path), "written": sink.written}
         write_report(path, to_json(accounting, meta))
+        if reason is not None:
+            print(f"\nstopstorm: PARTIAL report ({reason}): the figures cover the run until then", flush=True)
         print(f"\nstopstorm abort accounting (JSON: {path})\n{format_summary(accounting)}\n", flush=True)
     except Exception:
         _log.exception("stopstorm: the abort accounting failed; Locust's own results stand")
     finally:
         _stop_log()
+        sink = _run.pop("sink", None)
+        if sink is not None:
+            sink.close()
 
 
 # Last: the run report above reads the simulator's ledger before this stops it.

@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import Any
 
-__all__ = ["RECORD_SCHEMA_VERSION", "StreamRecord"]
+__all__ = ["INTERRUPTED", "RECORD_SCHEMA_VERSION", "StreamRecord"]
 
 RECORD_SCHEMA_VERSION = 1
+# The `error` of a stream the run's own end (run time, Stop, a signal) cut short: recorded, not the server's fault.
+INTERRUPTED = "interrupted: the run ended mid-stream"
 
 
 @dataclass(slots=True)

@@ -36,7 +36,10 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     """The report document. Layout (schema_version 1):
 
         {"schema_version": 1,
-         "meta": {...},                      # the caller's: host, options, library versions, times
+         "meta": {...},                      # the caller's: host, options, library versions, times; also
+                                             #   "partial": false, or true with "partial_reason" (SIGTERM or
+                                             #   Ctrl-C cut the run: figures cover it until then), and
+                                             #   "records": {"path", "written"} with --stopstorm-records
          "sources": ["client records", "simulator ledger", ...],   # the truths this run had
          "zombie_grace_s": 0.1,
          "cells": [{"stack": "requests", "close_mode": "close", "figures": {NAME: FIGURE, ...}}, ...],

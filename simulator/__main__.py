@@ -13,6 +13,7 @@ import time
 import uvicorn
 
 from simulator.config import build_parser, config_from_args
+from simulator.faults import FaultPlan
 from simulator.launcher import READY_PREFIX
 from simulator.request_log import configure_logging
 from simulator.server import create_app
@@ -26,8 +27,13 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     config = config_from_args(args)
+    try:
+        FaultPlan(config.faults)
+    except ValueError as exc:
+        parser.error(str(exc))
     configure_logging(args.log_file)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

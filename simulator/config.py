@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from simulator.faults import FAULT_KINDS, Fault, parse_fault
 from simulator.lengths import LengthDistribution
 
 __all__ = ["VLLM_FLAVOURS", "SimulatorConfig", "build_parser", "config_from_args"]
@@ -39,6 +40,8 @@ class SimulatorConfig:
     vllm_flavour: str = "latest"
     # A step that ends later than the model says by more than this is counted as behind schedule.
     lag_tolerance_s: float = 0.002
+    # Faults drawn per request (--fault); a request's x-stopstorm-fault header overrides the draw.
+    faults: tuple[Fault, ...] = ()
 
     def step_duration(self, running: int, prefill_tokens: int) -> float:
         """Seconds one engine step takes with `running` sequences and `prefill_tokens` prompt tokens."""
@@ -62,6 +65,13 @@ def _non_negative_float(text: str) -> float:
 def _length(text: str) -> LengthDistribution:
     try:
         return LengthDistribution.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _fault(text: str) -> Fault:
+    try:
+        return parse_fault(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
@@ -101,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which vLLM to mimic in /metrics names and log lines: latest or 0.9 (default latest)")
     p.add_argument("--lag-tolerance-ms", type=_non_negative_float, default=d.lag_tolerance_s * 1e3,
                    help="a step ending later than its model time by more than this counts as behind (default 2)")
+    p.add_argument("--fault", dest="faults", type=_fault, action="append", default=[],
+                   help=f"inject a fault into a share of requests: KIND[:ARG][@RATE], repeatable, rates adding up to "
+                   f"at most 1; KIND is {', '.join(FAULT_KINDS)} (see simulator/faults.py); e.g. status:503@0.1")
     p.add_argument("--log-file", default=None, help="also write the vLLM-like request log to this file")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process is gone (used when embedded by the locustfile)")
@@ -123,4 +136,5 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         seed=args.seed,
         vllm_flavour=args.vllm_flavour,
         lag_tolerance_s=args.lag_tolerance_ms / 1e3,
+        faults=tuple(getattr(args, "faults", ())),
     )

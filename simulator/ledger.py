@@ -40,6 +40,7 @@ class LedgerEntry:
     finish_reason: str | None = None  # "stop", "length" or "abort"; None while in flight
     status_code: int = 200
     error: str | None = None  # a failure the server itself reported (e.g. a mid-stream error event)
+    fault: str | None = None  # the fault injected into this request (simulator/faults.py spec), if any
 
     @property
     def queue_wait(self) -> float | None:

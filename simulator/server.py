@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from simulator.config import SimulatorConfig
 from simulator.engine import EngineLoop, Scheduler, Sequence, StepPlan
+from simulator.faults import Fault, FaultPlan, parse_fault
 from simulator.ledger import Ledger, LedgerEntry
 from simulator.request_log import RequestLog
 from simulator.text import TokenText, count_prompt_tokens
@@ -89,6 +90,7 @@ class Simulator:
         self.request_log = RequestLog(config.vllm_flavour)
         self.scheduler = Scheduler(config, self.ledger, _ObserverFanOut(self.metrics, self.request_log))
         self.engine = EngineLoop(self.scheduler)
+        self.fault_plan = FaultPlan(config.faults, config.seed)
         self.metrics.engine_loop = self.engine
         self.created = int(time.time())
 
@@ -229,7 +231,7 @@ class _Job:
             max_tokens=max_tokens, target_tokens=max_tokens, arrival=time.monotonic(),
         )
         self._eos = (ignore_eos, min(min_tokens, max_tokens))
-        self.error_after: int | None = None
+        self.fault: Fault | None = None
 
     def draw_length(self) -> None:
         """Draw the output length, once the request is accepted: a refused request must not consume a draw
@@ -306,9 +308,10 @@ class _Job:
         """Run the request beside a disconnect listener, as vLLM's routes do; a close aborts it."""
         seq = Sequence(self.entry, sink=self.output)
         self.sim.engine.add(seq)
-        if self.stream:
+        slow = self.fault is not None and self.fault.kind == "slow-headers"
+        if self.stream and not slow:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        work = asyncio.ensure_future(self._stream(send) if self.stream else self._unary(send))
+        work = asyncio.ensure_future(self._stream(send, slow) if self.stream else self._unary(send))
         listener = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             done, _ = await asyncio.wait((work, listener), return_when=asyncio.FIRST_COMPLETED)
@@ -324,9 +327,17 @@ class _Job:
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await work
 
-    async def _stream(self, send: Send) -> None:
+    async def _stream(self, send: Send, slow_headers: bool = False) -> None:
         """Write the SSE stream: at each wake-up, one chunk with every token generated since the last one."""
-        out, entry = self.output, self.entry
+        out, entry, fault = self.output, self.entry, self.fault
+        if slow_headers:
+            assert fault is not None and fault.seconds is not None
+            await asyncio.sleep(fault.seconds)
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        if fault is not None and fault.kind == "empty":
+            self._server_failed("simulated empty stream: no event sent")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         per_chunk = self.sim.config.tokens_per_chunk
         sent = 0
         while True:
@@ -334,9 +345,23 @@ class _Job:
             if finish is None and generated - sent < per_chunk:
                 await out.changed()
                 continue
-            if self.error_after is not None and generated >= self.error_after:
-                await self._fail_mid_stream(send, sent)
-                return
+            if fault is not None and fault.after is not None and generated >= fault.after:
+                if fault.kind == "error-after":
+                    await self._fail_mid_stream(send, sent)
+                    return
+                if fault.kind == "reset-after":
+                    # Returning with the response unfinished makes uvicorn close the connection: no last chunk.
+                    self._server_failed(f"simulated connection reset after {sent} tokens sent")
+                    return
+                if fault.kind == "stall-after":
+                    assert fault.seconds is not None
+                    await asyncio.sleep(fault.seconds)  # the engine goes on; the tokens go out merged after
+                    fault = None
+                    continue
+                odd = self._odd_event(fault)
+                fault = None  # once per request
+                await send({"type": "http.response.body", "body": odd, "more_body": True})
+                continue
             parts: list[bytes] = []
             if sent == 0 and generated and self.endpoint == "chat":
                 parts.append(self.role_chunk())
@@ -355,11 +380,30 @@ class _Job:
             if finish is not None:
                 return
 
+    def _server_failed(self, error: str) -> None:
+        """The server itself ends this request (an injected fault): say why in the ledger, free its slot."""
+        self.entry.error = error
+        self.sim.scheduler.request_abort(self.request_id, time.monotonic())
+
+    def _odd_event(self, fault: Fault) -> bytes:
+        """The bytes a `malformed:SHAPE` fault puts in the stream."""
+        shape = fault.shape
+        if shape == "not-json":
+            return b"data: {this is not json\n\n"
+        if shape == "missing-fields":
+            return b'data: {"object":"chat.completion.chunk"}\n\n'
+        # The valid-but-unusual shapes wrap the next real chunk (the role chunk, same for every request).
+        chunk = self.role_chunk() if self.endpoint == "chat" else self.content_chunk(0, 0, None)
+        if shape == "crlf":
+            return chunk[:-2].replace(b"\n", b"\r\n") + b"\r\n\r\n"
+        if shape == "no-space":
+            return b"data:" + chunk[len(b"data: "):]
+        return b": stopstorm comment\n\n:\n\n" + chunk  # comments (and keep-alive blank events)
+
     async def _fail_mid_stream(self, send: Send, sent: int) -> None:
         """An engine error after some tokens: vLLM sends `data: {"error": …}` then `[DONE]`."""
         self.entry.status_code = 500
-        self.entry.error = f"simulated engine error after {self.entry.generated_tokens} tokens"
-        self.sim.scheduler.request_abort(self.request_id, time.monotonic())
+        self._server_failed(f"simulated engine error after {self.entry.generated_tokens} tokens")
         body = self.error_chunk("Simulated engine error (x-stopstorm-fault)", "InternalServerError", 500) + _DONE
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -384,13 +428,29 @@ class _AsgiJob(Response):
         await self.job(scope, receive, send)
 
 
-def _parse_fault(header: str | None) -> int | None:
+def _fault_for(sim: Simulator, header: str | None) -> Fault | None:
+    """The request's fault: its header's (a bad one is a 400), else a draw from `--fault`."""
     if not header:
-        return None
-    kind, _, value = header.partition(":")
-    if kind.strip() == "error-after" and value.strip().isdigit():
-        return int(value)
-    raise BadRequest(f"{FAULT_HEADER}: unknown fault {header!r}; known: error-after:N")
+        return sim.fault_plan.draw()
+    try:
+        return parse_fault(header)
+    except ValueError as exc:
+        raise BadRequest(f"{FAULT_HEADER}: {exc}") from None
+
+
+_STATUS_TYPES = {400: "BadRequestError", 429: "RateLimitError", 500: "InternalServerError",
+                 503: "ServiceUnavailableError"}
+
+
+def _refuse(sim: Simulator, job: _Job, code: int) -> Response:
+    """An injected `status:CODE`: the request is in the ledger (freed at once, never run) and refused."""
+    entry = job.entry
+    entry.status_code = code
+    entry.error = f"simulated HTTP {code}"
+    entry.freed = entry.arrival
+    sim.ledger.add(entry)
+    return _error_response(sim.config, BadRequest(f"Simulated error {code} ({FAULT_HEADER})", code,
+                                                  _STATUS_TYPES[code]))
 
 
 def create_app(config: SimulatorConfig) -> FastAPI:
@@ -423,11 +483,20 @@ def create_app(config: SimulatorConfig) -> FastAPI:
             request_id = prefix + (request.headers.get("x-request-id") or uuid.uuid4().hex)
             if sim.ledger.get(request_id) is not None:
                 raise BadRequest(f"request id {request_id} is already in use")
-            error_after = _parse_fault(request.headers.get(FAULT_HEADER))
+            header = request.headers.get(FAULT_HEADER)
+            fault = _fault_for(sim, header)
             job = _Job(sim, body, endpoint, request_id)
-            job.error_after = error_after
+            if fault is not None and not job.stream and fault.kind != "status":
+                if header:
+                    raise BadRequest(f"{FAULT_HEADER}: fault {fault.spec!r} needs stream=true")
+                fault = None  # a drawn stream fault does not apply to a unary request
+            if fault is not None:
+                job.fault = fault
+                job.entry.fault = fault.spec
         except BadRequest as exc:
             return _error_response(config, exc)
+        if fault is not None and fault.code is not None:
+            return _refuse(sim, job, fault.code)
         if config.max_waiting is not None and len(sim.scheduler.waiting) >= config.max_waiting:
             return _error_response(config, BadRequest(
                 f"The server is overloaded: {len(sim.scheduler.waiting)} requests are already waiting "

@@ -22,9 +22,10 @@ from typing import Any, ClassVar, Protocol
 
 import gevent
 import orjson
+from gevent import GreenletExit
 from locust import User, task
 
-from metrics.record import StreamRecord
+from metrics.record import INTERRUPTED, StreamRecord
 from metrics.sse import DONE, SSELineDecoder
 from users.options import RunSettings, settings_for
 from users.policy import StopPlan
@@ -71,8 +72,10 @@ class SyncTransport(Protocol):
     name: str
     yields_chunks: bool  # True: items are OpenAI SDK chunk objects, not SSE lines
 
-    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> SyncStream:
-        """Send the request; return once the response headers are in (set record.status)."""
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
+             connect_timeout: float = 10.0) -> SyncStream:
+        """Send the request; return once the response headers are in (set record.status). `timeout` is the
+        longest wait for a byte, `connect_timeout` for the connection."""
         ...
 
     def shutdown(self) -> None: ...
@@ -82,7 +85,8 @@ class AsyncTransport(Protocol):
     name: str
     yields_chunks: bool
 
-    async def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> AsyncStream:
+    async def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
+                   connect_timeout: float = 10.0) -> AsyncStream:
         ...
 
     async def shutdown(self) -> None: ...
@@ -115,6 +119,15 @@ def error_text(body: bytes | str, limit: int = 300) -> str:
 class _StopPressed(BaseException):
     """Raised into a read that is waiting when the user's Stop time comes (a BaseException so stacks' own
     `except Exception` cannot swallow it)."""
+
+
+class _HeadersLate(BaseException):
+    """Raised into `open` when the response headers are later than --headers-timeout (a BaseException so a
+    stack's own `except Exception` cannot swallow it)."""
+
+
+def headers_late(settings: RunSettings) -> StreamFailure:
+    return StreamFailure(f"timeout: no response headers within {settings.headers_timeout:g} s")
 
 
 class StreamReader:
@@ -156,7 +169,7 @@ class StreamReader:
             if rec.server_id is None:
                 rec.server_id = obj.get("id")
             usage = obj.get("usage")
-            choices = obj.get("choices")
+            choices = obj["choices"]  # every OpenAI chunk has it (empty in a usage-only one): none is malformed
             text = finish = None
             if choices:
                 choice = choices[0]
@@ -175,6 +188,10 @@ class StreamReader:
         """One OpenAI SDK chunk object (ChatCompletionChunk or Completion)."""
         now = time.monotonic()
         rec = self.record
+        if chunk.choices is None:  # the SDK builds chunks unvalidated: a missing field is None
+            rec.error = f"malformed stream: chunk without choices ({str(chunk)[:120]})"
+            rec.ended = now
+            return True
         if rec.server_id is None:
             rec.server_id = chunk.id
         text = finish = None
@@ -262,7 +279,12 @@ def run_stream(transport: SyncTransport, settings: RunSettings, request: StreamR
                 timeout.start()
             if watcher is not None:
                 watcher.start(lambda: reader.press_stop(time.monotonic()))
-            stream = transport.open(settings.host, request, record, settings.read_timeout)
+            try:
+                with gevent.Timeout(settings.headers_timeout, _HeadersLate):
+                    stream = transport.open(settings.host, request, record, settings.read_timeout,
+                                            connect_timeout=settings.connect_timeout)
+            except _HeadersLate:
+                raise headers_late(settings) from None
             for item in stream.items():
                 if reader.feed(item, transport.yields_chunks):
                     break
@@ -308,7 +330,12 @@ async def arun_stream(transport: AsyncTransport, settings: RunSettings, request:
     try:
         try:
             async with asyncio.timeout(deadline):
-                stream = await transport.open(settings.host, request, record, settings.read_timeout)
+                try:
+                    async with asyncio.timeout(settings.headers_timeout):  # only its own expiry raises here
+                        stream = await transport.open(settings.host, request, record, settings.read_timeout,
+                                                      connect_timeout=settings.connect_timeout)
+                except TimeoutError:
+                    raise headers_late(settings) from None
                 async for item in stream.aitems():
                     if reader.feed(item, transport.yields_chunks):
                         break
@@ -343,10 +370,16 @@ async def arun_stream(transport: AsyncTransport, settings: RunSettings, request:
 
 
 def report(environment: Any, record: StreamRecord) -> None:
-    """Fire Locust's `request` event for the stream, and one for its TTFT; the record rides in `context`."""
+    """Fire Locust's `request` event for the stream, and one for its TTFT; the record rides in `context`.
+
+    A stream the run's end cut short is its own row, not a Locust failure: the server did nothing wrong, and
+    Locust's exit code (1 on any failure) must keep meaning that the server failed.
+    """
     name = f"{record.close_mode} stop" if record.stopped else "full stream"
+    if record.error == INTERRUPTED:
+        name = "interrupted by the run's end"
     duration = record.duration
-    exc = StreamFailure(record.error) if record.error is not None else None
+    exc = StreamFailure(record.error) if record.error not in (None, INTERRUPTED) else None
     environment.events.request.fire(
         request_type=record.stack, name=name,
         response_time=(duration if duration is not None else time.monotonic() - record.sent) * 1e3,
@@ -395,7 +428,13 @@ class StreamingUser(User):
     @task
     def stream(self) -> None:
         request, record, plan = self.new_stream()
-        self.stream_once(request, record, plan)
+        try:
+            self.stream_once(request, record, plan)
+        except GreenletExit:  # the run is ending (run time, Stop, a signal): this stream is recorded too
+            if record.ended is None and record.error is None and record.stop is None:
+                record.error, record.ended = INTERRUPTED, time.monotonic()
+            report(self.environment, record)
+            raise
         report(self.environment, record)
 
 
@@ -406,7 +445,7 @@ class SyncStreamingUser(StreamingUser):
     transport_class: ClassVar[type[Any]]
 
     def on_start(self) -> None:
-        self.transport: SyncTransport = self.transport_class()
+        self.transport: SyncTransport = self.transport_class(insecure=self._settings().insecure)
 
     def on_stop(self) -> None:
         self.transport.shutdown()
@@ -428,10 +467,11 @@ class AsyncStreamingUser(StreamingUser):
         from users.bridge import get_bridge
 
         self.bridge = get_bridge()
-        self.transport: AsyncTransport = self.bridge.run(self._create_transport)
+        insecure = self._settings().insecure
+        self.transport: AsyncTransport = self.bridge.run(lambda: self._create_transport(insecure))
 
-    async def _create_transport(self) -> AsyncTransport:
-        return self.transport_class()  # type: ignore[no-any-return]
+    async def _create_transport(self, insecure: bool) -> AsyncTransport:
+        return self.transport_class(insecure=insecure)  # type: ignore[no-any-return]
 
     def on_stop(self) -> None:
         self.bridge.run(self.transport.shutdown, timeout=10)

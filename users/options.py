@@ -10,11 +10,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-import requests
 from locust.argument_parser import LocustArgumentParser
 
 from users.policy import CloseMix, StopPolicy
+from users.preflight import check_server, check_url
 from users.request import BUILTIN_PROMPTS, RequestFactory, load_prompts
 
 __all__ = ["RunSettings", "add_arguments", "settings_for"]
@@ -56,7 +55,16 @@ def add_arguments(parser: LocustArgumentParser) -> None:
     g.add_argument("--think-time", type=float, default=1.0, env_var="STOPSTORM_THINK_TIME",
                    help="mean seconds a user waits between streams, exponential (default 1)")
     g.add_argument("--read-timeout", type=float, default=60.0, env_var="STOPSTORM_READ_TIMEOUT",
-                   help="seconds without a byte before a stream counts as timed out (default 60)")
+                   help="seconds without a byte (between tokens) before a stream counts as timed out (default 60)")
+    g.add_argument("--connect-timeout", type=float, default=10.0, env_var="STOPSTORM_CONNECT_TIMEOUT",
+                   help="seconds to connect before a stream counts as failed, and for the start-up check that "
+                   "the host answers (default 10)")
+    g.add_argument("--insecure", action="store_true", default=False, env_var="STOPSTORM_INSECURE",
+                   help="do not verify the server's TLS certificate (default: verified, by every stack and the "
+                   "start-up check)")
+    g.add_argument("--headers-timeout", type=float, default=60.0, env_var="STOPSTORM_HEADERS_TIMEOUT",
+                   help="seconds from send to the response headers before a stream counts as timed out "
+                   "(default 60)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,24 +79,15 @@ class RunSettings:
     think_time: float
     read_timeout: float
     api_key: str | None
+    connect_timeout: float = 10.0
+    headers_timeout: float = 60.0
+    insecure: bool = False  # --insecure: TLS certificates not verified
 
 
-def _discover_model(host: str, api_key: str | None, timeout: float = 10.0) -> str:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        resp = requests.get(f"{host}/v1/models", headers=headers, timeout=timeout)
-    except requests.RequestException as exc:
-        raise ValueError(f"cannot list models at {host}/v1/models: {exc}") from None
-    if resp.status_code != 200:
-        raise ValueError(f"{host}/v1/models answered HTTP {resp.status_code}: {resp.text[:200]}")
-    try:
-        return str(orjson.loads(resp.content)["data"][0]["id"])
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-        raise ValueError(f"{host}/v1/models did not list a model in OpenAI's format; give --model") from None
-
-
-def build_settings(opts: Any, host: str) -> RunSettings:
-    """Validate the options; raises ValueError naming the option at fault."""
+def build_settings(opts: Any, host: str, check: bool = False) -> RunSettings:
+    """Validate the options; raises ValueError naming the option at fault. With `check` (a run's settings),
+    the server too: reachable, OpenAI-compatible, serving --model; without it only when --model is not given
+    (the model is then discovered), so a test can build settings for a server it knows."""
     host = host.rstrip("/")
     api_key = opts.api_key or os.environ.get("OPENAI_API_KEY") or None
     if opts.max_tokens < 1:
@@ -96,18 +95,30 @@ def build_settings(opts: Any, host: str) -> RunSettings:
     for name in ("hold_seconds", "think_time", "read_timeout"):
         if getattr(opts, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
+    connect_timeout = float(getattr(opts, "connect_timeout", 10.0))
+    headers_timeout = float(getattr(opts, "headers_timeout", 60.0))
+    for name, value in (("connect-timeout", connect_timeout), ("headers-timeout", headers_timeout)):
+        if not value > 0:
+            raise ValueError(f"--{name} must be > 0 seconds, got {value}")
     stop_policy = StopPolicy.parse(opts.stop_probability, opts.stop_at)
     close_mix = CloseMix.parse(opts.close_mix)
     prompts = load_prompts(opts.prompts) if opts.prompts else [[{"role": "user", "content": p}]
                                                                for p in BUILTIN_PROMPTS]
-    model = opts.model or _discover_model(host, api_key)
+    check_url(host)
+    models: list[str] = []
+    if check or not opts.model:  # a bad URL, no answer or not OpenAI's API: refused here, before any load
+        models = check_server(host, api_key, connect_timeout, verify=not getattr(opts, "insecure", False))
+    if opts.model and models and opts.model not in models:
+        raise ValueError(f"--model {opts.model!r}: {host} serves {', '.join(map(repr, models))}")
+    model = opts.model or models[0]
     factory = RequestFactory(
         endpoint=opts.endpoint, model=model, prompts=prompts, max_tokens=opts.max_tokens,
         temperature=opts.temperature, ignore_eos=opts.ignore_eos, include_usage=not opts.no_usage,
         continuous_usage=not opts.no_continuous_usage, api_key=api_key,
     )
     return RunSettings(host, factory, stop_policy, close_mix, opts.hold_seconds, opts.think_time,
-                       opts.read_timeout, api_key)
+                       opts.read_timeout, api_key, connect_timeout, headers_timeout,
+                       bool(getattr(opts, "insecure", False)))
 
 
 _cache: dict[tuple[int, str], RunSettings] = {}
@@ -117,5 +128,5 @@ def settings_for(environment: Any, host: str) -> RunSettings:
     """The settings of this process's run against `host`, built on first use."""
     key = (id(environment), host)
     if key not in _cache:
-        _cache[key] = build_settings(environment.parsed_options, host)
+        _cache[key] = build_settings(environment.parsed_options, host, check=True)
     return _cache[key]

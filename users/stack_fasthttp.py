@@ -68,20 +68,23 @@ class FastHttpTransport:
     name = "fasthttp"
     yields_chunks = False
 
-    def __init__(self) -> None:
+    def __init__(self, insecure: bool = False) -> None:
         self.clients: dict[str, HTTPClient] = {}  # by host (one, under Locust)
+        self.insecure = insecure  # --insecure: skip TLS verification
 
-    def _client(self, host: str, timeout: float) -> HTTPClient:
+    def _client(self, host: str, timeout: float, connect_timeout: float) -> HTTPClient:
         client = self.clients.get(host)
         if client is None:
             client = self.clients[host] = HTTPClient.from_url(
-                host, connection_timeout=min(10.0, timeout), network_timeout=timeout, concurrency=10, insecure=False)
+                host, connection_timeout=connect_timeout, network_timeout=timeout, concurrency=10,
+                insecure=self.insecure)
         return client
 
-    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> _FastHttpStream:
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
+             connect_timeout: float = 10.0) -> _FastHttpStream:
         path = urlsplit(host).path.rstrip("/") + request.path
         try:
-            resp = self._client(host, timeout).request("POST", path, body=request.body_bytes,
+            resp = self._client(host, timeout, connect_timeout).request("POST", path, body=request.body_bytes,
                                                        headers=request.headers)
         except (OSError, HTTPParseError) as exc:
             raise StreamFailure(_describe(exc, timeout, mid_stream=False)) from None

@@ -25,9 +25,9 @@ __all__ = ["HttpxTransport", "HttpxUser", "describe_httpx_error", "httpx_timeout
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def httpx_timeout(timeout: float) -> httpx.Timeout:
-    """`timeout` between bytes; connecting gets at most 10 s."""
-    return httpx.Timeout(timeout, connect=min(10.0, timeout))
+def httpx_timeout(timeout: float, connect_timeout: float = 10.0) -> httpx.Timeout:
+    """`timeout` between bytes; connecting gets `connect_timeout`."""
+    return httpx.Timeout(timeout, connect=connect_timeout)
 
 
 def describe_httpx_error(exc: httpx.HTTPError, timeout: float, mid_stream: bool) -> str:
@@ -67,12 +67,13 @@ class HttpxTransport:
     name = "httpx"
     yields_chunks = False
 
-    def __init__(self) -> None:
-        self.client = httpx.Client()
+    def __init__(self, insecure: bool = False) -> None:
+        self.client = httpx.Client(verify=not insecure)
 
-    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> _HttpxStream:
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
+             connect_timeout: float = 10.0) -> _HttpxStream:
         req = self.client.build_request("POST", host + request.path, content=request.body_bytes,
-                                        headers=request.headers, timeout=httpx_timeout(timeout))
+                                        headers=request.headers, timeout=httpx_timeout(timeout, connect_timeout))
         try:
             resp = self.client.send(req, stream=True)
         except httpx.HTTPError as exc:

@@ -44,13 +44,13 @@ class HttpxAsyncTransport:
     name = "httpx-async"
     yields_chunks = False
 
-    def __init__(self) -> None:
-        self.client = httpx.AsyncClient()
+    def __init__(self, insecure: bool = False) -> None:
+        self.client = httpx.AsyncClient(verify=not insecure)
 
     async def open(self, host: str, request: StreamRequest, record: StreamRecord,
-                   timeout: float) -> _HttpxAsyncStream:
+                   timeout: float, connect_timeout: float = 10.0) -> _HttpxAsyncStream:
         req = self.client.build_request("POST", host + request.path, content=request.body_bytes,
-                                        headers=request.headers, timeout=httpx_timeout(timeout))
+                                        headers=request.headers, timeout=httpx_timeout(timeout, connect_timeout))
         try:
             resp = await self.client.send(req, stream=True)
         except httpx.HTTPError as exc:

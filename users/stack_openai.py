@@ -64,13 +64,13 @@ def api_key_of(request: StreamRequest) -> str:
     return auth.removeprefix("Bearer ") or "EMPTY"
 
 
-def call_args(request: StreamRequest, timeout: float) -> dict[str, Any]:
+def call_args(request: StreamRequest, timeout: float, connect_timeout: float = 10.0) -> dict[str, Any]:
     """create()'s keyword arguments for our request: the same body on the wire as every other stack sends."""
     body = request.body
     kwargs: dict[str, Any] = {k: body[k] for k in _TYPED if k in body}
     extra = {k: v for k, v in body.items() if k not in kwargs and k != "stream"}
     headers = {k: v for k, v in request.headers.items() if k.lower() != "content-type"}  # X-Request-Id, auth...
-    kwargs.update(stream=True, extra_headers=headers, timeout=openai.Timeout(timeout, connect=min(10.0, timeout)))
+    kwargs.update(stream=True, extra_headers=headers, timeout=openai.Timeout(timeout, connect=connect_timeout))
     if extra:
         kwargs["extra_body"] = extra
     return kwargs
@@ -135,20 +135,24 @@ class OpenAITransport:
     name = "openai"
     yields_chunks = True
 
-    def __init__(self) -> None:
+    def __init__(self, insecure: bool = False) -> None:
         self.clients: dict[str, _Client] = {}  # by host (one, under Locust)
+        self.insecure = insecure
 
     def _client(self, host: str, request: StreamRequest) -> _Client:
         client = self.clients.get(host)
         if client is None:
-            client = self.clients[host] = _Client(base_url=host + "/v1", api_key=api_key_of(request), max_retries=0)
+            client = self.clients[host] = _Client(
+                base_url=host + "/v1", api_key=api_key_of(request), max_retries=0,
+                http_client=openai.DefaultHttpxClient(verify=False) if self.insecure else None)
         return client
 
-    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> _OpenAIStream:
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
+             connect_timeout: float = 10.0) -> _OpenAIStream:
         client = self._client(host, request)
         create = client.chat.completions.create if request.endpoint == "chat" else client.completions.create
         try:
-            stream = create(**call_args(request, timeout))
+            stream = create(**call_args(request, timeout, connect_timeout))
         except openai.APIStatusError as exc:
             record.headers = time.monotonic()
             record.status = exc.status_code

@@ -63,22 +63,24 @@ class OpenAIAsyncTransport:
     name = "openai-async"
     yields_chunks = True
 
-    def __init__(self) -> None:
+    def __init__(self, insecure: bool = False) -> None:
         self.clients: dict[str, _AsyncClient] = {}  # by host (one, under Locust)
+        self.insecure = insecure
 
     def _client(self, host: str, request: StreamRequest) -> _AsyncClient:
         client = self.clients.get(host)
         if client is None:
-            client = self.clients[host] = _AsyncClient(base_url=host + "/v1", api_key=api_key_of(request),
-                                                       max_retries=0)
+            client = self.clients[host] = _AsyncClient(
+                base_url=host + "/v1", api_key=api_key_of(request), max_retries=0,
+                http_client=openai.DefaultAsyncHttpxClient(verify=False) if self.insecure else None)
         return client
 
     async def open(self, host: str, request: StreamRequest, record: StreamRecord,
-                   timeout: float) -> _OpenAIAsyncStream:
+                   timeout: float, connect_timeout: float = 10.0) -> _OpenAIAsyncStream:
         client = self._client(host, request)
         create = client.chat.completions.create if request.endpoint == "chat" else client.completions.create
         try:
-            stream = await create(**call_args(request, timeout))
+            stream = await create(**call_args(request, timeout, connect_timeout))
         except openai.APIStatusError as exc:
             record.headers = time.monotonic()
             record.status = exc.status_code

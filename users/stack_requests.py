@@ -52,13 +52,15 @@ class RequestsTransport:
     name = "requests"
     yields_chunks = False
 
-    def __init__(self) -> None:
+    def __init__(self, insecure: bool = False) -> None:
         self.session = requests.Session()
+        self.session.verify = not insecure
 
-    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float) -> _RequestsStream:
+    def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
+             connect_timeout: float = 10.0) -> _RequestsStream:
         try:
             resp = self.session.post(host + request.path, data=request.body_bytes, headers=request.headers,
-                                     stream=True, timeout=(min(10.0, timeout), timeout))
+                                     stream=True, timeout=(connect_timeout, timeout))
         except requests.RequestException as exc:
             raise StreamFailure(_describe(exc, timeout)) from None
         record.headers = time.monotonic()

@@ -1,0 +1,127 @@
+"""Soak: a long headless run at a fixed number of concurrent streams, with the memory of both processes
+(locust and the simulator) sampled over time, to show whether it stays steady.
+
+    python benchmarks/bench_soak.py [--duration-s 600] [--users 200] [--sample-s 10] [--step-base-ms 100]
+                                    [--out DIR] [--json soak.json]
+
+It starts one simulator (`python -m simulator`, its own process, `--max-num-seqs` = users so every stream
+runs at once) and one headless `locust -f locustfile.py` (every client stack, the default Stop mix, no think
+time) with `--stopstorm-records` and `--stopstorm-report`. Every `--sample-s` it reads both processes' RSS
+(VmRSS in /proc/PID/status) and how many streams have ended (lines in the records JSONL). At the end: the
+run's exit, its report, the simulator's ledger size, and per process the RSS after the first minute, at the
+end, the growth in between in MB/min, and that growth per stream ended (bytes/stream): what every finished
+stream leaves behind in memory. stopstorm keeps every record for the final report, and the simulator keeps
+every request in its ledger (server truth), so both grow by design by a fixed amount per stream; steady means
+no growth beyond that.
+
+Loopback only; both processes are stopped by their PIDs; the run is bounded by `--duration-s` (+ 60 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from simulator.launcher import EmbeddedSimulator  # noqa: E402
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as fh:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration-s", type=int, default=600)
+    p.add_argument("--users", type=int, default=200)
+    p.add_argument("--sample-s", type=float, default=10.0)
+    p.add_argument("--step-base-ms", type=float, default=100.0,
+                   help="simulator step (default 100 ms: ~10 tokens/s a stream, a slow large model)")
+    p.add_argument("--out", default="", help="folder for the run's files (default: a temp folder)")
+    p.add_argument("--json", default="", help="also write the samples and summary here")
+    args = p.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="stopstorm-soak-"))
+    out.mkdir(parents=True, exist_ok=True)
+    sim = EmbeddedSimulator(["--max-num-seqs", str(args.users), "--step-base-ms", str(args.step_base_ms)],
+                            log_path=str(out / "simulator.log"))
+    url = sim.start()
+    jsonl = out / "records.jsonl"
+    cmd = [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "--host", url, "-u", str(args.users),
+           "-r", str(max(1, args.users // 10)), "-t", f"{args.duration_s}s", "--think-time", "0",
+           "--stopstorm-records", str(jsonl), "--stopstorm-report", str(out / "report.json"),
+           "--csv", str(out / "run"), "--only-summary"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = (out / "locust.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    samples: list[dict[str, Any]] = []
+    started = time.monotonic()
+    print(f"soak: {args.users} streams for {args.duration_s} s; files in {out}", flush=True)
+    print(f"{'t (s)':>6} {'locust MB':>10} {'simulator MB':>13} {'streams':>8}", flush=True)
+    try:
+        while proc.poll() is None and time.monotonic() - started < args.duration_s + 60:
+            s = {"t": round(time.monotonic() - started, 1), "locust_rss_mb": rss_mb(proc.pid),
+                 "simulator_rss_mb": rss_mb(sim.pid), "streams": count_lines(jsonl)}
+            samples.append(s)
+            print(f"{s['t']:>6} {s['locust_rss_mb'] or 0:>10.1f} {s['simulator_rss_mb'] or 0:>13.1f} "
+                  f"{s['streams']:>8}", flush=True)
+            deadline = time.monotonic() + args.sample_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        with httpx.Client(timeout=30) as client:
+            ledger_size = len(client.get(f"{url}/stopstorm/ledger").json()["requests"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        sim.stop()
+    report = json.loads((out / "report.json").read_text())
+    summary: dict[str, Any] = {"users": args.users, "duration_s": args.duration_s, "exit_code": code,
+                               "streams": count_lines(jsonl), "ledger_requests": ledger_size,
+                               "report_partial": report["meta"].get("partial"),
+                               "unmatched_requests": report["run"]["figures"]["unmatched_requests"]["value"]}
+    warm = [s for s in samples if s["t"] >= 60]
+    if len(warm) >= 2:
+        first, last = warm[0], warm[-1]
+        minutes = (last["t"] - first["t"]) / 60
+        streams = max(1, last["streams"] - first["streams"])
+        for name in ("locust", "simulator"):
+            a, b = first[f"{name}_rss_mb"], last[f"{name}_rss_mb"]
+            peak = max(s[f"{name}_rss_mb"] or 0 for s in samples)
+            summary[name] = {"rss_mb_at_1min": a, "rss_mb_at_end": b, "peak_mb": peak,
+                             "growth_mb_per_min": (b - a) / minutes, "bytes_per_stream": (b - a) * 2**20 / streams}
+    print(json.dumps(summary, indent=2), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "samples": samples}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
