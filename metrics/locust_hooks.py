@@ -27,6 +27,7 @@ from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
+from metrics import distributed
 from metrics.accounting import account, ledger_by_id
 from metrics.record import StreamRecord
 from metrics.run_report import format_summary, to_json, write_report
@@ -131,8 +132,9 @@ def _print_probe_table(**_kwargs: Any) -> None:
 @events.init.add_listener
 def _start_collecting(environment: Environment, **_kwargs: Any) -> None:
     _run["env"] = environment
-    # Workers keep nothing for now: their records would have to travel to the master.
+    # Workers keep nothing: they ship their records to the master, which feeds them to _collect_record.
     _run["collect"] = not isinstance(environment.runner, WorkerRunner)
+    distributed.install(environment, lambda record: _collect_record(context={"record": record}))
 
 
 @events.request.add_listener
@@ -237,6 +239,8 @@ def _write_run_report(**_kwargs: Any) -> None:
             meta["metrics"] = {"url": scraper.url, "interval_s": scraper.interval, "scrapes": scraper.scrapes,
                                "errors": scraper.errors, "last_error": scraper.last_error,
                                "window_s": delta.duration if delta is not None else None}
+        if (workers := distributed.workers_meta(env)) is not None:
+            meta["distributed"] = workers
         if follower is not None:
             meta["server_log"] = {"path": follower.path, "lines": follower.lines, "events": follower.events,
                                   "errors": follower.errors, "last_error": follower.last_error}
