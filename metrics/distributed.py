@@ -131,6 +131,7 @@ class RecordCollector:
         tally = self.workers.get(worker_id)
         if tally is None:
             tally = self.workers[worker_id] = _WorkerTally(first_seen=now)
+        if tally.batches == 0:  # its first batch (drain may have made the tally before anything arrived)
             offset = data.get("clock_offset")
             if isinstance(offset, (int, float)):
                 diff = offset - _clock_offset()

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
-from metrics.distributed import RecordCollector, RecordShipper
+from metrics.distributed import RecordCollector, RecordShipper, _WorkerTally
 from metrics.record import StreamRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,6 +228,20 @@ def test_batches_are_bounded_and_a_final_flush_delivers_everything():
     assert [r.request_id for r in got] == [f"r{i}" for i in range(10)]
     meta = collector.meta(None)
     assert meta["incomplete"] == [] and meta["workers"]["w1"]["records"] == 10
+
+
+def test_records_from_another_host_are_rebased_onto_this_hosts_clock():
+    got: list[StreamRecord] = []
+    collector = RecordCollector(got.append)
+    collector.workers["far"] = _WorkerTally()  # as drain() leaves it, before the worker's first batch
+    offset_here = time.time() - time.monotonic()
+    # The far host booted 1000 s later: its monotonic clock reads 1000 s less at the same wall time.
+    collector.receive("far", {"records": [_record(0).to_wire()], "sent": 1, "final": True,
+                              "clock_offset": offset_here + 1000.0})
+    collector.receive("near", {"records": [_record(0).to_wire()], "sent": 1, "final": True,
+                               "clock_offset": offset_here + 0.001})
+    assert got[0].sent == pytest.approx(_record(0).sent + 1000.0, abs=0.01)
+    assert got[1].sent == _record(0).sent  # the same host: noise, not a shift
 
 
 def test_a_worker_without_its_final_batch_is_incomplete():
