@@ -2,9 +2,9 @@
 accounting is the same, to the token, however the load was spread.
 
 A worker keeps no report of its own: its records go to the master in bounded batches (at most `BATCH_RECORDS`
-each, at least every `SEND_INTERVAL_S`) as Locust custom messages, which ride the same ordered connection as
-Locust's own. The master feeds each arriving record to the same collection function single-process records
-go through, and alone scrapes /metrics, reads the ledger and writes the report.
+records or `BATCH_CHUNKS` chunk marks each, at least every `SEND_INTERVAL_S`) as Locust custom messages, which
+ride the same ordered connection as Locust's own. The master feeds each arriving record to the same collection
+function single-process records go through, and alone scrapes /metrics, reads the ledger and writes the report.
 
 Nothing is lost at the end: when the master stops the test (run-time limit, web UI, Ctrl-C, SIGTERM) it asks
 every live worker to stop its users and send what it still holds, marked final with the number it sent in
@@ -32,13 +32,15 @@ from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 
 from metrics.record import StreamRecord
 
-__all__ = ["BATCH_RECORDS", "SEND_INTERVAL_S", "RecordCollector", "RecordShipper", "install", "workers_meta"]
+__all__ = ["BATCH_CHUNKS", "BATCH_RECORDS", "SEND_INTERVAL_S", "RecordCollector", "RecordShipper", "install",
+           "workers_meta"]
 
 _log = logging.getLogger("stopstorm")
 
 MSG_RECORDS = "stopstorm_records"  # worker → master: {"records": [...], "batch": n, "sent": n, "final": bool, ...}
 MSG_FLUSH = "stopstorm_flush"  # master → worker: stop your users and send what you hold, marked final
-BATCH_RECORDS = 200  # records per message: a bounded message (~a few hundred KiB with per-chunk times)
+BATCH_RECORDS = 200  # records per message at most
+BATCH_CHUNKS = 50_000  # and chunk marks (two numbers each, ~18 bytes packed): under ~1 MB a message
 SEND_INTERVAL_S = 1.0  # a partial batch waits at most this long
 FINAL_WAIT_S = 10.0  # on top of the stop timeout, how long the master waits for every worker's final batch
 # Two processes on one host read one CLOCK_MONOTONIC: their wall-minus-monotonic offsets differ by noise only.
@@ -55,11 +57,13 @@ class RecordShipper:
     """A worker's outbox: records in, bounded batches out to the master."""
 
     def __init__(self, send: Callable[[str, dict[str, Any]], None], batch_records: int = BATCH_RECORDS,
-                 interval_s: float = SEND_INTERVAL_S) -> None:
+                 interval_s: float = SEND_INTERVAL_S, batch_chunks: int = BATCH_CHUNKS) -> None:
         self._send = send
         self._batch_records = batch_records
         self._interval_s = interval_s
         self._pending: list[dict[str, Any]] = []
+        self._pending_chunks = 0
+        self._batch_chunks = batch_chunks
         self.sent = 0  # records handed to the connection, in all
         self.batches = 0
         self.errors = 0
@@ -67,7 +71,8 @@ class RecordShipper:
 
     def add(self, record: StreamRecord) -> None:
         self._pending.append(record.to_wire())
-        if len(self._pending) >= self._batch_records:
+        self._pending_chunks += len(record.chunk_times)
+        if len(self._pending) >= self._batch_records or self._pending_chunks >= self._batch_chunks:
             self._send_batch(final=False)
 
     def start(self) -> RecordShipper:
@@ -89,6 +94,7 @@ class RecordShipper:
 
     def _send_batch(self, final: bool) -> None:
         chunk, self._pending = self._pending[:self._batch_records], self._pending[self._batch_records:]
+        self._pending_chunks = sum(len(r["chunk_times"]) for r in self._pending)
         last = final and not self._pending
         payload = {"records": chunk, "batch": self.batches, "sent": self.sent + len(chunk), "final": last,
                    "clock_offset": _clock_offset()}

@@ -244,6 +244,16 @@ def test_records_from_another_host_are_rebased_onto_this_hosts_clock():
     assert got[1].sent == _record(0).sent  # the same host: noise, not a shift
 
 
+def test_a_batch_is_also_bounded_by_chunk_marks():
+    sent: list[dict[str, Any]] = []
+    shipper = RecordShipper(lambda kind, data: sent.append(data), batch_records=100, batch_chunks=5)
+    for i in range(4):  # two chunk marks each: the third record makes six
+        shipper.add(_record(i))
+    assert [len(b["records"]) for b in sent] == [3]
+    shipper.flush()
+    assert [len(b["records"]) for b in sent] == [3, 1] and sent[-1]["sent"] == 4
+
+
 def test_a_worker_without_its_final_batch_is_incomplete():
     collector = RecordCollector(lambda _r: None)
     collector.receive("w1", {"records": [_record(0).to_wire()], "sent": 1, "final": False})
