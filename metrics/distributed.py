@@ -27,6 +27,7 @@ from typing import Any
 
 import gevent
 from locust import events
+from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 
@@ -75,7 +76,9 @@ class RecordShipper:
         if len(self._pending) >= self._batch_records or self._pending_chunks >= self._batch_chunks:
             self._send_batch(final=False)
 
-    def start(self) -> RecordShipper:
+    def start(self, interval_s: float | None = None) -> RecordShipper:
+        if interval_s is not None:
+            self._interval_s = interval_s
         if self._greenlet is None:
             self._greenlet = gevent.spawn(self._loop)
         return self
@@ -122,6 +125,7 @@ class _WorkerTally:
     first_seen: float = 0.0
     last_seen: float = 0.0
     shift_s: float = 0.0  # added to its monotonic marks (0 on this host)
+    drained: int = 0  # of its records, those that arrived once the master had asked for the final batches
 
 
 class RecordCollector:
@@ -131,6 +135,7 @@ class RecordCollector:
         self._sink = sink
         self.workers: dict[str, _WorkerTally] = {}
         self.bad_records = 0
+        self._draining = False
 
     def receive(self, worker_id: str, data: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -153,6 +158,7 @@ class RecordCollector:
                 _log.warning("stopstorm: a record from worker %s could not be read: %s", worker_id, exc)
                 continue
             tally.records += 1
+            tally.drained += self._draining
             self._sink(record)
         if data.get("final"):
             tally.final = True
@@ -160,6 +166,7 @@ class RecordCollector:
     def drain(self, runner: MasterRunner, timeout_s: float) -> None:
         """Ask every live worker to stop and send what it holds; wait for their final batches, or `timeout_s`."""
         live = [c.id for c in runner.clients.all if c.state != STATE_MISSING]
+        self._draining = True
         for worker_id in live:
             tally = self.workers.setdefault(worker_id, _WorkerTally(first_seen=time.monotonic()))
             tally.final = False  # a final from before this stop does not count
@@ -184,7 +191,8 @@ class RecordCollector:
             # "gone": it quit, or was removed after going missing
             state = runner.clients[worker_id].state if runner is not None and worker_id in runner.clients else "gone"
             out[worker_id] = {"records": t.records, "batches": t.batches, "claimed_sent": t.claimed_sent,
-                              "final": t.final, "state": state, "clock_shift_s": t.shift_s}
+                              "final": t.final, "state": state, "clock_shift_s": t.shift_s,
+                              "drained": t.drained}
         return {"records": sum(t.records for t in self.workers.values()),
                 "bad_records": self.bad_records,
                 "incomplete": sorted(w for w, t in self.workers.items()
@@ -192,10 +200,27 @@ class RecordCollector:
                 "workers": out}
 
 
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser: LocustArgumentParser) -> None:
+    group = parser.add_argument_group("stopstorm master/worker")
+    group.add_argument(
+        "--records-interval", type=float, default=SEND_INTERVAL_S, env_var="STOPSTORM_RECORDS_INTERVAL",
+        help="seconds a worker may hold stream records before sending them to the master (default 1; a batch "
+        f"goes at once when it reaches {BATCH_RECORDS} records); what it holds at the end is sent at stop")
+
+
+def _records_interval(environment: Environment) -> float:
+    return float(getattr(environment.parsed_options, "records_interval", SEND_INTERVAL_S) or SEND_INTERVAL_S)
+
+
 def install(environment: Environment, sink: Callable[[StreamRecord], None]) -> None:
     """Wire this process for its role: a worker ships its records, a master collects them into `sink`;
     a single process does nothing here."""
     runner = environment.runner
+    interval = getattr(environment.parsed_options, "records_interval", SEND_INTERVAL_S)
+    if not isinstance(runner, WorkerRunner) and not (isinstance(interval, (int, float)) and interval > 0):
+        _log.error("stopstorm: --records-interval must be > 0 seconds, got %s", interval)
+        raise SystemExit(2)
     if isinstance(runner, WorkerRunner):
         _install_worker(environment, runner)
     elif isinstance(runner, MasterRunner):
@@ -211,7 +236,7 @@ def _install_worker(environment: Environment, runner: WorkerRunner) -> None:
             shipper.add(context["record"])
 
     def on_test_start(**_kwargs: Any) -> None:
-        shipper.start()
+        shipper.start(_records_interval(environment))  # the master's value, from its spawn message
 
     def on_test_stop(**_kwargs: Any) -> None:
         shipper.flush(final=True)  # a stop from the master, or a quit: before Locust says it has stopped

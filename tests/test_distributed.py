@@ -107,13 +107,14 @@ def _run_single(sim: Any, tmp_path: Path) -> dict[str, Any]:
     return json.loads(report.read_text())
 
 
-def _run_master_workers(sim: Any, tmp_path: Path, kill_one_after: float | None = None
+def _run_master_workers(sim: Any, tmp_path: Path, kill_one_after: float | None = None, *extra: str
                         ) -> tuple[dict[str, Any], str]:
     port = str(_free_port())
     report = tmp_path / "master.json"
     master_log = tmp_path / "master.log"
     master = _locust(*WORK, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
-                     "--expect-workers", "2", "--host", sim.url, "--stopstorm-report", str(report), log=master_log)
+                     "--expect-workers", "2", "--host", sim.url, "--stopstorm-report", str(report), *extra,
+                     log=master_log)
     workers = [_locust("--worker", "--master-host", "127.0.0.1", "--master-port", port,
                        log=tmp_path / f"worker{i}.log") for i in range(2)]
     if kill_one_after is not None:
@@ -134,7 +135,8 @@ def test_master_and_two_workers_equal_the_ledger_and_a_single_process(sim_pool, 
     _check_against_ledger(single, single_ledger)
 
     sim = sim_pool.fresh(*SIM_ARGS)
-    distributed, _ = _run_master_workers(sim, tmp_path)
+    # Workers hold their records for a minute: everything reaches the master in the final flush at stop.
+    distributed, _ = _run_master_workers(sim, tmp_path, None, "--records-interval", "60")
     distributed_ledger = _ledger_totals(sim.wait_idle())
     _check_against_ledger(distributed, distributed_ledger)
 
@@ -146,6 +148,7 @@ def test_master_and_two_workers_equal_the_ledger_and_a_single_process(sim_pool, 
     assert len(meta["workers"]) == 2
     for w in meta["workers"].values():  # both did work, and said so; one host: no clock shift
         assert w["final"] and w["records"] == w["claimed_sent"] > 0 and w["clock_shift_s"] == 0.0
+        assert w["drained"] == w["records"]  # all of it in flight at stop, none lost
     assert "distributed" not in single["meta"]
 
 
@@ -262,4 +265,14 @@ def test_a_worker_without_its_final_batch_is_incomplete():
     meta = collector.meta(None)
     assert meta["incomplete"] == ["w1", "w2"] and meta["bad_records"] == 1
     assert meta["workers"]["w2"] == {"records": 1, "batches": 2, "claimed_sent": 3, "final": True, "state": "gone",
-                                     "clock_shift_s": 0.0}
+                                     "clock_shift_s": 0.0, "drained": 0}
+
+
+def test_a_bad_records_interval_is_refused_naming_the_option(tmp_path):
+    log = tmp_path / "bad.log"
+    p = _locust("--headless", "-u", "1", "-t", "2s", "--records-interval", "0", "--sim-args", "--step-base-ms 5",
+                "--stopstorm-report", str(tmp_path / "r.json"), log=log)
+    _finish([p], timeout=60)
+    assert p.returncode == 2
+    assert "--records-interval must be > 0 seconds, got 0" in log.read_text()
+    assert not (tmp_path / "r.json").exists()
