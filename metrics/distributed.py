@@ -91,11 +91,14 @@ class RecordShipper:
 
     def flush(self, final: bool = True) -> None:
         """Send what is held (possibly nothing), marked final: the master then knows it has everything."""
-        self._send_batch(final=final)
+        if not self._send_batch(final=final):
+            return
         while self._pending:  # more than one batch's worth: the rest, the last one final
-            self._send_batch(final=final)
+            if not self._send_batch(final=final):
+                return
 
-    def _send_batch(self, final: bool) -> None:
+    def _send_batch(self, final: bool) -> bool:
+        """One batch from the front of what is held; on a failed send it is kept for the next try."""
         chunk, self._pending = self._pending[:self._batch_records], self._pending[self._batch_records:]
         self._pending_chunks = sum(len(r["chunk_times"]) for r in self._pending)
         last = final and not self._pending
@@ -103,12 +106,16 @@ class RecordShipper:
                    "clock_offset": _clock_offset()}
         try:
             self._send(MSG_RECORDS, payload)
-        except Exception as exc:  # the connection is Locust's; a failed send is counted, the records stay lost
+        except Exception as exc:  # the connection is Locust's (it reconnects): count it, keep the records
             self.errors += 1
-            _log.warning("stopstorm: sending %d records to the master failed: %s", len(chunk), exc)
-            return
+            self._pending = chunk + self._pending
+            self._pending_chunks = sum(len(r["chunk_times"]) for r in self._pending)
+            _log.warning("stopstorm: sending %d records to the master failed (kept for the next try): %s",
+                         len(chunk), exc)
+            return False
         self.sent += len(chunk)
         self.batches += 1
+        return True
 
     def stop(self) -> None:
         if self._greenlet is not None:

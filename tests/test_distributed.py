@@ -257,6 +257,26 @@ def test_a_batch_is_also_bounded_by_chunk_marks():
     assert [len(b["records"]) for b in sent] == [3, 1] and sent[-1]["sent"] == 4
 
 
+def test_a_failed_send_keeps_the_records_for_the_next_try():
+    sent: list[dict[str, Any]] = []
+    fail = [True]
+
+    def send(_kind: str, data: dict[str, Any]) -> None:
+        if fail[0]:
+            raise OSError("connection reset")
+        sent.append(data)
+
+    shipper = RecordShipper(send, batch_records=2)
+    for i in range(3):
+        shipper.add(_record(i))  # a full batch is tried at the second and third add, and kept
+    shipper.flush()
+    assert sent == [] and shipper.errors == 3 and shipper.sent == 0
+    fail[0] = False
+    shipper.flush()
+    assert [len(b["records"]) for b in sent] == [2, 1] and sent[-1]["final"] and sent[-1]["sent"] == 3
+    assert [r["request_id"] for b in sent for r in b["records"]] == ["r0", "r1", "r2"]
+
+
 def test_a_worker_without_its_final_batch_is_incomplete():
     collector = RecordCollector(lambda _r: None)
     collector.receive("w1", {"records": [_record(0).to_wire()], "sent": 1, "final": False})
