@@ -6,7 +6,8 @@ record.
 
 End to end: one simulator (`EmbeddedSimulator`, its own process; `--max-num-seqs 64 --step-base-ms 1
 --step-per-seq-ms 0`, fast enough that the clients are the bottleneck), then for each worker count, alternated
-`--repeats` times, `locust -f locustfile.py USER_CLASS --headless --processes N -u U -t S` against it: streams
+`--repeats` times (best and median reported: on a shared machine the best run is the one least disturbed),
+`locust -f locustfile.py USER_CLASS --headless --processes N -u U -t S` against it: streams
 read to the end (`--stop-probability 0 --ignore-eos --max-tokens 400 --think-time 0`). The default user class
 is the openai SDK stack (~100 µs of client CPU per chunk), so one worker saturates its core well below what the
 simulator serves and a second worker has something to add. Measured from server truth: chunks/s = Σ ledger
@@ -162,18 +163,21 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(r)
                 print(f"  workers={n} chunks/s={r['chunks_per_s']:,.0f} records/s={r['records_per_s']:,.1f} "
                       f"cpu={r['locust_cpu_s']:.1f}s µs/chunk={r['us_per_chunk']:.1f} exact={r['exact']}", flush=True)
-    print(f"\n{args.user_class}, {args.users} users, streams of 400 chunks, {args.seconds:g} s runs, median of "
-          f"{args.repeats}\n")
-    print("| worker processes | chunks/s (ledger) | records/s at the master | scaling | Locust CPU µs/chunk | exact |")
-    print("|---:|---:|---:|---:|---:|---|")
+    print(f"\n{args.user_class}, {args.users} users, streams of 400 chunks, {args.seconds:g} s runs, "
+          f"{args.repeats} each\n")
+    print("| worker processes | chunks/s best (ledger) | chunks/s median | scaling (best) | records/s at the master "
+          "(best) | Locust CPU µs/chunk (median) | exact |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     base = None
     for n in args.workers:
         rs = [r for r in results if r["workers"] == n]
-        cps = statistics.median(r["chunks_per_s"] for r in rs)
-        rps = statistics.median(r["records_per_s"] for r in rs)
+        best = max(r["chunks_per_s"] for r in rs)
+        med = statistics.median(r["chunks_per_s"] for r in rs)
+        rps = max(r["records_per_s"] for r in rs)
         us = statistics.median(r["us_per_chunk"] for r in rs)
-        base = base or cps
-        print(f"| {n} | {cps:,.0f} | {rps:,.1f} | {cps / base:.2f}× | {us:.1f} | {all(r['exact'] for r in rs)} |")
+        base = base or best
+        print(f"| {n} | {best:,.0f} | {med:,.0f} | {best / base:.2f}× | {rps:,.1f} | {us:.1f} | "
+              f"{all(r['exact'] for r in rs)} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"ingest": ingest, "runs": results}, indent=1))
 
