@@ -5,6 +5,8 @@
   points the run at it, and stops it when Locust quits (normal end, Ctrl-C, SIGTERM or an error).
 - Bad settings stop the run before any load, with the option named.
 - The stop-semantics probe's table, printed after Locust's own summary and saved as JSON.
+- Locust master/worker mode (metrics/distributed.py): workers ship their records to the master, whose
+  collection is the one below; only the master (or the single process) scrapes, reads the ledger, reports.
 - Abort accounting: every stream's record is kept (from the `request` event's context); `{host}/metrics` is
   scraped in the background every `--metrics-interval` seconds from test_start to test_stop (its first and
   latest good snapshots give the vLLM counters' delta; a host without /metrics only counts errors); with

@@ -127,11 +127,17 @@ def _run_master_workers(sim: Any, tmp_path: Path, kill_one_after: float | None =
     return json.loads(report.read_text()), text
 
 
-@pytest.mark.slow
-def test_master_and_two_workers_equal_the_ledger_and_a_single_process(sim_pool, tmp_path):
+@pytest.fixture(scope="module")
+def single_run(sim_pool, tmp_path_factory) -> tuple[dict[str, Any], dict[str, int]]:
+    """One single-process run of the seeded work: its report and its ledger's totals."""
     sim = sim_pool.fresh(*SIM_ARGS)
-    single = _run_single(sim, tmp_path)
-    single_ledger = _ledger_totals(sim.wait_idle())
+    single = _run_single(sim, tmp_path_factory.mktemp("single"))
+    return single, _ledger_totals(sim.wait_idle())
+
+
+@pytest.mark.slow
+def test_master_and_two_workers_equal_the_ledger_and_a_single_process(sim_pool, single_run, tmp_path):
+    single, single_ledger = single_run
     _check_against_ledger(single, single_ledger)
 
     sim = sim_pool.fresh(*SIM_ARGS)
@@ -153,10 +159,9 @@ def test_master_and_two_workers_equal_the_ledger_and_a_single_process(sim_pool, 
 
 
 @pytest.mark.slow
-def test_processes_2_starts_one_simulator_and_matches_a_single_process(sim_pool, tmp_path):
+def test_processes_2_starts_one_simulator_and_matches_a_single_process(single_run, tmp_path):
     """`--processes 2` with no --host: the master starts the embedded simulator, the forked workers use it."""
-    sim = sim_pool.fresh(*SIM_ARGS)
-    single = _run_single(sim, tmp_path)
+    single, _ = single_run
 
     report = tmp_path / "processes.json"
     log = tmp_path / "processes.log"
