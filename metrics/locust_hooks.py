@@ -5,6 +5,8 @@
   points the run at it, and stops it when Locust quits (normal end, Ctrl-C, SIGTERM or an error).
 - Bad settings stop the run before any load, with the option named.
 - The stop-semantics probe's table, printed after Locust's own summary and saved as JSON.
+- Locust master/worker mode (metrics/distributed.py): workers ship their records to the master, whose
+  collection is the one below; only the master (or the single process) scrapes, reads the ledger, reports.
 - Abort accounting: every stream's record is kept (from the `request` event's context); `{host}/metrics` is
   scraped in the background every `--metrics-interval` seconds from test_start to test_stop (its first and
   latest good snapshots give the vLLM counters' delta; a host without /metrics only counts errors); with
@@ -27,6 +29,7 @@ from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
+from metrics import distributed
 from metrics.accounting import account, ledger_by_id
 from metrics.record import StreamRecord
 from metrics.record_sink import RecordSink
@@ -137,13 +140,14 @@ def _print_probe_table(**_kwargs: Any) -> None:
 @events.init.add_listener
 def _start_collecting(environment: Environment, **_kwargs: Any) -> None:
     _run["env"] = environment
-    # Workers keep nothing for now: their records would have to travel to the master.
+    # Workers keep nothing: they ship their records to the master, which feeds them to _collect_record.
     _run["collect"] = not isinstance(environment.runner, WorkerRunner)
     if _run["collect"]:
         install_stop_signals()
         path = getattr(environment.parsed_options, "stopstorm_records", "") or ""
         if path:
             _run["sink"] = RecordSink(path)
+    distributed.install(environment, lambda record: _collect_record(context={"record": record}))
 
 
 @events.request.add_listener
@@ -256,6 +260,8 @@ def _write_run_report(**_kwargs: Any) -> None:
             meta["metrics"] = {"url": scraper.url, "interval_s": scraper.interval, "scrapes": scraper.scrapes,
                                "errors": scraper.errors, "last_error": scraper.last_error,
                                "window_s": delta.duration if delta is not None else None}
+        if (workers := distributed.workers_meta(env)) is not None:
+            meta["distributed"] = workers
         if follower is not None:
             meta["server_log"] = {"path": follower.path, "lines": follower.lines, "events": follower.events,
                                   "errors": follower.errors, "last_error": follower.last_error}

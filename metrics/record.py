@@ -8,7 +8,7 @@ None when its marks are missing, never 0.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import pairwise
 from typing import Any
 
@@ -84,3 +84,28 @@ class StreamRecord:
         out["duration"] = self.duration
         out["tokens_read"] = self.tokens_read
         return out
+
+    # -- the wire: a worker ships its records to the master (metrics/distributed.py) -------------------------
+
+    def to_wire(self) -> dict[str, Any]:
+        """The raw marks only, as a msgpack-friendly dict (str, int, float, None, lists): what a Locust
+        worker sends its master. Derived figures are not sent; the master derives them again."""
+        return {f.name: getattr(self, f.name) for f in _FIELDS}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any], shift: float = 0.0) -> StreamRecord:
+        """The record `to_wire` sent; `shift` seconds are added to every monotonic mark, to re-base a
+        record from a worker on another host onto this host's monotonic clock (0 on one host)."""
+        record = cls(**{f.name: data[f.name] for f in _FIELDS if f.name in data})
+        if shift:
+            for name in _MONOTONIC:
+                value = getattr(record, name)
+                if value is not None:
+                    setattr(record, name, value + shift)
+            record.chunk_times = [t + shift for t in record.chunk_times]
+        return record
+
+
+_FIELDS = fields(StreamRecord)
+# The marks on the monotonic clock (chunk_times too); wall_start is wall-clock and never shifted.
+_MONOTONIC = ("sent", "headers", "first_token", "stop", "closed", "ended")

@@ -54,6 +54,12 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     freed_tokens, freed_slot_seconds, goodput_tokens, goodput_rate, log_aborted, log_abort_latency. Run figures:
     duration, freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
     unjoined_streams.
+
+    Optional: "meta.distributed", only from a Locust master (metrics/distributed.py): {"records": N received
+    from workers, "bad_records": N unreadable, "incomplete": [worker ids whose final batch never came, or whose
+    count fell short of what they said they sent: died, or never answered], "workers": {ID: {"records",
+    "batches", "claimed_sent", "final", "state", "clock_shift_s", "drained": records that came after the
+    master asked for the final batches}}}.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
