@@ -51,6 +51,14 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     freed_tokens, freed_slot_seconds, goodput_tokens, goodput_rate, log_aborted, log_abort_latency. Run figures:
     duration, freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
     unjoined_streams.
+
+    Optional "self_monitor" (written by metrics/locust_hooks.py, from metrics/self_monitor.py): the load
+    generator's own health, {PROCESS: SUMMARY} keyed "local", "master" or "worker <client id>". SUMMARY:
+    {"pid", "interval_ms", "max_loop_lag_ms", "wall_s", "cpu_s", "cpu_pct" (of one core), "bridge_cpu_s"
+    (the asyncio bridge thread's, null without one), "hub_lag" and "bridge_lag" ({"count", "p50_ms",
+    "p99_ms", "max_ms", "mean_ms", "lagged" (stalls over the bound), "lagged_s"}, null when not sampled),
+    "ttft": {"checked", "flagged"}, "itl": {"checked", "flagged"}}; a flagged TTFT or ITL gap overlapped a
+    stall of its loop longer than max_loop_lag_ms, so it may hold the tool's own delay.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,

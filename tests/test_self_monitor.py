@@ -1,0 +1,125 @@
+"""Self-monitoring: real stalls of the gevent hub and of the bridge loop are seen, and the timings taken
+during them are flagged; timings outside them are not."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import time
+
+import gevent
+import orjson
+import pytest
+
+from metrics.record import StreamRecord
+from metrics.self_monitor import LagHistogram, LagSampler, SelfMonitor, from_options, warnings_for
+
+
+def _record(stack: str, sent: float, first: float, chunks: list[float]) -> StreamRecord:
+    rec = StreamRecord(stack=stack, close_mode="none", endpoint="chat", request_id="r", stop_plan="never",
+                       wall_start=time.time(), sent=sent)
+    rec.first_token = first
+    rec.chunk_times = chunks
+    return rec
+
+
+def test_histogram_percentiles_from_known_samples():
+    h = LagHistogram()
+    for i in range(100):  # 0.00 .. 0.99 ms in 0.01 ms steps, then one 250 ms stall
+        h.add(i * 1e-5)
+    h.add(0.25)
+    stats = h.stats()
+    assert stats["count"] == 101
+    assert stats["p50_ms"] == pytest.approx(0.5, abs=0.1)  # 0.1 ms buckets
+    assert stats["p99_ms"] == pytest.approx(1.0, abs=0.1)
+    assert stats["max_ms"] == pytest.approx(250.0)
+    assert LagHistogram().stats() is None
+
+
+def test_sampler_windows_and_overlap():
+    s = LagSampler(interval=0.01, bound=0.005)
+    s.tick(100.0, 100.011)  # 1 ms late: within the bound, no window
+    s.tick(100.011, 100.071)  # 50 ms late: a lagged window [100.011, 100.071]
+    s.tick(100.071, 100.081)
+    assert s.stats()["lagged"] == 1
+    assert s.overlaps(100.05, 100.06)  # inside
+    assert s.overlaps(100.0, 100.02)  # reaches into it
+    assert not s.overlaps(100.072, 100.08)  # after it
+    assert not s.overlaps(99.0, 100.01)  # before it
+    # The sleeper is overdue now (last woke at 100.081): a span reaching past that is in a stall not yet recorded.
+    assert s.overlaps(100.075, 100.09, now=100.2)
+    assert not s.overlaps(100.075, 100.09, now=100.085)
+
+
+def test_a_real_hub_stall_flags_the_timings_taken_in_it():
+    monitor = SelfMonitor(interval=0.005, bound=0.01).start()
+    try:
+        gevent.sleep(0.05)  # let it sample a calm hub
+        calm_sent = time.monotonic()
+        gevent.sleep(0.02)
+        calm_end = time.monotonic()
+        gevent.sleep(0.03)  # a window starts when its sleep did (conservative): keep that after calm_end
+        stall_start = time.monotonic()
+        time.sleep(0.08)  # blocks the hub (no monkey patching here): a real 80 ms stall
+        stall_end = time.monotonic()
+        gevent.sleep(0.03)  # the sleeper wakes and records it
+        monitor.check(_record("requests", calm_sent, calm_end, [calm_sent + 0.001, calm_end]))
+        monitor.check(_record("requests", stall_start, stall_end, [stall_start + 0.01, stall_start + 0.05, stall_end]))
+    finally:
+        monitor.stop()
+    summary = monitor.summary()
+    assert summary["hub_lag"]["lagged"] >= 1
+    assert summary["hub_lag"]["max_ms"] >= 60
+    assert summary["ttft"] == {"checked": 2, "flagged": 1}
+    assert summary["itl"] == {"checked": 3, "flagged": 2}
+    assert summary["bridge_lag"] is None  # no bridge in this process's run: none was started for it
+    assert any("hub lag" in line for line in warnings_for({"local": summary}))
+    # It travels: JSON-safe and picklable (a worker ships it to the master).
+    assert orjson.loads(orjson.dumps(summary)) == summary
+    assert pickle.loads(pickle.dumps(summary)) == summary
+
+
+def test_cpu_is_measured_for_the_process():
+    monitor = SelfMonitor(interval=0.01, bound=0.005).start()
+    t_end = time.process_time() + 0.1
+    while time.process_time() < t_end:
+        pass
+    monitor.stop()
+    summary = monitor.summary()
+    assert summary["cpu_s"] >= 0.1
+    assert 0 < summary["cpu_pct"] <= 100 * 2.5  # one busy thread (plus the interpreter's odd helper)
+
+
+def test_a_real_bridge_loop_stall_is_seen_and_flags_async_stacks_only():
+    from users.bridge import get_bridge
+
+    bridge = get_bridge()
+    monitor = SelfMonitor(interval=0.005, bound=0.01).start()
+    try:
+        gevent.sleep(0.05)  # the hub sleeper attaches the bridge's sleeper
+
+        async def stall() -> tuple[float, float]:
+            t0 = time.monotonic()
+            time.sleep(0.08)  # blocks the bridge's loop, not the hub
+            return t0, time.monotonic()
+
+        t0, t1 = bridge.run(stall)
+        gevent.sleep(0.05)
+        monitor.check(_record("httpx-async", t0, t1, []))
+        monitor.check(_record("httpx", t0, t1, []))  # a sync stack: its hub did not stall
+    finally:
+        monitor.stop()
+    summary = monitor.summary()
+    assert summary["bridge_lag"]["lagged"] >= 1
+    assert summary["bridge_lag"]["max_ms"] >= 60
+    assert summary["ttft"] == {"checked": 2, "flagged": 1}
+    assert summary["bridge_cpu_s"] is not None and summary["bridge_cpu_s"] >= 0.0
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(ValueError, match="--max-loop-lag-ms"):
+        from_options(argparse.Namespace(max_loop_lag_ms=-1.0, loop_lag_interval_ms=10.0))
+    with pytest.raises(ValueError, match="--loop-lag-interval-ms"):
+        from_options(argparse.Namespace(max_loop_lag_ms=5.0, loop_lag_interval_ms=0.0))
+    monitor = from_options(argparse.Namespace(max_loop_lag_ms=2.5, loop_lag_interval_ms=20.0))
+    assert (monitor.bound, monitor.interval) == (0.0025, 0.02)
