@@ -39,6 +39,8 @@ class SimulatorConfig:
     vllm_flavour: str = "latest"
     # A step that ends later than the model says by more than this is counted as behind schedule.
     lag_tolerance_s: float = 0.002
+    # Keep every chunk's send time in the ledger (benchmarks of client timing; memory grows per chunk).
+    ledger_send_times: bool = False
 
     def step_duration(self, running: int, prefill_tokens: int) -> float:
         """Seconds one engine step takes with `running` sequences and `prefill_tokens` prompt tokens."""
@@ -101,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which vLLM to mimic in /metrics names and log lines: latest or 0.9 (default latest)")
     p.add_argument("--lag-tolerance-ms", type=_non_negative_float, default=d.lag_tolerance_s * 1e3,
                    help="a step ending later than its model time by more than this counts as behind (default 2)")
+    p.add_argument("--ledger-send-times", action="store_true",
+                   help="keep every chunk's send time in the ledger ([time, sent_tokens] pairs; for benchmarks)")
     p.add_argument("--log-file", default=None, help="also write the vLLM-like request log to this file")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process is gone (used when embedded by the locustfile)")
@@ -120,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         prefill_per_token_s=args.prefill_per_token_ms / 1e3,
         output_len=args.output_len,
         tokens_per_chunk=args.tokens_per_chunk,
+        ledger_send_times=args.ledger_send_times,
         seed=args.seed,
         vllm_flavour=args.vllm_flavour,
         lag_tolerance_s=args.lag_tolerance_ms / 1e3,
