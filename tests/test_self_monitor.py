@@ -8,11 +8,15 @@ import pickle
 import time
 
 import gevent
+import gevent.monkey
 import orjson
 import pytest
 
 from metrics.record import StreamRecord
 from metrics.self_monitor import LagHistogram, LagSampler, SelfMonitor, from_options, warnings_for
+
+# A real, blocking sleep even when another test module has monkey-patched time (importing locust does).
+_block = gevent.monkey.get_original("time", "sleep")
 
 
 def _record(stack: str, sent: float, first: float, chunks: list[float]) -> StreamRecord:
@@ -60,7 +64,7 @@ def test_a_real_hub_stall_flags_the_timings_taken_in_it():
         calm_end = time.monotonic()
         gevent.sleep(0.03)  # a window starts when its sleep did (conservative): keep that after calm_end
         stall_start = time.monotonic()
-        time.sleep(0.08)  # blocks the hub (no monkey patching here): a real 80 ms stall
+        _block(0.08)  # blocks the hub: a real 80 ms stall
         stall_end = time.monotonic()
         gevent.sleep(0.03)  # the sleeper wakes and records it
         monitor.check(_record("requests", calm_sent, calm_end, [calm_sent + 0.001, calm_end]))
@@ -100,7 +104,7 @@ def test_a_real_bridge_loop_stall_is_seen_and_flags_async_stacks_only():
 
         async def stall() -> tuple[float, float]:
             t0 = time.monotonic()
-            time.sleep(0.08)  # blocks the bridge's loop, not the hub
+            _block(0.08)  # blocks the bridge's loop, not the hub
             return t0, time.monotonic()
 
         t0, t1 = bridge.run(stall)
