@@ -27,6 +27,7 @@ import bisect
 import os
 import time
 from itertools import pairwise
+from operator import itemgetter
 from typing import Any
 
 import gevent
@@ -89,6 +90,9 @@ class LagHistogram:
                 "mean_ms": round(self.total / self.count * 1e3, 3)}
 
 
+_start_of = itemgetter(0)
+
+
 class LagSampler:
     """One loop's lag samples and lagged windows. `tick()` is fed by whatever sleeps on that loop.
 
@@ -102,8 +106,9 @@ class LagSampler:
         self.histogram = LagHistogram()
         self.lagged_count = 0
         self.lagged_seconds = 0.0
-        self._starts: list[float] = []
-        self._ends: list[float] = []
+        # (start, end) of each stall, in time order; one list so that a reader in another thread never sees a
+        # start without its end (each append or delete is one atomic list operation under the GIL).
+        self._windows: list[tuple[float, float]] = []
         self.last_wake: float | None = None  # when the sleeper last woke (the loop was alive then)
 
     def tick(self, slept_from: float, woke: float) -> None:
@@ -113,10 +118,9 @@ class LagSampler:
         if lag > self.bound:
             self.lagged_count += 1
             self.lagged_seconds += lag
-            if len(self._starts) >= _MAX_WINDOWS:
-                del self._starts[0], self._ends[0]
-            self._starts.append(slept_from)
-            self._ends.append(woke)
+            if len(self._windows) >= _MAX_WINDOWS:
+                del self._windows[0]
+            self._windows.append((slept_from, woke))
         self.last_wake = woke
 
     def overlaps(self, start: float, end: float, now: float | None = None) -> bool:
@@ -130,9 +134,10 @@ class LagSampler:
             overdue_from = self.last_wake  # the sleeper should have woken by last_wake + interval + bound
             if now - overdue_from > self.interval + self.bound and end >= overdue_from:
                 return True
-        i = bisect.bisect_right(self._starts, end)  # windows starting at or before the span's end
+        windows = self._windows
+        i = bisect.bisect_right(windows, end, key=_start_of)  # windows starting at or before the span's end
         # The windows are disjoint and in time order, so only the last of them can reach into the span.
-        return i > 0 and self._ends[i - 1] >= start
+        return i > 0 and windows[i - 1][1] >= start
 
     def stats(self) -> dict[str, Any] | None:
         out = self.histogram.stats()

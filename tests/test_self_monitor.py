@@ -4,8 +4,13 @@ during them are flagged; timings outside them are not."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import gevent
 import gevent.monkey
@@ -129,3 +134,40 @@ def test_bad_options_name_the_option():
         from_options(argparse.Namespace(max_loop_lag_ms=5.0, loop_lag_interval_ms=0.0))
     monitor = from_options(argparse.Namespace(max_loop_lag_ms=2.5, loop_lag_interval_ms=20.0))
     assert (monitor.bound, monitor.interval) == (0.0025, 0.02)
+
+
+# --- end to end under Locust ------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _locust(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STOPSTORM_", "LOCUST_"))}
+    cmd = [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_locust_run_reports_its_own_loops_and_cpu(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    proc = _locust("-u", "2", "-r", "2", "-t", "4s", "RequestsUser", "HttpxAsyncUser", "--sim-args",
+                   "--step-base-ms 5", "--think-time", "0.1", "--max-tokens", "30", "--stopstorm-report", str(report))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    doc = json.loads(report.read_text())
+    mon = doc["self_monitor"]["local"]
+    assert mon["pid"] != os.getpid()
+    # ~100 samples a second on each loop over the run (the bridge's from when the async user started it).
+    assert mon["hub_lag"]["count"] >= 0.5 * doc["meta"]["duration_s"] / (mon["interval_ms"] / 1e3)
+    assert mon["bridge_lag"] is not None and mon["bridge_lag"]["count"] > 0
+    assert mon["wall_s"] == pytest.approx(doc["meta"]["duration_s"], abs=1.0)
+    assert mon["cpu_s"] > 0 and mon["bridge_cpu_s"] is not None
+    # Every stream with a first token was checked: no more than the streams the accounting counted.
+    assert 0 < mon["ttft"]["checked"] <= doc["overall"]["figures"]["streams"]["value"]
+    assert mon["itl"]["checked"] >= mon["ttft"]["checked"]
+    assert 0 <= mon["ttft"]["flagged"] <= mon["ttft"]["checked"]
+
+
+def test_a_bad_lag_bound_stops_the_run_naming_the_option() -> None:
+    proc = _locust("-u", "1", "-t", "2s", "RequestsUser", "--max-loop-lag-ms", "-1", timeout=30)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "--max-loop-lag-ms must be >= 0" in proc.stdout
