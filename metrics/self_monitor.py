@@ -137,7 +137,10 @@ class LagSampler:
         windows = self._windows
         i = bisect.bisect_right(windows, end, key=_start_of)  # windows starting at or before the span's end
         # The windows are disjoint and in time order, so only the last of them can reach into the span.
-        return i > 0 and windows[i - 1][1] >= start
+        try:
+            return i > 0 and windows[i - 1][1] >= start
+        except IndexError:  # the oldest window was dropped (at the cap) by the other thread meanwhile
+            return True
 
     def stats(self) -> dict[str, Any] | None:
         out = self.histogram.stats()
