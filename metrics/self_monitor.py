@@ -32,6 +32,8 @@ from typing import Any
 
 import gevent
 
+from users import bridge as _bridge_module
+
 __all__ = ["LagHistogram", "LagSampler", "SelfMonitor", "add_arguments", "from_options", "process_key",
            "warnings_for"]
 
@@ -210,9 +212,7 @@ class SelfMonitor:
 
     def _attach_bridge(self) -> None:
         """Start the bridge loop's sleeper once the bridge exists (async stacks start it on first use)."""
-        from users import bridge as bridge_module
-
-        bridge = bridge_module._bridge  # peek only: never start a bridge the run does not use
+        bridge = _bridge_module._bridge  # peek only: never start a bridge the run does not use
         if bridge is None or bridge.closed or bridge.pid != os.getpid():
             return
         self._bridge = bridge
