@@ -57,7 +57,8 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     {"pid", "interval_ms", "max_loop_lag_ms", "wall_s", "cpu_s", "cpu_pct" (of one core), "bridge_cpu_s"
     (the asyncio bridge thread's, null without one), "hub_lag" and "bridge_lag" ({"count", "p50_ms",
     "p99_ms", "max_ms", "mean_ms", "lagged" (stalls over the bound), "lagged_s"}, null when not sampled),
-    "ttft": {"checked", "flagged"}, "itl": {"checked", "flagged"}}; a flagged TTFT or ITL gap overlapped a
+    "ttft": {"checked", "flagged"}, "itl": {"checked", "flagged"}, "gc": {"collections" (by generation),
+    "pause_total_s", "pause_max_ms"}}; a flagged TTFT or ITL gap overlapped a
     stall of its loop longer than max_loop_lag_ms, so it may hold the tool's own delay.
     """
     return {

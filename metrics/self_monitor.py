@@ -8,7 +8,8 @@ Locust process (local, master or worker):
   greenlet that was ready at the same time waited as long: sync stacks stamp their chunks on this hub);
 - the asyncio bridge loop's lag (users/bridge.py, where the async stacks stamp theirs), the same way, once
   the bridge exists;
-- the process's CPU time over the run's wall time (and the bridge thread's own, where the OS gives it).
+- the process's CPU time over the run's wall time (and the bridge thread's own, where the OS gives it);
+- the garbage collector's pauses (`gc.callbacks`), which stop every thread at once.
 
 A stall longer than `--max-loop-lag-ms` becomes a *lagged window* (from the sleep's start to the wake-up).
 A stream whose TTFT span (send → first token) overlaps such a window has its TTFT flagged, and each ITL gap
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import gc
 import os
 import time
 from itertools import pairwise
@@ -34,7 +37,7 @@ import gevent
 
 from users import bridge as _bridge_module
 
-__all__ = ["LagHistogram", "LagSampler", "SelfMonitor", "add_arguments", "from_options", "process_key",
+__all__ = ["GcPauses", "LagHistogram", "LagSampler", "SelfMonitor", "add_arguments", "from_options", "process_key",
            "warnings_for"]
 
 _MAX_WINDOWS = 10_000  # lagged windows kept for flagging (the oldest go first); counts stay exact
@@ -153,6 +156,39 @@ class LagSampler:
         return out
 
 
+class GcPauses:
+    """The garbage collector's pauses (gc.callbacks): a full collection over many live objects stops every
+    thread for tens of ms, the likeliest cause of a stall that CPU % does not explain."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]  # by generation
+        self.total = 0.0
+        self.max = 0.0
+        self._t0: float | None = None
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            pause = time.perf_counter() - self._t0
+            self._t0 = None
+            self.collections[info.get("generation", 0)] += 1
+            self.total += pause
+            self.max = max(self.max, pause)
+
+    def start(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._callback)
+
+    def stats(self) -> dict[str, Any]:
+        return {"collections": list(self.collections), "pause_total_s": round(self.total, 4),
+                "pause_max_ms": round(self.max * 1e3, 3)}
+
+
 def _thread_cpu(ident: int | None) -> float | None:
     """CPU seconds of the real thread `ident` (Linux: its pthread CPU clock), None where unavailable."""
     if ident is None or not hasattr(time, "pthread_getcpuclockid"):
@@ -175,6 +211,7 @@ class SelfMonitor:
         self.bound = bound
         self.hub = LagSampler(interval, bound)
         self.bridge = LagSampler(interval, bound)
+        self.gc = GcPauses()
         self._greenlet: gevent.Greenlet | None = None
         self._bridge_future: Any = None
         self._bridge: Any = None
@@ -195,6 +232,7 @@ class SelfMonitor:
         return self._greenlet is not None and not self._greenlet.dead
 
     def start(self) -> SelfMonitor:
+        self.gc.start()
         self.started = time.monotonic()
         self._cpu0 = time.process_time()
         self._stopping = False
@@ -231,6 +269,7 @@ class SelfMonitor:
         if self.stopped is not None:
             return
         self._stopping = True
+        self.gc.stop()
         self.stopped = time.monotonic()
         self._cpu1 = time.process_time()
         if self._bridge is not None:
@@ -282,6 +321,7 @@ class SelfMonitor:
             "bridge_lag": self.bridge.stats(),
             "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged},
             "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged},
+            "gc": self.gc.stats(),
         }
 
 
@@ -295,6 +335,9 @@ def warnings_for(summaries: dict[str, dict[str, Any]]) -> list[str]:
             if st and st.get("lagged"):
                 bad.append(f"{name.replace('_', ' ')} > {s['max_loop_lag_ms']:g} ms {st['lagged']} times "
                            f"(max {st['max_ms']:g} ms)")
+        gc_stats = s.get("gc") or {}
+        if bad and gc_stats.get("pause_max_ms", 0) > s["max_loop_lag_ms"]:
+            bad.append(f"GC pauses up to {gc_stats['pause_max_ms']:g} ms ({gc_stats['pause_total_s']:g} s in all)")
         if s.get("cpu_pct") is not None and s["cpu_pct"] >= 90:
             bad.append(f"CPU {s['cpu_pct']:g} % of a core")
         if bad:

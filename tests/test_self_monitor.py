@@ -90,6 +90,22 @@ def test_a_real_hub_stall_flags_the_timings_taken_in_it():
     assert pickle.loads(pickle.dumps(summary)) == summary
 
 
+def test_gc_pauses_are_counted_while_running_only():
+    import gc
+
+    monitor = SelfMonitor().start()
+    junk = [[i] for i in range(200_000)]  # live objects for a full collection to walk
+    gc.collect()
+    monitor.stop()
+    stats = monitor.summary()["gc"]
+    gc.collect()  # after stop: not counted
+    assert monitor.summary()["gc"] == stats
+    assert stats["collections"][2] >= 1  # ours, and any the allocations above set off
+    assert stats["pause_max_ms"] > 0
+    assert stats["pause_total_s"] >= stats["pause_max_ms"] / 1e3 - 1e-4  # both rounded to 0.1 ms or finer
+    del junk
+
+
 def test_cpu_is_measured_for_the_process():
     monitor = SelfMonitor(interval=0.01, bound=0.005).start()
     t_end = time.process_time() + 0.1
