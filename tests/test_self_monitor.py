@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import time
@@ -187,3 +188,36 @@ def test_a_bad_lag_bound_stops_the_run_naming_the_option() -> None:
     proc = _locust("-u", "1", "-t", "2s", "RequestsUser", "--max-loop-lag-ms", "-1", timeout=30)
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert "--max-loop-lag-ms must be >= 0" in proc.stdout
+
+
+@pytest.mark.slow
+def test_workers_send_theirs_to_the_master(tmp_path: Path) -> None:
+    """Master/worker: the master's report holds the worker's summary under its client id, beside its own."""
+    report = tmp_path / "m.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STOPSTORM_", "LOCUST_"))}
+    base = [sys.executable, "-m", "locust", "-f", "locustfile.py", "RequestsUser"]
+    master = subprocess.Popen([*base, "--master", "--headless", "--expect-workers", "1", "-u", "2", "-r", "2",
+                               "-t", "4s", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+                               "--stopstorm-report", str(report)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = subprocess.Popen([*base, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        out, _ = master.communicate(timeout=60)
+        worker.wait(timeout=30)
+    finally:
+        for proc in (master, worker):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert master.returncode == 0, out[-3000:]
+    mon = json.loads(report.read_text())["self_monitor"]
+    workers = [k for k in mon if k.startswith("worker ")]
+    assert len(workers) == 1 and "master" in mon, mon.keys()
+    w = mon[workers[0]]
+    assert w["pid"] == worker.pid
+    assert w["ttft"]["checked"] > 0 and w["hub_lag"]["count"] > 0
+    assert mon["master"]["ttft"]["checked"] == 0  # the master runs no users
