@@ -291,7 +291,7 @@ class SelfMonitor:
             self.ttft_checked += 1
             if sampler.overlaps(record.sent, first, now):
                 self.ttft_flagged += 1
-        times = getattr(record, "chunk_times", None) or ()
+        times: list[float] = getattr(record, "chunk_times", None) or []
         if len(times) < 2:
             return
         self.itl_checked += len(times) - 1
