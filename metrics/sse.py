@@ -220,7 +220,7 @@ class SSELineDecoder(_EventBuffer):
             event = self._dispatch()
             return None if event is None else event.data
         if pending is None and not self._data and not self._at_start:
-            if type(line) is bytes:
+            if isinstance(line, bytes):
                 if line.startswith(b"data: ") and line[-1] not in (10, 13):
                     self._pending = line[6:]
                     return None
