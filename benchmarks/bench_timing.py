@@ -35,6 +35,7 @@ monkey.patch_all()
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import random
@@ -60,6 +61,7 @@ from users.stacks import STACKS, is_async, transport_for
 
 SIM_CPU, CLIENT_CPU = 0, 1
 RUN_TIMEOUT = 120.0
+GC_FREEZE = False
 
 
 def settings(url: str, tokens: int, stop_tokens: int | None) -> RunSettings:
@@ -118,6 +120,8 @@ def run_users(stack: str, url: str, n: int, st: RunSettings, spread: float, stop
         records.append(record)
 
     try:
+        if GC_FREEZE:
+            gc.freeze()  # the clients built above move to the permanent generation: full collections skip them
         monitor.start()
         gevent.sleep(0.1)
         c0, t0 = time.process_time(), time.monotonic()
@@ -195,8 +199,12 @@ def main() -> None:
     parser.add_argument("--step-base-ms", type=float, default=20.0)
     parser.add_argument("--max-loop-lag-ms", type=float, default=1.0,
                         help="the self-monitor's bound: TTFTs taken during a longer stall are flagged (default 1)")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() once the clients are built (do full-collection pauses shrink?)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
+    global GC_FREEZE
+    GC_FREEZE = args.gc_freeze
 
     pinned = (os.cpu_count() or 1) >= 2 and {SIM_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
     sim = EmbeddedSimulator(["--ledger-send-times", "--max-num-seqs", str(max(args.streams)), "--step-base-ms",
