@@ -35,6 +35,8 @@ from metrics.record import StreamRecord
 from metrics.record_sink import RecordSink
 from metrics.run_report import format_summary, to_json, write_report
 from metrics.run_stop import install_stop_signals, stop_reason
+from metrics.self_monitor import SelfMonitor, from_options, process_key, warnings_for
+from metrics.self_monitor import add_arguments as add_self_monitor_arguments
 from metrics.truth import LedgerClient
 from metrics.vllm_log import LogFollower
 from metrics.vllm_metrics_scrape import MetricsScraper
@@ -59,6 +61,7 @@ _META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "ma
 def _add_arguments(parser: LocustArgumentParser) -> None:
     add_user_arguments(parser)
     add_probe_arguments(parser)
+    add_self_monitor_arguments(parser)
     group = parser.add_argument_group("stopstorm embedded simulator", "used when no --host is given")
     group.add_argument("--sim-max-num-seqs", type=int, default=2, env_var="STOPSTORM_SIM_MAX_NUM_SEQS",
                        help="running slots of the embedded simulator, as vLLM's --max-num-seqs (default 2)")
@@ -272,10 +275,14 @@ def _write_run_report(**_kwargs: Any) -> None:
         sink = _run.get("sink")
         if sink is not None:
             meta["records"] = {"path": str(sink.path), "written": sink.written}
-        write_report(path, to_json(accounting, meta))
+        doc = to_json(accounting, meta)
+        doc["self_monitor"] = _self_monitor_summaries()
+        write_report(path, doc)
         if reason is not None:
             print(f"\nstopstorm: PARTIAL report ({reason}): the figures cover the run until then", flush=True)
         print(f"\nstopstorm abort accounting (JSON: {path})\n{format_summary(accounting)}\n", flush=True)
+        for line in warnings_for(doc["self_monitor"]):
+            print(f"stopstorm self-monitor: {line}", flush=True)
     except Exception:
         _log.exception("stopstorm: the abort accounting failed; Locust's own results stand")
     finally:
@@ -283,6 +290,67 @@ def _write_run_report(**_kwargs: Any) -> None:
         sink = _run.pop("sink", None)
         if sink is not None:
             sink.close()
+
+
+# -- self-monitoring (metrics/self_monitor.py): every process watches its own loops and CPU -------------
+_monitors: dict[str, Any] = {}  # "self": this process's SelfMonitor; "workers": {key: summary} on a master
+
+
+@events.init.add_listener
+def _check_self_monitor_options(environment: Environment, **_kwargs: Any) -> None:
+    try:
+        from_options(environment.parsed_options)
+    except ValueError as exc:
+        _log.error("stopstorm: %s", exc)
+        _stop_simulator()
+        raise SystemExit(2) from None
+
+
+@events.test_start.add_listener
+def _start_self_monitor(environment: Environment, **_kwargs: Any) -> None:
+    if "self" in _monitors:
+        return
+    monitor: SelfMonitor = from_options(environment.parsed_options).start()
+    _monitors["self"] = monitor
+    _monitors["key"] = process_key(environment.runner)
+
+
+@events.request.add_listener
+def _check_timing(context: dict[str, Any] | None = None, **_kwargs: Any) -> None:
+    monitor = _monitors.get("self")
+    if monitor is not None and context and isinstance(context.get("record"), StreamRecord):
+        monitor.check(context["record"])
+
+
+@events.test_stop.add_listener
+def _stop_self_monitor(**_kwargs: Any) -> None:
+    monitor = _monitors.get("self")
+    if monitor is not None:
+        monitor.stop()
+
+
+@events.report_to_master.add_listener
+def _send_self_monitor(data: dict[str, Any], **_kwargs: Any) -> None:
+    monitor = _monitors.get("self")
+    if monitor is not None:  # cumulative: the master keeps the latest per worker
+        data["stopstorm_self_monitor"] = {"key": _monitors["key"], "summary": monitor.summary()}
+
+
+@events.worker_report.add_listener
+def _receive_self_monitor(client_id: str, data: dict[str, Any], **_kwargs: Any) -> None:
+    sent = data.get("stopstorm_self_monitor")
+    if isinstance(sent, dict):
+        _monitors.setdefault("workers", {})[str(sent.get("key", f"worker {client_id}"))] = sent.get("summary")
+
+
+def _self_monitor_summaries() -> dict[str, Any]:
+    """Every process's self-monitor summary, keyed by process: this one's and, on a master, its workers'."""
+    out: dict[str, Any] = dict(_monitors.get("workers", {}))
+    monitor = _monitors.get("self")
+    if monitor is not None:
+        monitor.stop()
+        out[_monitors["key"]] = monitor.summary()
+    return out
 
 
 # Last: the run report above reads the simulator's ledger before this stops it.

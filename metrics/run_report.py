@@ -60,6 +60,14 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     count fell short of what they said they sent: died, or never answered], "workers": {ID: {"records",
     "batches", "claimed_sent", "final", "state", "clock_shift_s", "drained": records that came after the
     master asked for the final batches}}}.
+    Optional "self_monitor" (written by metrics/locust_hooks.py, from metrics/self_monitor.py): the load
+    generator's own health, {PROCESS: SUMMARY} keyed "local", "master" or "worker <client id>". SUMMARY:
+    {"pid", "interval_ms", "max_loop_lag_ms", "wall_s", "cpu_s", "cpu_pct" (of one core), "bridge_cpu_s"
+    (the asyncio bridge thread's, null without one), "hub_lag" and "bridge_lag" ({"count", "p50_ms",
+    "p99_ms", "max_ms", "mean_ms", "lagged" (stalls over the bound), "lagged_s"}, null when not sampled),
+    "ttft": {"checked", "flagged"}, "itl": {"checked", "flagged"}, "gc": {"collections" (by generation),
+    "pause_total_s", "pause_max_ms"}}; a flagged TTFT or ITL gap overlapped a
+    stall of its loop longer than max_loop_lag_ms, so it may hold the tool's own delay.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,

@@ -42,6 +42,8 @@ class SimulatorConfig:
     lag_tolerance_s: float = 0.002
     # Faults drawn per request (--fault); a request's x-stopstorm-fault header overrides the draw.
     faults: tuple[Fault, ...] = ()
+    # Keep every chunk's send time in the ledger (benchmarks of client timing; memory grows per chunk).
+    ledger_send_times: bool = False
 
     def step_duration(self, running: int, prefill_tokens: int) -> float:
         """Seconds one engine step takes with `running` sequences and `prefill_tokens` prompt tokens."""
@@ -114,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault", dest="faults", type=_fault, action="append", default=[],
                    help=f"inject a fault into a share of requests: KIND[:ARG][@RATE], repeatable, rates adding up to "
                    f"at most 1; KIND is {', '.join(FAULT_KINDS)} (see simulator/faults.py); e.g. status:503@0.1")
+    p.add_argument("--ledger-send-times", action="store_true",
+                   help="keep every chunk's send time in the ledger ([time, sent_tokens] pairs; for benchmarks)")
     p.add_argument("--log-file", default=None, help="also write the vLLM-like request log to this file")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process is gone (used when embedded by the locustfile)")
@@ -133,6 +137,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         prefill_per_token_s=args.prefill_per_token_ms / 1e3,
         output_len=args.output_len,
         tokens_per_chunk=args.tokens_per_chunk,
+        ledger_send_times=args.ledger_send_times,
         seed=args.seed,
         vllm_flavour=args.vllm_flavour,
         lag_tolerance_s=args.lag_tolerance_ms / 1e3,

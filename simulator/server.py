@@ -339,6 +339,7 @@ class _Job:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         per_chunk = self.sim.config.tokens_per_chunk
+        send_times = entry.send_times = [] if self.sim.config.ledger_send_times else None
         sent = 0
         while True:
             generated, finish = out.generated, out.finish_reason
@@ -376,6 +377,12 @@ class _Job:
                     parts.append(self.usage_chunk(generated))
                 parts.append(_DONE)
             await send({"type": "http.response.body", "body": b"".join(parts), "more_body": finish is None})
+            if generated > sent:
+                now = time.monotonic()
+                if sent == 0:
+                    entry.first_sent = now
+                if send_times is not None:
+                    send_times.append([now, generated])
             sent = entry.sent_tokens = generated
             if finish is not None:
                 return

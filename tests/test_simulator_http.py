@@ -633,3 +633,20 @@ def test_seeded_lengths_do_not_depend_on_refused_requests(tmp_path):
         assert d2["target_tokens"] == draws[1], why
     finally:
         sim.close()
+
+
+def test_ledger_send_times_bracket_what_the_client_saw(sim_pool):
+    """first_sent: the first token's chunk handed to the socket, after the engine made it and before the
+    client read it; with --ledger-send-times, every chunk's [time, sent_tokens], in order, to the last."""
+    sim = sim_pool.fresh(*BASIC, "--ledger-send-times")
+    events, marks = stream(sim, "/v1/chat/completions", chat_body(max_tokens=8), "sendtimes-1")
+    e = sim.wait_entry("chatcmpl-sendtimes-1")
+    assert e["first_token"] <= e["first_sent"] <= marks["first_data"]
+    times = [t for t, _ in e["send_times"]]
+    assert times == sorted(times) and times[0] == e["first_sent"]
+    assert [n for _, n in e["send_times"]] == list(range(1, 9))
+    assert e["send_times"][-1][1] == e["sent_tokens"] == content_tokens(events) == 8
+    plain = sim_pool.fresh(*BASIC)  # off by default: no per-chunk list, but first_sent all the same
+    stream(plain, "/v1/chat/completions", chat_body(max_tokens=4), "sendtimes-2")
+    e2 = plain.wait_entry("chatcmpl-sendtimes-2")
+    assert e2["send_times"] is None and e2["first_token"] <= e2["first_sent"]

@@ -47,6 +47,16 @@ def _feed_lines(lines: list[bytes] | list[str]) -> list[SSEEvent]:
     return events if last is None else [*events, last]
 
 
+def _feed_line_data(lines: list[bytes] | list[str]) -> list[str]:
+    """The fast path's payloads (feed_line_data, then flush), as text."""
+    decoder = SSELineDecoder()
+    datas = [data for line in lines if (data := decoder.feed_line_data(line)) is not None]
+    last = decoder.flush()
+    if last is not None:
+        datas.append(last.data)
+    return [d.decode("utf-8", "replace") if isinstance(d, bytes) else d for d in datas]
+
+
 FEEDERS: dict[str, Callable[[bytes], list[list[SSEEvent]]]] = {
     "decode_whole": lambda s: [_decode_chunks([s])],
     "decode_every_split": lambda s: [_decode_chunks([s[:i], s[i:]]) for i in range(len(s) + 1)],
@@ -157,6 +167,29 @@ CASES = [
 def test_every_entry_point_and_split_gives_the_expected_events(case: Case, feeder: str) -> None:
     for i, events in enumerate(FEEDERS[feeder](case.stream)):
         assert events == case.expected, f"{feeder} #{i}"  # for decode_every_split, i is the split offset
+
+
+@pytest.mark.parametrize("form", ["bytes", "str", "with_terminators"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_feed_line_data_gives_the_same_payloads_as_the_full_rules(case: Case, form: str) -> None:
+    bare, kept = _split_lines(case.stream)
+    lines = {"bytes": bare, "str": [line.decode("utf-8", "replace") for line in bare], "with_terminators": kept}
+    assert _feed_line_data(lines[form]) == [e.data for e in case.expected]
+
+
+def test_feed_line_data_hands_a_one_line_payload_over_as_given() -> None:
+    decoder = SSELineDecoder()
+    assert decoder.feed_line_data(b": keep-alive") is None  # the first line takes the full rules (BOM)
+    assert decoder.feed_line_data(b'data: {"a":1}') is None
+    assert decoder.feed_line_data(b"") == b'{"a":1}'  # bytes, no decode
+    assert decoder.feed_line_data("data: x") is None
+    assert decoder.feed_line_data("") == "x"
+    # A second data line joins the first by the full rules, and a plain feed_line after it sees both.
+    assert decoder.feed_line_data(b"data: one") is None
+    assert decoder.feed_line_data(b"data: two") is None
+    assert decoder.feed_line_data(b"") == "one\ntwo"
+    assert decoder.feed_line_data(b"data: three") is None
+    assert decoder.feed_line(b"") == E("three")
 
 
 def test_every_three_way_split() -> None:
@@ -322,3 +355,4 @@ def test_random_streams_round_trip(case: tuple[bytes, list[SSEEvent], list[int]]
     bounds = [0, *cuts, len(stream)]
     assert _decode_chunks([stream[a:b] for a, b in itertools.pairwise(bounds)]) == expected
     assert _feed_lines(_split_lines(stream)[0]) == expected
+    assert _feed_line_data(_split_lines(stream)[0]) == [e.data for e in expected]
