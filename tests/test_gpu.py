@@ -1,0 +1,249 @@
+"""The GPU hook's parts: the NVML sampler and the attribution driven through a stand-in NVML module
+(tests/nvml_standin.py: pynvml's surface over scripted GPUs, since this machine has none), the DCGM parser
+on real dcgm-exporter text (tests/fixtures/dcgm-exporter/README.txt says where each came from), and the
+real pynvml on a machine without a GPU."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+
+import gevent
+import pytest
+
+from metrics.accounting import Distribution
+from metrics.dcgm import DcgmSampler, parse_dcgm
+from metrics.gpu_attribution import TIMELINE_COLUMNS, attribute, stop_marks, timeline_rows
+from metrics.gpu_sampler import GpuUnavailable, NvmlSampler
+from metrics.record import StreamRecord
+from tests.nvml_standin import StandinGpu, StandinNvml
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dcgm-exporter"
+MONO_OFFSET = 900.0  # the stand-in wall clock minus our monotonic clock
+T0 = 1_000.0  # wall time the scripted GPU starts busy
+BUSY_S = 1.0
+DRIVER_RATE_S = 1 / 60
+
+
+class FakeClock:
+    """Wall and monotonic time, moved by the test (both advance together)."""
+
+    def __init__(self, wall: float) -> None:
+        self.t = wall
+
+    def wall(self) -> float:
+        return self.t
+
+    def mono(self) -> float:
+        return self.t - MONO_OFFSET
+
+
+def step_gpu(**kw) -> StandinGpu:
+    """Busy (90 %, 300 W) for BUSY_S from T0, then idle (0 %, 60 W): the seed's nvtop step."""
+    return StandinGpu(util=lambda t: 90.0 if T0 <= t < T0 + BUSY_S else 0.0,
+                      power_w=lambda t: 300.0 if T0 <= t < T0 + BUSY_S else 60.0, **kw)
+
+
+def run_sampler(nvml: StandinNvml, clock: FakeClock, seconds: float, interval: float = 0.1) -> NvmlSampler:
+    sampler = NvmlSampler(interval=interval, nvml=nvml, clock=clock.mono, wall=clock.wall)
+    sampler.open()
+    for _ in range(round(seconds / interval)):
+        clock.t += interval
+        sampler.sample_once()
+    return sampler
+
+
+def record(sent: float, stop: float | None, closed: float | None, request_id: str = "r1") -> StreamRecord:
+    return StreamRecord(stack="requests", close_mode="close", endpoint="chat", request_id=request_id,
+                        stop_plan="tokens:10", wall_start=0.0, sent=sent, stop=stop, closed=closed,
+                        ended=None if stop is not None else closed)
+
+
+# --- the sampler -------------------------------------------------------------------------------------------
+
+
+def test_sampler_reads_every_field_in_its_units():
+    clock = FakeClock(T0)
+    nvml = StandinNvml([step_gpu()], wall=clock.wall, driver_rate_s=DRIVER_RATE_S)
+    s = run_sampler(nvml, clock, 2.0)
+    assert s.devices[0].name == "Stand-in GPU" and s.devices[0].uuid == "GPU-standin-0"
+    assert len(s.samples) == 20 and s.errors == 0
+    busy, idle = s.samples[3], s.samples[-1]
+    assert busy.util_pct == 90.0 and busy.power_w == 300.0 and busy.sm_clock_mhz == 1410.0
+    assert busy.mem_used_bytes == 1 << 30
+    assert idle.util_pct == 0.0 and idle.power_w == 60.0
+    assert busy.t == pytest.approx(T0 + 0.4 - MONO_OFFSET)
+    # the counter is the integral of the scripted power: 300 W × 1 s + 60 W × (2 − 0.1) s after the first poll
+    assert s.samples[-1].energy_j - s.samples[0].energy_j == pytest.approx(300 * 0.9 + 60 * 1.0, rel=0.01)
+
+
+def test_driver_utilisation_samples_come_at_their_rate_on_the_monotonic_clock():
+    clock = FakeClock(T0)
+    s = run_sampler(StandinNvml([step_gpu()], wall=clock.wall, driver_rate_s=DRIVER_RATE_S), clock, 2.0)
+    assert len(s.util_samples) == pytest.approx(2.0 / DRIVER_RATE_S, abs=2)
+    times = [u.t for u in s.util_samples]
+    assert times == sorted(times) and len(set(times)) == len(times)  # none twice across polls
+    first_idle = next(u for u in s.util_samples if u.util_pct == 0.0)
+    assert first_idle.t - (T0 + BUSY_S - MONO_OFFSET) == pytest.approx(0, abs=DRIVER_RATE_S + 1e-6)
+
+
+def test_unsupported_readings_are_none_and_not_asked_again():
+    clock = FakeClock(T0)
+    gpu = step_gpu(unsupported={"nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetSamples",
+                                "nvmlDeviceGetClockInfo"})
+    s = run_sampler(StandinNvml([gpu], wall=clock.wall), clock, 1.0)
+    assert all(x.energy_j is None and x.sm_clock_mhz is None for x in s.samples)
+    assert s.util_samples == [] and s.errors == 0
+    assert (0, "energy") in s._unsupported
+
+
+def test_nvml_init_failure_is_one_reason_in_words():
+    with pytest.raises(GpuUnavailable, match="NVML could not start: NVML Shared Library Not Found"):
+        NvmlSampler(nvml=StandinNvml(fail_init=True)).open()
+
+
+def test_bad_gpu_index_names_the_option():
+    with pytest.raises(GpuUnavailable, match=r"--gpu-indices 3 not present: NVML sees 1 GPU"):
+        NvmlSampler(indices=[3], nvml=StandinNvml()).open()
+
+
+def test_real_pynvml_without_a_gpu_says_why():
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has a working NVML: the no-GPU path cannot be seen here")
+    with pytest.raises(GpuUnavailable, match="NVML could not start"):
+        NvmlSampler().open()
+
+
+def test_greenlet_polls_at_its_interval_and_stops_with_a_last_reading():
+    nvml = StandinNvml([StandinGpu(util=lambda t: 50.0)])
+    s = NvmlSampler(interval=0.05, nvml=nvml)
+    s.open()
+    s.start()
+    gevent.sleep(0.32)
+    s.stop()
+    assert 6 <= len(s.samples) <= 9, len(s.samples)  # 0.32 s / 0.05 s, plus the last reading
+    assert not s.alive and nvml.shutdowns == 1
+
+
+# --- attribution -------------------------------------------------------------------------------------------
+
+
+def test_attribution_on_the_step_waveform():
+    clock = FakeClock(T0 - 0.5)
+    s = run_sampler(StandinNvml([step_gpu()], wall=clock.wall, driver_rate_s=DRIVER_RATE_S), clock, 3.0)
+    start, end = T0 - 0.5 - MONO_OFFSET, T0 + 2.5 - MONO_OFFSET
+    stop = T0 + BUSY_S - 0.05 - MONO_OFFSET  # the user pressed Stop 50 ms before the GPU went idle
+    recs = [record(start + 0.1, stop, stop + 0.001)]
+    g = attribute(s.samples, s.util_samples, start, end, recs, delivered_tokens=300, wasted_tokens=100,
+                  source="NVML", tokens_source="simulator ledger")
+    assert g.gpu_busy_seconds.value == pytest.approx(0.9 * BUSY_S, abs=0.02)
+    expected_j = 300 * BUSY_S + 60 * (3.0 - BUSY_S - 0.1)  # from the first poll to the last
+    assert g.energy.value == pytest.approx(expected_j, rel=0.02) and g.energy.unit == "J"
+    assert g.energy_per_delivered_token.value == pytest.approx(g.energy.value / 300)
+    assert g.wasted_energy.value == pytest.approx(g.energy.value * 100 / 400)
+    assert g.wasted_gpu_seconds.value == pytest.approx(g.gpu_busy_seconds.value / 4)
+    assert g.idle_stops.value == 1
+    d = g.stop_to_idle.value
+    assert isinstance(d, Distribution) and 0.05 <= d.p50 <= 0.05 + DRIVER_RATE_S + 1e-6
+
+
+def test_stop_with_another_stream_in_flight_did_not_leave_the_gpu_idle():
+    clock = FakeClock(T0 - 0.5)
+    s = run_sampler(StandinNvml([step_gpu()], wall=clock.wall), clock, 3.0)
+    stop = T0 + 0.5 - MONO_OFFSET
+    recs = [record(stop - 0.4, stop, stop + 0.001), record(stop - 0.3, None, T0 + 1.2 - MONO_OFFSET, "r2")]
+    g = attribute(s.samples, s.util_samples, T0 - 0.5 - MONO_OFFSET, T0 + 2.5 - MONO_OFFSET, recs,
+                  delivered_tokens=10, wasted_tokens=0, source="NVML", tokens_source="simulator ledger")
+    assert g.idle_stops.value == 0 and g.stop_to_idle.value is None
+    assert g.wasted_energy.value == 0
+
+
+def test_energy_falls_back_to_power_integral_and_says_so():
+    clock = FakeClock(T0 - 0.5)
+    gpu = step_gpu(unsupported={"nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetSamples"})
+    s = run_sampler(StandinNvml([gpu], wall=clock.wall), clock, 3.0)
+    g = attribute(s.samples, s.util_samples, T0 - 0.5 - MONO_OFFSET, T0 + 2.5 - MONO_OFFSET, [],
+                  delivered_tokens=None, wasted_tokens=None, source="NVML", tokens_source="client records")
+    assert g.energy.value == pytest.approx(300 * BUSY_S + 60 * 1.9, rel=0.05)
+    assert "∫ power dt" in g.energy.note
+    assert g.energy_per_delivered_token.value is None and g.wasted_energy.value is None
+
+
+def test_timeline_rows_and_stop_marks_count_from_the_run_start():
+    clock = FakeClock(T0)
+    s = run_sampler(StandinNvml([step_gpu(), step_gpu(uuid="GPU-standin-1")], wall=clock.wall), clock, 0.5)
+    start = T0 - MONO_OFFSET
+    rows = timeline_rows(s.samples, start)
+    assert len(rows) == 10 and all(len(r) == len(TIMELINE_COLUMNS) for r in rows)
+    assert [r[1] for r in rows[:2]] == [0, 1] and rows[0][0] == pytest.approx(0.1)
+    assert rows[0][4] == 0 and rows[-1][4] > 0  # energy since each GPU's first reading
+    assert stop_marks([record(start, start + 0.25, start + 0.3), record(start, None, start + 1)], start) == [0.25]
+
+
+# --- DCGM exporter, on real exporter text ---------------------------------------------------------------
+
+
+def test_dcgm_a100_docs_sample():
+    samples, devices = parse_dcgm((FIXTURES / "a100-nvidia-docs.txt").read_text(), at=5.0)
+    assert [d.uuid for d in devices] == ["GPU-34319582-d595-d1c7-d1d2-179bcfa61660"]
+    (s,) = samples
+    assert (s.t, s.gpu, s.power_w, s.sm_clock_mhz) == (5.0, 0, 409.692, 1215.0)
+    assert s.energy_j == pytest.approx(319159.391)
+    assert s.mem_used_bytes == 4845 * 2**20
+    assert s.util_pct is None  # this exporter profile has no GPU_UTIL: unknown, not 0
+
+
+def test_dcgm_v100_issue_output_with_help_and_type():
+    samples, devices = parse_dcgm((FIXTURES / "v100-issue250-excerpt.txt").read_text(), at=0.0)
+    assert [(s.gpu, s.util_pct, s.power_w) for s in samples] == [(0, 0.0, None)]
+    assert devices[0].name == "Tesla V100-SXM2-32GB"
+
+
+def test_dcgm_mig_copies_give_one_reading_per_gpu():
+    power, _ = parse_dcgm((FIXTURES / "a30-mig-issue317-power.txt").read_text(), at=0.0)
+    assert [(s.gpu, s.power_w) for s in power] == [(0, 52.636), (1, 56.121)]
+    energy, _ = parse_dcgm((FIXTURES / "a30-mig-issue317-energy.txt").read_text(), at=0.0)
+    assert [(s.gpu, s.energy_j) for s in energy] == [(2, pytest.approx(138249198.597)),
+                                                     (3, pytest.approx(135188274.123))]
+
+
+@pytest.fixture
+def exporter():
+    """The A100 sample served over loopback HTTP, as dcgm-exporter serves it."""
+    body = (FIXTURES / "a100-nvidia-docs.txt").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_dcgm_sampler_over_http(exporter):
+    s = DcgmSampler(f"{exporter}/metrics")
+    s.open()
+    s.sample_once()
+    s.close()
+    assert [d.index for d in s.devices] == [0] and len(s.samples) == 2 and s.errors == 0
+    with pytest.raises(GpuUnavailable, match="exports no GPU fields among --gpu-indices"):
+        DcgmSampler(f"{exporter}/metrics", indices=[1]).open()
+    with pytest.raises(GpuUnavailable, match="could not be read: HTTPError"):
+        DcgmSampler(f"{exporter}/nope").open()
