@@ -27,6 +27,7 @@ from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
+from metrics import gpu_hooks
 from metrics.accounting import account, ledger_by_id
 from metrics.record import StreamRecord
 from metrics.run_report import format_summary, to_json, write_report
@@ -240,8 +241,11 @@ def _write_run_report(**_kwargs: Any) -> None:
         if follower is not None:
             meta["server_log"] = {"path": follower.path, "lines": follower.lines, "events": follower.events,
                                   "errors": follower.errors, "last_error": follower.last_error}
-        write_report(path, to_json(accounting, meta))
-        print(f"\nstopstorm abort accounting (JSON: {path})\n{format_summary(accounting)}\n", flush=True)
+        doc = to_json(accounting, meta)
+        gpu_lines = gpu_hooks.extend_report(doc, accounting, list(_records), _run["started"], end, path)
+        write_report(path, doc)
+        summary = "\n".join([format_summary(accounting), *gpu_lines])
+        print(f"\nstopstorm abort accounting (JSON: {path})\n{summary}\n", flush=True)
     except Exception:
         _log.exception("stopstorm: the abort accounting failed; Locust's own results stand")
     finally:

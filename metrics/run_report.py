@@ -51,6 +51,16 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     freed_tokens, freed_slot_seconds, goodput_tokens, goodput_rate, log_aborted, log_abort_latency. Run figures:
     duration, freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
     unjoined_streams.
+
+    Optional `"gpu"` section (metrics/gpu_hooks.py, when a GPU source was read; with none, `meta.gpu.off` says
+    why): {"source": "nvml"|"dcgm", "devices": [{"index", "name", "uuid"}], "interval_s", "idle_pct", "errors",
+    "last_error", "timeline": {"columns": ["t_s", "gpu", "util_pct", "power_w", "energy_j", "mem_used_bytes",
+    "sm_clock_mhz"], "rows": [[...], ...]}, "util_samples": {"columns": ["t_s", "gpu", "util_pct"], "rows"}
+    (the driver's own higher-rate samples), "stop_marks_s": [...], "files": {"timeline_csv", "plot_png"}, and
+    the FIGUREs gpu_busy_seconds (GPU-s), energy (J), mean_power (W), energy_per_delivered_token (J/token),
+    wasted_gpu_seconds (GPU-s), wasted_energy (J), idle_stops (stops), stop_to_idle (distribution, s).
+    t_s is seconds since the run's start; energy_j counts from each GPU's first reading; a reading the GPU
+    does not give is null. The rules behind the figures are in metrics/gpu_attribution.py.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import gevent
 import pytest
+from nvml_standin import StandinGpu, StandinNvml
 
 from metrics.accounting import Distribution
 from metrics.dcgm import DcgmSampler, parse_dcgm
 from metrics.gpu_attribution import TIMELINE_COLUMNS, attribute, stop_marks, timeline_rows
 from metrics.gpu_sampler import GpuUnavailable, NvmlSampler
 from metrics.record import StreamRecord
-from tests.nvml_standin import StandinGpu, StandinNvml
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dcgm-exporter"
 MONO_OFFSET = 900.0  # the stand-in wall clock minus our monotonic clock
@@ -247,3 +247,64 @@ def test_dcgm_sampler_over_http(exporter):
         DcgmSampler(f"{exporter}/metrics", indices=[1]).open()
     with pytest.raises(GpuUnavailable, match="could not be read: HTTPError"):
         DcgmSampler(f"{exporter}/nope").open()
+
+
+# --- the hook: the report section, its files and the no-GPU line -------------------------------------------
+
+
+def test_report_section_follows_the_contract_and_writes_csv_and_plot(tmp_path):
+    from metrics.accounting import account
+    from metrics.gpu_report import add_gpu_section
+
+    clock = FakeClock(T0 - 0.5)
+    s = run_sampler(StandinNvml([step_gpu()], wall=clock.wall, driver_rate_s=DRIVER_RATE_S), clock, 3.0)
+    start, end = T0 - 0.5 - MONO_OFFSET, T0 + 2.5 - MONO_OFFSET
+    stop = T0 + BUSY_S - 0.05 - MONO_OFFSET
+    rec = record(start + 0.1, stop, stop + 0.001)
+    rec.tokens, rec.tokens_at_stop = 40, 40
+    acc = account([rec], None, None, end - start)
+    doc: dict = {"meta": {}}
+    lines = add_gpu_section(doc, s, acc, [rec], start, end, str(tmp_path / "rep.json"))
+    g = doc["gpu"]
+    assert g["source"] == "nvml" and g["devices"] == [{"index": 0, "name": "Stand-in GPU", "uuid": "GPU-standin-0"}]
+    assert g["timeline"]["columns"] == ["t_s", "gpu", "util_pct", "power_w", "energy_j", "mem_used_bytes",
+                                        "sm_clock_mhz"]
+    assert len(g["timeline"]["rows"]) == 30 and g["stop_marks_s"] == [pytest.approx(1.45)]
+    assert g["energy_per_delivered_token"]["value"] == pytest.approx(g["energy"]["value"] / 40)
+    assert g["energy_per_delivered_token"]["unit"] == "J/token"
+    assert g["wasted_energy"] == {"value": None, "unit": "J", "source": "unavailable",
+                                  "note": "needs wasted tokens (server truth)"}  # no ledger: no waste truth
+    assert 0.05 <= g["stop_to_idle"]["value"]["p50"] <= 0.05 + DRIVER_RATE_S + 1e-6
+    csv_text = (tmp_path / "rep-gpu-timeline.csv").read_text().splitlines()
+    assert csv_text[0] == ",".join(g["timeline"]["columns"]) and len(csv_text) == 31
+    if g["files"]["plot_png"] is not None:
+        assert (tmp_path / "rep-gpu-timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("Stop → GPU idle" in line and "p50" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_headless_run_without_a_gpu_says_so_once_and_completes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has a working NVML: the no-GPU line cannot be seen here")
+    root = Path(__file__).parent.parent
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "2", "-r", "2", "-t", "3s",
+           "--sim-args", "--step-base-ms 5", "--stopstorm-report", str(report), "--only-summary"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=90)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert [line for line in text.splitlines() if "GPU figures are off because" in line] != []
+    assert len([line for line in text.splitlines() if "GPU figures are off" in line]) == 1, text[-3000:]
+    doc = json.loads(report.read_text())
+    assert "gpu" not in doc and doc["meta"]["gpu"]["off"].startswith("NVML could not start")
+    assert doc["overall"]["figures"]["streams"]["value"] > 0
