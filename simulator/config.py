@@ -39,6 +39,11 @@ class SimulatorConfig:
     vllm_flavour: str = "latest"
     # A step that ends later than the model says by more than this is counted as behind schedule.
     lag_tolerance_s: float = 0.002
+    # GPU mode (simulator/gpu_work.py): real CUDA work each step, sized to the batch.
+    gpu_work: bool = False
+    gpu_work_device: int = 0
+    gpu_work_size: int = 4096
+    gpu_work_fill: float = 0.9
 
     def step_duration(self, running: int, prefill_tokens: int) -> float:
         """Seconds one engine step takes with `running` sequences and `prefill_tokens` prompt tokens."""
@@ -56,6 +61,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
     return value
 
 
@@ -101,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which vLLM to mimic in /metrics names and log lines: latest or 0.9 (default latest)")
     p.add_argument("--lag-tolerance-ms", type=_non_negative_float, default=d.lag_tolerance_s * 1e3,
                    help="a step ending later than its model time by more than this counts as behind (default 2)")
+    p.add_argument("--gpu-work", action="store_true", default=False,
+                   help="GPU mode: each engine step runs real CUDA work sized to its batch, so NVML sees load "
+                   "come and go with the slots (needs torch with CUDA)")
+    p.add_argument("--gpu-work-device", type=int, default=d.gpu_work_device,
+                   help="CUDA device for --gpu-work (default 0)")
+    p.add_argument("--gpu-work-size", type=_positive_int, default=d.gpu_work_size,
+                   help="side of the square fp16 matrices --gpu-work multiplies (default 4096)")
+    p.add_argument("--gpu-work-fill", type=_fraction, default=d.gpu_work_fill,
+                   help="share of a full batch's step the GPU is kept busy, 0-1 (default 0.9)")
     p.add_argument("--log-file", default=None, help="also write the vLLM-like request log to this file")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process is gone (used when embedded by the locustfile)")
@@ -123,4 +144,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         seed=args.seed,
         vllm_flavour=args.vllm_flavour,
         lag_tolerance_s=args.lag_tolerance_ms / 1e3,
+        gpu_work=args.gpu_work,
+        gpu_work_device=args.gpu_work_device,
+        gpu_work_size=args.gpu_work_size,
+        gpu_work_fill=args.gpu_work_fill,
     )
