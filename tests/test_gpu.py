@@ -308,3 +308,62 @@ def test_headless_run_without_a_gpu_says_so_once_and_completes(tmp_path):
     doc = json.loads(report.read_text())
     assert "gpu" not in doc and doc["meta"]["gpu"]["off"].startswith("NVML could not start")
     assert doc["overall"]["figures"]["streams"]["value"] > 0
+
+
+@pytest.mark.slow
+def test_headless_run_reads_a_dcgm_exporter_into_the_report(tmp_path, exporter):
+    """The whole hook over real exporter text: started at test start, stopped at test stop, in the report."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "2", "-r", "2", "-t", "2s",
+           "--sim-args", "--step-base-ms 5", "--stopstorm-report", str(report), "--only-summary",
+           "--dcgm-url", f"{exporter}/metrics", "--gpu-interval", "0.2", "--stop-probability", "1"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=90)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "GPU figures are off" not in text and "GPU (DCGM exporter, 1 GPU):" in text
+    g = json.loads(report.read_text())["gpu"]
+    assert g["source"] == "dcgm" and g["devices"][0]["uuid"] == "GPU-34319582-d595-d1c7-d1d2-179bcfa61660"
+    rows = g["timeline"]["rows"]
+    assert len(rows) >= 8 and {r[3] for r in rows} == {409.692}  # ~2 s at 0.2 s, plus the opening read
+    assert g["energy"]["value"] == 0 and g["gpu_busy_seconds"]["value"] is None  # a static page: no Δ, no util
+    assert g["stop_marks_s"] and all(0 <= m <= 3 for m in g["stop_marks_s"])
+    assert (tmp_path / "report-gpu-timeline.csv").exists()
+
+
+def test_the_sampler_runs_on_the_master_unless_a_worker_sits_on_the_gpu_host():
+    """Run in a fresh interpreter: importing Locust here, after ssl, would monkey-patch too late."""
+    import subprocess
+    import sys
+
+    script = """
+import locust  # first: gevent's monkey patching
+from types import SimpleNamespace
+from locust.runners import LocalRunner, MasterRunner, WorkerRunner
+from metrics import gpu_hooks
+
+def choose(runner_cls, **opts):
+    base = dict(no_gpu=False, gpu_indices="", gpu_interval=0.1, gpu_idle_pct=5.0, dcgm_url="", gpu_host_worker=False)
+    base.update(opts)
+    env = SimpleNamespace(parsed_options=SimpleNamespace(**base), runner=object.__new__(runner_cls))
+    gpu_hooks._choose_where_to_sample(env)
+    return gpu_hooks._gpu.get("sample", False)
+
+print(choose(LocalRunner), choose(MasterRunner), choose(WorkerRunner),
+      choose(MasterRunner, gpu_host_worker=True), choose(WorkerRunner, gpu_host_worker=True),
+      choose(LocalRunner, no_gpu=True))
+try:
+    choose(LocalRunner, gpu_indices="0,x")
+except SystemExit as exc:
+    print("exit", exc.code)
+"""
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "True True False False True False"
+    assert lines[1] == "exit 2" and "--gpu-indices wants GPU numbers" in out.stderr
