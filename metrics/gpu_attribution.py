@@ -52,9 +52,11 @@ class GpuFigures:
     wasted_energy: Figure
     idle_stops: Figure  # stops that left the GPU idle (the ones stop_to_idle measures)
     stop_to_idle: Figure  # Distribution, s
+    # The same two per client stack × close mode: (stack, close_mode, idle_stops, stop_to_idle), sorted.
+    cells: tuple[tuple[str, str, Figure, Figure], ...] = ()
 
     def items(self) -> list[tuple[str, Figure]]:
-        return [(name, getattr(self, name)) for name in self.__slots__]
+        return [(name, getattr(self, name)) for name in self.__slots__ if name != "cells"]
 
 
 def _unknown(unit: str, note: str | None = None) -> Figure:
@@ -118,7 +120,7 @@ def stop_marks(records: Iterable[StreamRecord], start: float) -> list[float]:
 
 
 def _stop_to_idle(records: Sequence[StreamRecord], series: dict[int, list[tuple[float, float]]],
-                  idle_pct: float, window_s: float) -> list[float]:
+                  idle_pct: float, window_s: float) -> list[tuple[StreamRecord, float]]:
     if not series:
         return []
     merged = sorted((t, gpu, u) for gpu, pts in series.items() for t, u in pts)
@@ -146,7 +148,7 @@ def _stop_to_idle(records: Sequence[StreamRecord], series: dict[int, list[tuple[
             continue
         if any(i != id(r) and sent < drop and end > stop for sent, end, i in spans):
             continue  # another stream kept the GPU busy: this stop did not leave it idle
-        out.append(drop - stop)
+        out.append((r, drop - stop))
     return out
 
 
@@ -179,16 +181,24 @@ def attribute(samples: Sequence[GpuSample], util_samples: Sequence[UtilSample], 
     else:
         w_busy = _unknown("GPU-s", "needs wasted tokens (server truth)")
         w_energy = _unknown("J", "needs wasted tokens (server truth)")
-    idles = _stop_to_idle(records, series, idle_pct, window_s)
+    measured = _stop_to_idle(records, series, idle_pct, window_s)
+    idles = [x for _, x in measured]
     dist: Distribution | None = distribution(idles)
     stop_note = f"Stop → all GPUs ≤ {idle_pct:g} % utilisation, stops with no other stream in flight"
+    stop_source = f"{source} + client records"
+    by_cell: dict[tuple[str, str], list[float]] = {}
+    for r, x in measured:
+        by_cell.setdefault((r.stack, r.close_mode), []).append(x)
+    cells = tuple((stack, mode, Figure(len(xs), "stops", stop_source, stop_note),
+                   Figure(distribution(xs), "s", stop_source, stop_note))
+                  for (stack, mode), xs in sorted(by_cell.items()))
     return GpuFigures(
         gpu_busy_seconds=busy_f, energy=energy_f, mean_power=power_f, energy_per_delivered_token=per_token,
         wasted_gpu_seconds=w_busy, wasted_energy=w_energy,
-        idle_stops=Figure(len(idles), "stops", f"{source} + client records", stop_note) if series
-        else _unknown("stops"),
-        stop_to_idle=Figure(dist, "s", f"{source} + client records", stop_note) if dist is not None
+        idle_stops=Figure(len(idles), "stops", stop_source, stop_note) if series else _unknown("stops"),
+        stop_to_idle=Figure(dist, "s", stop_source, stop_note) if dist is not None
         else _unknown("s", "no stop left the GPU idle" if series else "no utilisation readings"),
+        cells=cells,
     )
 
 

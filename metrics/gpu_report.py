@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from metrics.accounting import Accounting, Figure
+from metrics.accounting import Accounting, Distribution, Figure
 from metrics.gpu_attribution import IDLE_PCT, TIMELINE_COLUMNS, GpuFigures, attribute, stop_marks, timeline_rows
 from metrics.gpu_sampler import GpuSource
 from metrics.record import StreamRecord
@@ -27,7 +27,7 @@ def source_name(sampler: GpuSource) -> str:
 
 
 def _figure_json(f: Figure) -> dict[str, Any]:
-    value = f.value.to_json() if hasattr(f.value, "to_json") else f.value  # type: ignore[union-attr]
+    value = f.value.to_json() if isinstance(f.value, Distribution) else f.value
     out: dict[str, Any] = {"value": value, "unit": f.unit, "source": f.source}
     if f.note is not None:
         out["note"] = f.note
@@ -90,11 +90,16 @@ def _summary_lines(g: GpuFigures, source: str, n_gpus: int) -> list[str]:
              f"  on wasted tokens:     {num(g.wasted_gpu_seconds, 2)} GPU-s, {num(g.wasted_energy)} J  "
              f"[{g.wasted_energy.note or g.wasted_energy.source}]"]
     d = g.stop_to_idle.value
-    if hasattr(d, "p50"):
-        lines.append(f"  Stop → GPU idle:      p50 {d.p50 * 1e3:,.0f} ms, max {d.max * 1e3:,.0f} ms "  # type: ignore[union-attr]
+    if isinstance(d, Distribution):
+        lines.append(f"  Stop → GPU idle:      p50 {d.p50 * 1e3:,.0f} ms, max {d.max * 1e3:,.0f} ms "
                      f"over {num(g.idle_stops, 0)} stops that left it idle")
     else:
         lines.append(f"  Stop → GPU idle:      – ({g.stop_to_idle.note})")
+    for stack, mode, n, dist in g.cells:
+        v = dist.value
+        if isinstance(v, Distribution):
+            lines.append(f"    {stack:<13} {mode:<6} p50 {v.p50 * 1e3:,.0f} ms, max {v.max * 1e3:,.0f} ms "
+                         f"({num(n, 0)} stops)")
     return lines
 
 
@@ -130,6 +135,8 @@ def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Account
         }
         for name, f in g.items():
             section[name] = _figure_json(f)
+        section["cells"] = [{"stack": stack, "close_mode": mode, "idle_stops": _figure_json(n),
+                             "stop_to_idle": _figure_json(d)} for stack, mode, n, d in g.cells]
         doc["gpu"] = section
         lines = _summary_lines(g, source, len(sampler.devices))
         lines.append(f"  timeline: {csv_path}" + (f", plot: {png_path}" if plotted else

@@ -152,6 +152,8 @@ def test_attribution_on_the_step_waveform():
     assert g.idle_stops.value == 1
     d = g.stop_to_idle.value
     assert isinstance(d, Distribution) and 0.05 <= d.p50 <= 0.05 + DRIVER_RATE_S + 1e-6
+    ((stack, mode, n, cell),) = g.cells
+    assert (stack, mode, n.value, cell.value.p50) == ("requests", "close", 1, d.p50)
 
 
 def test_stop_with_another_stream_in_flight_did_not_leave_the_gpu_idle():
@@ -280,6 +282,7 @@ def test_report_section_follows_the_contract_and_writes_csv_and_plot(tmp_path):
     if g["files"]["plot_png"] is not None:
         assert (tmp_path / "rep-gpu-timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("Stop → GPU idle" in line and "p50" in line for line in lines)
+    assert [(c["stack"], c["close_mode"], c["idle_stops"]["value"]) for c in g["cells"]] == [("requests", "close", 1)]
 
 
 @pytest.mark.slow
