@@ -15,6 +15,7 @@ except `open()`, which raises `GpuUnavailable` with the reason in words so the c
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -188,7 +189,12 @@ class NvmlSampler(PolledSampler):
         nvml = self._nvml
         if nvml is None:
             try:
-                import pynvml as nvml  # only a GPU run needs it
+                with warnings.catch_warnings():
+                    # The old `pynvml` distribution, if also installed, warns that it is deprecated in favour of
+                    # nvidia-ml-py, which is what stopstorm depends on and what this imports.
+                    warnings.filterwarnings("ignore", message="The pynvml package is deprecated",
+                                            category=FutureWarning)
+                    import pynvml as nvml  # only a GPU run needs it
             except ImportError as exc:
                 raise GpuUnavailable(f"pynvml is not installed ({exc}); pip install nvidia-ml-py") from None
             self._nvml = nvml
