@@ -25,8 +25,9 @@ The rules, stated once:
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from metrics.accounting import UNAVAILABLE, Distribution, Figure, distribution
@@ -119,35 +120,63 @@ def stop_marks(records: Iterable[StreamRecord], start: float) -> list[float]:
     return sorted(r.stop - start for r in records if r.stop is not None)
 
 
+def _latest_other_end(records: Sequence[StreamRecord]) -> Callable[[float, StreamRecord], float]:
+    """A lookup: the latest end of any stream sent before `t`, other than `r` (prefix top-two of ends by send
+    time, so each question costs one bisection however long the run)."""
+    spans = sorted((r.sent, r.closed or r.ended or r.stop or r.sent, id(r)) for r in records)
+    sents = [s for s, _, _ in spans]
+    top: list[tuple[float, int, float]] = []  # (largest end, its record id, second largest end) over spans[:i+1]
+    best, best_id, second = -math.inf, 0, -math.inf
+    for _, end, rid in spans:
+        if end > best:
+            best, best_id, second = end, rid, best
+        elif end > second:
+            second = end
+        top.append((best, best_id, second))
+
+    def lookup(t: float, r: StreamRecord) -> float:
+        k = bisect.bisect_left(sents, t)
+        if k == 0:
+            return -math.inf
+        b, bid, sec = top[k - 1]
+        return sec if bid == id(r) else b
+
+    return lookup
+
+
 def _stop_to_idle(records: Sequence[StreamRecord], series: dict[int, list[tuple[float, float]]],
                   idle_pct: float, window_s: float) -> list[tuple[StreamRecord, float]]:
     if not series:
         return []
     merged = sorted((t, gpu, u) for gpu, pts in series.items() for t, u in pts)
-    spans = [(r.sent, r.closed or r.ended or r.stop or r.sent, id(r)) for r in records]
+    times = [m[0] for m in merged]
+    gpu_times = {gpu: [t for t, _ in pts] for gpu, pts in series.items()}
+    other_end = _latest_other_end(records)
     out = []
     for r in records:
         if r.stop is None:
             continue
         stop = r.stop
         latest: dict[int, float] = {}
+        for gpu, pts in series.items():
+            i = bisect.bisect_right(gpu_times[gpu], stop) - 1
+            if i >= 0:
+                latest[gpu] = pts[i][1]
+        if not latest or max(latest.values()) <= idle_pct:
+            continue  # idle (or unknown) at Stop: nothing to measure
         drop = None
-        for t, gpu, u in merged:
-            if t <= stop:
-                latest[gpu] = u
-                continue
-            if not latest or max(latest.values()) <= idle_pct:
-                break  # already idle at Stop: nothing to measure
-            if t > stop + window_s:
-                break
+        j = bisect.bisect_right(times, stop)
+        while j < len(merged) and merged[j][0] <= stop + window_s:
+            t, gpu, u = merged[j]
             latest[gpu] = u
             if len(latest) == len(series) and max(latest.values()) <= idle_pct:
                 drop = t
                 break
+            j += 1
         if drop is None:
             continue
-        if any(i != id(r) and sent < drop and end > stop for sent, end, i in spans):
-            continue  # another stream kept the GPU busy: this stop did not leave it idle
+        if other_end(drop, r) > stop:
+            continue  # another stream was in flight between Stop and the drop: this stop did not idle the GPU
         out.append((r, drop - stop))
     return out
 

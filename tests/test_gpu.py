@@ -370,3 +370,19 @@ except SystemExit as exc:
     lines = out.stdout.splitlines()
     assert lines[0] == "True True False False True False"
     assert lines[1] == "exit 2" and "--gpu-indices wants GPU numbers" in out.stderr
+
+
+def test_streams_before_the_stop_or_after_the_drop_do_not_block_the_measure():
+    clock = FakeClock(T0 - 0.5)
+    s = run_sampler(StandinNvml([step_gpu()], wall=clock.wall, driver_rate_s=DRIVER_RATE_S), clock, 3.0)
+    stop = T0 + BUSY_S - 0.05 - MONO_OFFSET
+    recs = [record(stop - 0.5, stop, stop + 0.001),
+            record(stop - 0.9, None, stop - 0.2, "finished-before"),  # ended before the Stop
+            record(stop + 0.5, None, stop + 0.9, "sent-after-drop")]  # sent once the GPU was idle again
+    g = attribute(s.samples, s.util_samples, T0 - 0.5 - MONO_OFFSET, T0 + 2.5 - MONO_OFFSET, recs,
+                  delivered_tokens=1, wasted_tokens=0, source="NVML", tokens_source="simulator ledger")
+    assert g.idle_stops.value == 1
+    recs.append(record(stop - 0.1, None, stop + 0.02, "overlaps"))  # still in flight just after the Stop
+    g = attribute(s.samples, s.util_samples, T0 - 0.5 - MONO_OFFSET, T0 + 2.5 - MONO_OFFSET, recs,
+                  delivered_tokens=1, wasted_tokens=0, source="NVML", tokens_source="simulator ledger")
+    assert g.idle_stops.value == 0
