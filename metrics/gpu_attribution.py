@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from metrics.accounting import UNAVAILABLE, Distribution, Figure, distribution
+from metrics.accounting import CLIENT_SOURCE, UNAVAILABLE, Distribution, Figure, distribution
 from metrics.gpu_sampler import GpuSample, UtilSample
 from metrics.record import StreamRecord
 
@@ -184,8 +184,10 @@ def _stop_to_idle(records: Sequence[StreamRecord], series: dict[int, list[tuple[
 def attribute(samples: Sequence[GpuSample], util_samples: Sequence[UtilSample], start: float, end: float,
               records: Sequence[StreamRecord], delivered_tokens: int | float | None,
               wasted_tokens: int | float | None, source: str, tokens_source: str,
-              idle_pct: float = IDLE_PCT, window_s: float = STOP_WINDOW_S) -> GpuFigures:
-    """The run's GPU figures over [start, end] (time.monotonic())."""
+              idle_pct: float = IDLE_PCT, window_s: float = STOP_WINDOW_S,
+              delivered_source: str = CLIENT_SOURCE) -> GpuFigures:
+    """The run's GPU figures over [start, end] (time.monotonic()); `tokens_source` is where the wasted-token
+    count comes from, `delivered_source` the delivered one."""
     duration = end - start
     series = _util_series(samples, util_samples)
     busy = (math.fsum(_integrate(pts, start, end) for pts in series.values()) / 100.0) if series else None
@@ -198,7 +200,8 @@ def attribute(samples: Sequence[GpuSample], util_samples: Sequence[UtilSample], 
         else _unknown("W")
     both = f"{source} + {tokens_source}"
     if energy is not None and delivered_tokens:
-        per_token = Figure(energy / delivered_tokens, "J/token", both, "energy ÷ tokens delivered to readers")
+        per_token = Figure(energy / delivered_tokens, "J/token", f"{source} + {delivered_source}",
+                           "energy ÷ tokens delivered to readers")
     else:
         per_token = _unknown("J/token", "needs energy and delivered tokens")
     rule = "share = wasted ÷ (delivered + wasted): each generated token charged alike, idle time included"

@@ -88,7 +88,7 @@ def _summary_lines(g: GpuFigures, source: str, n_gpus: int) -> list[str]:
              f"(mean {num(g.mean_power)} W)",
              f"  per delivered token:  {num(g.energy_per_delivered_token, 3)} J",
              f"  on wasted tokens:     {num(g.wasted_gpu_seconds, 2)} GPU-s, {num(g.wasted_energy)} J  "
-             f"[{g.wasted_energy.note or g.wasted_energy.source}]"]
+             f"[{g.wasted_energy.source}; by share of generated tokens]"]
     d = g.stop_to_idle.value
     if isinstance(d, Distribution):
         lines.append(f"  Stop → GPU idle:      p50 {d.p50 * 1e3:,.0f} ms, max {d.max * 1e3:,.0f} ms "
@@ -113,7 +113,7 @@ def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Account
         delivered = o.goodput_tokens.value if isinstance(o.goodput_tokens.value, int | float) else None
         wasted = o.wasted_tokens.value if isinstance(o.wasted_tokens.value, int | float) else None
         g = attribute(sampler.samples, sampler.util_samples, start, end, records, delivered, wasted, source,
-                      o.wasted_tokens.source, idle_pct=idle)
+                      o.wasted_tokens.source, idle_pct=idle, delivered_source=o.goodput_tokens.source)
         rows = timeline_rows(sampler.samples, start)
         marks = [round(m, 4) for m in stop_marks(records, start)]
         csv_path, png_path = side_paths(report_path)

@@ -274,6 +274,7 @@ def test_report_section_follows_the_contract_and_writes_csv_and_plot(tmp_path):
     assert len(g["timeline"]["rows"]) == 30 and g["stop_marks_s"] == [pytest.approx(1.45)]
     assert g["energy_per_delivered_token"]["value"] == pytest.approx(g["energy"]["value"] / 40)
     assert g["energy_per_delivered_token"]["unit"] == "J/token"
+    assert g["energy_per_delivered_token"]["source"] == "NVML + client records"
     assert g["wasted_energy"] == {"value": None, "unit": "J", "source": "unavailable",
                                   "note": "needs wasted tokens (server truth)"}  # no ledger: no waste truth
     assert 0.05 <= g["stop_to_idle"]["value"]["p50"] <= 0.05 + DRIVER_RATE_S + 1e-6
