@@ -12,8 +12,8 @@
   writes the timeline as CSV and a plot beside the report, and returns the console lines (metrics/gpu_report.py).
   The Stop marks come from the stream records' Stop times.
 
-A worker that samples writes its own timeline CSV and plot at quit (its stream records are the master's); the
-join of the two is the distributed work's.
+A worker that samples writes its own timeline CSV and plot at quit, with its own users' Stops marked (the run's
+stream records are the master's); joining the worker's timeline to the master's report is the distributed work's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from metrics.accounting import Accounting
 from metrics.dcgm import DcgmSampler
-from metrics.gpu_attribution import IDLE_PCT, timeline_rows
+from metrics.gpu_attribution import IDLE_PCT, stop_marks, timeline_rows
 from metrics.gpu_report import add_gpu_section, side_paths, source_name, write_timeline_csv, write_timeline_plot
 from metrics.gpu_sampler import GpuSource, GpuUnavailable, NvmlSampler
 from metrics.record import StreamRecord
@@ -80,7 +80,7 @@ def gpu_sampler() -> GpuSource | None:
     return _gpu.get("sampler")
 
 
-def _settings(opts: Any) -> tuple[list[int] | None, float, float]:
+def _settings(opts: Any) -> tuple[list[int] | None, float, float, str]:
     indices = parse_indices(getattr(opts, "gpu_indices", ""))
     interval = float(getattr(opts, "gpu_interval", 0.1))
     if not interval > 0:
@@ -91,7 +91,7 @@ def _settings(opts: Any) -> tuple[list[int] | None, float, float]:
     url = getattr(opts, "dcgm_url", "") or ""
     if url and not url.startswith(("http://", "https://")):
         raise ValueError(f"--dcgm-url must be an http(s) URL such as http://gpu-host:9400/metrics, got {url!r}")
-    return indices, interval, idle
+    return indices, interval, idle, url
 
 
 @events.init.add_listener
@@ -102,13 +102,15 @@ def _choose_where_to_sample(environment: Environment, **_kwargs: Any) -> None:
         _gpu["off"] = "--no-gpu was given" if opts is not None else "no options"
         return
     try:
-        _settings(opts)
+        # Kept from this process's own command line: a worker's options are overwritten by the master's later.
+        _gpu["settings"] = _settings(opts)
     except ValueError as exc:
         _log.error("stopstorm: %s", exc)
         raise SystemExit(2) from None
     on_gpu_host = bool(getattr(opts, "gpu_host_worker", False))
     if isinstance(environment.runner, WorkerRunner):
-        _gpu["sample"] = on_gpu_host
+        # Decided now, from this worker's own command line: the master's options overwrite a worker's later.
+        _gpu["sample"] = _gpu["sampling_worker"] = on_gpu_host
     else:
         _gpu["sample"] = not on_gpu_host
         if not on_gpu_host and isinstance(environment.runner, MasterRunner):
@@ -124,9 +126,7 @@ def _start_sampling(environment: Environment, **_kwargs: Any) -> None:
     if not _gpu.get("sample") or "sampler" in _gpu or "tried" in _gpu:
         return
     _gpu["tried"] = True
-    opts = environment.parsed_options
-    indices, interval, _ = _settings(opts)
-    url = getattr(opts, "dcgm_url", "") or ""
+    indices, interval, _, url = _gpu["settings"]
     sampler: GpuSource = DcgmSampler(url, indices, interval) if url else NvmlSampler(indices, interval)
     try:
         sampler.open()
@@ -165,12 +165,24 @@ def extend_report(doc: dict[str, Any], accounting: Accounting, records: list[Str
     sampler: GpuSource | None = _gpu.get("sampler")
     if sampler is None:
         reason = _gpu.get("off")
-        if reason:  # said once, at test start; kept in the report
+        if reason:  # a failure was said once, at test start; kept in the report
             doc.setdefault("meta", {})["gpu"] = {"off": reason}
+        if _gpu.get("sample") is False and "opts" in _gpu:  # left to the worker on the GPU host
+            return [f"GPU: {reason}; its timeline is written on that host"]
         return []
     _stop_sampling()
-    idle = float(getattr(_gpu.get("opts"), "gpu_idle_pct", IDLE_PCT))
+    idle = _gpu["settings"][2] if "settings" in _gpu else IDLE_PCT
     return add_gpu_section(doc, sampler, accounting, records, start, end, report_path, idle)
+
+
+@events.request.add_listener
+def _worker_notes_its_stops(context: dict[str, Any] | None = None, **_kwargs: Any) -> None:
+    """A sampling worker marks its own users' Stops on its timeline (the master has every record)."""
+    if _gpu.get("sampler") is None or not _gpu.get("sampling_worker"):
+        return
+    record = (context or {}).get("record")
+    if isinstance(record, StreamRecord) and record.stop is not None:
+        _gpu.setdefault("worker_stops", []).append(record)
 
 
 @events.quit.add_listener
@@ -178,16 +190,19 @@ def _worker_writes_its_timeline(**_kwargs: Any) -> None:
     """A worker on the GPU host has no stream records: it keeps its timeline beside where a report would go."""
     sampler = _gpu.get("sampler")
     opts = _gpu.get("opts")
-    if sampler is None or opts is None or not getattr(opts, "gpu_host_worker", False):
+    if sampler is None or opts is None or not _gpu.get("sampling_worker"):
         return
     _stop_sampling()
     start = _gpu.get("started", 0.0)
     path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
-    csv_path, png_path = side_paths(path)
+    csv_path, png_path = (p.with_name(p.name.replace("-gpu-timeline", "-gpu-timeline-worker"))
+                          for p in side_paths(path))
     try:
         rows = timeline_rows(sampler.samples, start)
         write_timeline_csv(csv_path, rows)
-        write_timeline_plot(png_path, rows, [], f"stopstorm GPU timeline, worker ({source_name(sampler)})")
+        marks = stop_marks(_gpu.get("worker_stops", []), start)
+        write_timeline_plot(png_path, rows, marks, f"stopstorm GPU timeline, worker ({source_name(sampler)}; "
+                            "red: this worker's Stops)")
         _log.info("stopstorm: this worker's GPU timeline: %s", csv_path)
     except Exception as exc:
         _log.warning("stopstorm: writing this worker's GPU timeline failed: %s", exc)

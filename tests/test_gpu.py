@@ -387,3 +387,40 @@ def test_streams_before_the_stop_or_after_the_drop_do_not_block_the_measure():
     g = attribute(s.samples, s.util_samples, T0 - 0.5 - MONO_OFFSET, T0 + 2.5 - MONO_OFFSET, recs,
                   delivered_tokens=1, wasted_tokens=0, source="NVML", tokens_source="simulator ledger")
     assert g.idle_stops.value == 0
+
+
+@pytest.mark.slow
+def test_distributed_run_samples_on_the_gpu_host_worker_only(tmp_path, exporter):
+    """Master + one worker, both told the worker sits on the GPU host: the worker reads the exporter and writes
+    its timeline; the master does not sample and says where it went."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    report = tmp_path / "report.json"
+    gpu = ["--dcgm-url", f"{exporter}/metrics", "--gpu-host-worker"]
+    master = subprocess.Popen(
+        [sys.executable, "-m", "locust", "-f", "locustfile.py", "--master", "--headless", "--expect-workers", "1",
+         "-u", "2", "-r", "2", "-t", "2s", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+         "--sim-args", "--step-base-ms 5", "--stopstorm-report", str(report), "--only-summary", *gpu],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        worker = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", "locustfile.py", "--worker", "--master-host", "127.0.0.1",
+             "--master-port", str(port), *gpu], cwd=root, capture_output=True, text=True, timeout=60)
+        master_out, _ = master.communicate(timeout=60)
+    finally:
+        if master.poll() is None:
+            master.kill()
+    worker_out = worker.stdout + worker.stderr
+    assert master.returncode == 0, master_out[-3000:]
+    assert "sampling GPU 0" in worker_out and "sampling GPU" not in master_out
+    assert "GPU: sampled by the worker on the GPU host" in master_out
+    assert json.loads(report.read_text())["meta"]["gpu"]["off"].startswith("sampled by the worker")
+    rows = (tmp_path / "report-gpu-timeline-worker.csv").read_text().splitlines()
+    assert rows[0].startswith("t_s,gpu,util_pct") and len(rows) > 5
