@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from metrics.accounting import CLIENT_SOURCE, UNAVAILABLE, Distribution, Figure, distribution
 from metrics.gpu_sampler import GpuSample, UtilSample
@@ -55,9 +55,12 @@ class GpuFigures:
     stop_to_idle: Figure  # Distribution, s
     # The same two per client stack × close mode: (stack, close_mode, idle_stops, stop_to_idle), sorted.
     cells: tuple[tuple[str, str, Figure, Figure], ...] = ()
+    # Each measured stop: request id → seconds from Stop to the drop.
+    stop_to_idle_by_request: dict[str, float] = field(default_factory=dict)
 
     def items(self) -> list[tuple[str, Figure]]:
-        return [(name, getattr(self, name)) for name in self.__slots__ if name != "cells"]
+        return [(name, getattr(self, name)) for name in self.__slots__
+                if name not in ("cells", "stop_to_idle_by_request")]
 
 
 def _unknown(unit: str, note: str | None = None) -> Figure:
@@ -231,6 +234,7 @@ def attribute(samples: Sequence[GpuSample], util_samples: Sequence[UtilSample], 
         stop_to_idle=Figure(dist, "s", stop_source, stop_note) if dist is not None
         else _unknown("s", "no stop left the GPU idle" if series else "no utilisation readings"),
         cells=cells,
+        stop_to_idle_by_request={r.request_id: x for r, x in measured},
     )
 
 

@@ -17,7 +17,8 @@ from metrics.gpu_attribution import IDLE_PCT, TIMELINE_COLUMNS, GpuFigures, attr
 from metrics.gpu_sampler import GpuSource
 from metrics.record import StreamRecord
 
-__all__ = ["add_gpu_section", "side_paths", "source_name", "write_timeline_csv", "write_timeline_plot"]
+__all__ = ["add_gpu_section", "side_paths", "source_name", "write_stops_csv", "write_timeline_csv",
+           "write_timeline_plot"]
 
 _log = logging.getLogger("stopstorm")
 
@@ -39,6 +40,17 @@ def write_timeline_csv(path: Path, rows: list[list[Any]]) -> None:
         w = csv.writer(fh)
         w.writerow(TIMELINE_COLUMNS)
         w.writerows(rows)
+
+
+def write_stops_csv(path: Path, records: list[StreamRecord], start: float, g: GpuFigures) -> None:
+    """Every Stop of the run: when, whose, and Stop → GPU idle where that stop left the GPU idle."""
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("t_s", "stack", "close_mode", "request_id", "stop_to_idle_s"))
+        for r in sorted((r for r in records if r.stop is not None), key=lambda r: r.stop or 0.0):
+            x = g.stop_to_idle_by_request.get(r.request_id)
+            w.writerow((round((r.stop or 0.0) - start, 4), r.stack, r.close_mode, r.request_id,
+                        "" if x is None else round(x, 4)))
 
 
 def write_timeline_plot(path: Path, rows: list[list[Any]], marks: list[float], title: str) -> bool:
@@ -74,6 +86,7 @@ def write_timeline_plot(path: Path, rows: list[list[Any]], marks: list[float], t
 
 
 def side_paths(report_path: str) -> tuple[Path, Path]:
+    """The timeline's CSV and plot beside the report: `<report stem>-gpu-timeline.csv` / `.png`."""
     p = Path(report_path)
     stem = p.with_suffix("") if p.suffix else p
     return Path(f"{stem}-gpu-timeline.csv"), Path(f"{stem}-gpu-timeline.png")
@@ -119,6 +132,8 @@ def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Account
         csv_path, png_path = side_paths(report_path)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         write_timeline_csv(csv_path, rows)
+        stops_path = csv_path.with_name(csv_path.name.replace("-gpu-timeline.csv", "-gpu-stops.csv"))
+        write_stops_csv(stops_path, records, start, g)
         plotted = write_timeline_plot(png_path, rows, marks, f"stopstorm GPU timeline ({source})")
         section: dict[str, Any] = {
             "source": sampler.name,
@@ -131,7 +146,8 @@ def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Account
             "util_samples": {"columns": ["t_s", "gpu", "util_pct"],
                              "rows": [[round(u.t - start, 4), u.gpu, u.util_pct] for u in sampler.util_samples]},
             "stop_marks_s": marks,
-            "files": {"timeline_csv": str(csv_path), "plot_png": str(png_path) if plotted else None},
+            "files": {"timeline_csv": str(csv_path), "stops_csv": str(stops_path),
+                      "plot_png": str(png_path) if plotted else None},
         }
         for name, f in g.items():
             section[name] = _figure_json(f)
@@ -139,7 +155,7 @@ def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Account
                              "stop_to_idle": _figure_json(d)} for stack, mode, n, d in g.cells]
         doc["gpu"] = section
         lines = _summary_lines(g, source, len(sampler.devices))
-        lines.append(f"  timeline: {csv_path}" + (f", plot: {png_path}" if plotted else
+        lines.append(f"  timeline: {csv_path}, stops: {stops_path}" + (f", plot: {png_path}" if plotted else
                                                    " (no plot: pip install 'stopstorm[plot]' for matplotlib)"))
         return lines
     except Exception as exc:

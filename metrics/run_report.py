@@ -56,9 +56,10 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     why): {"source": "nvml"|"dcgm", "devices": [{"index", "name", "uuid"}], "interval_s", "idle_pct", "errors",
     "last_error", "timeline": {"columns": ["t_s", "gpu", "util_pct", "power_w", "energy_j", "mem_used_bytes",
     "sm_clock_mhz"], "rows": [[...], ...]}, "util_samples": {"columns": ["t_s", "gpu", "util_pct"], "rows"}
-    (the driver's own higher-rate samples), "stop_marks_s": [...], "files": {"timeline_csv", "plot_png"}, and
-    the FIGUREs gpu_busy_seconds (GPU-s), energy (J), mean_power (W), energy_per_delivered_token (J/token),
-    wasted_gpu_seconds (GPU-s), wasted_energy (J), idle_stops (stops), stop_to_idle (distribution, s); and
+    (the driver's own higher-rate samples), "stop_marks_s": [...], "files": {"timeline_csv", "stops_csv",
+    "plot_png"}, and the FIGUREs gpu_busy_seconds (GPU-s), energy (J), mean_power (W),
+    energy_per_delivered_token (J/token), wasted_gpu_seconds (GPU-s), wasted_energy (J), idle_stops (stops),
+    stop_to_idle (distribution, s); and
     "cells": [{"stack", "close_mode", "idle_stops": FIGURE, "stop_to_idle": FIGURE}] for the stacks × close
     modes whose stops left the GPU idle. t_s is seconds since the run's start (the opening reading may be a few
     ms before 0); energy_j counts from each GPU's first reading; a reading the GPU does not give is null. The

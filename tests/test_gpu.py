@@ -280,6 +280,11 @@ def test_report_section_follows_the_contract_and_writes_csv_and_plot(tmp_path):
     assert 0.05 <= g["stop_to_idle"]["value"]["p50"] <= 0.05 + DRIVER_RATE_S + 1e-6
     csv_text = (tmp_path / "rep-gpu-timeline.csv").read_text().splitlines()
     assert csv_text[0] == ",".join(g["timeline"]["columns"]) and len(csv_text) == 31
+    stops = (tmp_path / "rep-gpu-stops.csv").read_text().splitlines()
+    assert stops[0] == "t_s,stack,close_mode,request_id,stop_to_idle_s"
+    t_s, stack, mode, rid, idle_s = stops[1].split(",")
+    assert (float(t_s), stack, mode, rid) == (pytest.approx(1.45), "requests", "close", "r1")
+    assert float(idle_s) == pytest.approx(g["stop_to_idle"]["value"]["p50"], abs=1e-4)
     if g["files"]["plot_png"] is not None:
         assert (tmp_path / "rep-gpu-timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("Stop → GPU idle" in line and "p50" in line for line in lines)
