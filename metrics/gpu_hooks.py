@@ -37,7 +37,7 @@ from metrics.record import StreamRecord
 __all__ = ["extend_report", "gpu_sampler", "parse_indices"]
 
 _log = logging.getLogger("stopstorm")
-_gpu: dict[str, Any] = {}  # sample (bool), off (reason), sampler, started, stopped, opts
+_gpu: dict[str, Any] = {}  # sample, sampling_worker, settings, opts, off (reason), tried, sampler, started, stopped
 
 
 def parse_indices(text: str) -> list[int] | None:
