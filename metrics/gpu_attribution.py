@@ -34,7 +34,8 @@ from metrics.accounting import CLIENT_SOURCE, UNAVAILABLE, Distribution, Figure,
 from metrics.gpu_sampler import GpuSample, UtilSample
 from metrics.record import StreamRecord
 
-__all__ = ["IDLE_PCT", "STOP_WINDOW_S", "TIMELINE_COLUMNS", "GpuFigures", "attribute", "stop_marks", "timeline_rows"]
+__all__ = ["IDLE_PCT", "STOP_WINDOW_S", "TIMELINE_COLUMNS", "GpuFigures", "attribute", "stop_marks", "timeline_rows",
+           "waste_share"]
 
 IDLE_PCT = 5.0
 STOP_WINDOW_S = 10.0
@@ -236,6 +237,22 @@ def attribute(samples: Sequence[GpuSample], util_samples: Sequence[UtilSample], 
         cells=cells,
         stop_to_idle_by_request={r.request_id: x for r, x in measured},
     )
+
+
+def waste_share(g: GpuFigures, part_wasted: int | float | None, delivered_tokens: int | float | None,
+                wasted_tokens: int | float | None) -> tuple[Figure, Figure]:
+    """GPU-seconds and energy charged to `part_wasted` of the run's tokens (one stack × close mode, say), by the
+    same rule as the run's waste: total × part ÷ (delivered + wasted)."""
+    generated = (delivered_tokens or 0) + (wasted_tokens or 0)
+    if part_wasted is None or delivered_tokens is None or wasted_tokens is None or generated <= 0:
+        return _unknown("GPU-s", "needs wasted tokens (server truth)"), _unknown("J", "needs wasted tokens")
+    share = part_wasted / generated
+    busy, energy = g.gpu_busy_seconds.value, g.energy.value
+    note = "share of the run's generated tokens"
+    return (Figure(busy * share, "GPU-s", g.wasted_gpu_seconds.source, note) if isinstance(busy, int | float)
+            else _unknown("GPU-s"),
+            Figure(energy * share, "J", g.wasted_energy.source, note) if isinstance(energy, int | float)
+            else _unknown("J"))
 
 
 def timeline_rows(samples: Sequence[GpuSample], start: float) -> list[list[float | int | None]]:

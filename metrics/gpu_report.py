@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from metrics.accounting import Accounting, Distribution, Figure
-from metrics.gpu_attribution import IDLE_PCT, TIMELINE_COLUMNS, GpuFigures, attribute, stop_marks, timeline_rows
+from metrics.gpu_attribution import (
+    IDLE_PCT,
+    TIMELINE_COLUMNS,
+    GpuFigures,
+    attribute,
+    stop_marks,
+    timeline_rows,
+    waste_share,
+)
 from metrics.gpu_sampler import GpuSource
 from metrics.record import StreamRecord
 
@@ -116,6 +124,26 @@ def _summary_lines(g: GpuFigures, source: str, n_gpus: int) -> list[str]:
     return lines
 
 
+def _cells(g: GpuFigures, accounting: Accounting, delivered: float | None,
+           wasted: float | None) -> list[dict[str, Any]]:
+    """Per stack × close mode: the GPU time and energy its wasted tokens are charged, and its Stop → idle."""
+    idle = {(stack, mode): (n, d) for stack, mode, n, d in g.cells}
+    out = []
+    for c in accounting.cells:
+        cw = c.figures.wasted_tokens.value
+        w_busy, w_energy = waste_share(g, cw if isinstance(cw, int | float) else None, delivered, wasted)
+        n, d = idle.get((c.stack, c.close_mode), (None, None))
+        if n is None or d is None:  # no stop of this cell left the GPU idle (or no utilisation at all)
+            known = g.idle_stops.known
+            n = Figure(0 if known else None, "stops", g.idle_stops.source, g.idle_stops.note)
+            d = Figure(None, "s", "unavailable", "no stop of this cell left the GPU idle" if known else
+                       g.stop_to_idle.note)
+        out.append({"stack": c.stack, "close_mode": c.close_mode, "wasted_gpu_seconds": _figure_json(w_busy),
+                    "wasted_energy": _figure_json(w_energy), "idle_stops": _figure_json(n),
+                    "stop_to_idle": _figure_json(d)})
+    return out
+
+
 def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Accounting, records: list[StreamRecord],
                     start: float, end: float, report_path: str, idle: float = IDLE_PCT) -> list[str]:
     """Add the `gpu` section to the report document (schema in metrics/run_report.py), write the timeline CSV
@@ -151,8 +179,7 @@ def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Account
         }
         for name, f in g.items():
             section[name] = _figure_json(f)
-        section["cells"] = [{"stack": stack, "close_mode": mode, "idle_stops": _figure_json(n),
-                             "stop_to_idle": _figure_json(d)} for stack, mode, n, d in g.cells]
+        section["cells"] = _cells(g, accounting, delivered, wasted)
         doc["gpu"] = section
         lines = _summary_lines(g, source, len(sampler.devices))
         lines.append(f"  timeline: {csv_path}, stops: {stops_path}" + (f", plot: {png_path}" if plotted else

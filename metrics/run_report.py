@@ -59,11 +59,11 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     (the driver's own higher-rate samples), "stop_marks_s": [...], "files": {"timeline_csv", "stops_csv",
     "plot_png"}, and the FIGUREs gpu_busy_seconds (GPU-s), energy (J), mean_power (W),
     energy_per_delivered_token (J/token), wasted_gpu_seconds (GPU-s), wasted_energy (J), idle_stops (stops),
-    stop_to_idle (distribution, s); and
-    "cells": [{"stack", "close_mode", "idle_stops": FIGURE, "stop_to_idle": FIGURE}] for the stacks × close
-    modes whose stops left the GPU idle. t_s is seconds since the run's start (the opening reading may be a few
-    ms before 0); energy_j counts from each GPU's first reading; a reading the GPU does not give is null. The
-    rules behind the figures are in metrics/gpu_attribution.py.
+    stop_to_idle (distribution, s); and "cells": [{"stack", "close_mode", "wasted_gpu_seconds", "wasted_energy",
+    "idle_stops", "stop_to_idle"}] (each a FIGURE), one per stack × close mode of the report's "cells". t_s is
+    seconds since the run's start (the opening reading may be a few ms before 0); energy_j counts from each
+    GPU's first reading; a reading the GPU does not give is null. The rules behind the figures are in
+    metrics/gpu_attribution.py.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,

@@ -168,6 +168,20 @@ def test_stop_with_another_stream_in_flight_did_not_leave_the_gpu_idle():
     assert g.wasted_energy.value == 0
 
 
+def test_a_cells_waste_is_its_share_of_the_generated_tokens():
+    from metrics.gpu_attribution import waste_share
+
+    clock = FakeClock(T0 - 0.5)
+    s = run_sampler(StandinNvml([step_gpu()], wall=clock.wall), clock, 3.0)
+    g = attribute(s.samples, s.util_samples, T0 - 0.5 - MONO_OFFSET, T0 + 2.5 - MONO_OFFSET, [],
+                  delivered_tokens=300, wasted_tokens=100, source="NVML", tokens_source="simulator ledger")
+    busy, energy = waste_share(g, 25, 300, 100)
+    assert energy.value == pytest.approx(g.energy.value * 25 / 400)
+    assert busy.value == pytest.approx(g.gpu_busy_seconds.value * 25 / 400)
+    assert energy.source == "NVML + simulator ledger"
+    assert waste_share(g, None, 300, 100)[1].value is None
+
+
 def test_energy_falls_back_to_power_integral_and_says_so():
     clock = FakeClock(T0 - 0.5)
     gpu = step_gpu(unsupported={"nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetSamples"})
@@ -290,6 +304,7 @@ def test_report_section_follows_the_contract_and_writes_csv_and_plot(tmp_path):
         assert (tmp_path / "rep-gpu-timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("Stop → GPU idle" in line and "p50" in line for line in lines)
     assert [(c["stack"], c["close_mode"], c["idle_stops"]["value"]) for c in g["cells"]] == [("requests", "close", 1)]
+    assert g["cells"][0]["wasted_energy"]["value"] is None  # no ledger: no waste truth, per cell either
 
 
 @pytest.mark.slow
