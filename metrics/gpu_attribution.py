@@ -106,9 +106,9 @@ def _energy(samples: Sequence[GpuSample], start: float, end: float) -> tuple[flo
     total, fell_back = 0.0, []
     for gpu, pts in sorted(by_gpu.items()):
         inside = [p for p in pts if start <= p.t <= end] or pts
-        counters = [p for p in inside if p.energy_j is not None]
+        counters = [p.energy_j for p in inside if p.energy_j is not None]
         if len(counters) >= 2:
-            total += counters[-1].energy_j - counters[0].energy_j  # type: ignore[operator]
+            total += counters[-1] - counters[0]
             continue
         power = sorted((p.t, p.power_w) for p in pts if p.power_w is not None)
         if len(power) < 2:
