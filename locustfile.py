@@ -7,6 +7,7 @@ Every client stack below takes part; pick some by naming their classes on the co
 
 from locust import run_single_user
 
+import metrics.gpu_hooks  # (GPU sampling: NVML or a DCGM exporter, tied to each Stop)
 import metrics.locust_hooks  # noqa: F401  (registers stopstorm's command-line options and event hooks)
 from users.stack_fasthttp import FastHttpStreamUser
 from users.stack_httpx import HttpxUser

@@ -30,6 +30,7 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from metrics import distributed
+from metrics import gpu_hooks
 from metrics.accounting import account, ledger_by_id
 from metrics.record import StreamRecord
 from metrics.record_sink import RecordSink
@@ -277,10 +278,12 @@ def _write_run_report(**_kwargs: Any) -> None:
             meta["records"] = {"path": str(sink.path), "written": sink.written}
         doc = to_json(accounting, meta)
         doc["self_monitor"] = _self_monitor_summaries()
+        gpu_lines = gpu_hooks.extend_report(doc, accounting, list(_records), _run["started"], end, path)
         write_report(path, doc)
         if reason is not None:
             print(f"\nstopstorm: PARTIAL report ({reason}): the figures cover the run until then", flush=True)
-        print(f"\nstopstorm abort accounting (JSON: {path})\n{format_summary(accounting)}\n", flush=True)
+        summary = "\n".join([format_summary(accounting), *gpu_lines])
+        print(f"\nstopstorm abort accounting (JSON: {path})\n{summary}\n", flush=True)
         for line in warnings_for(doc["self_monitor"]):
             print(f"stopstorm self-monitor: {line}", flush=True)
     except Exception:

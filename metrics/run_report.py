@@ -68,6 +68,18 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     "ttft": {"checked", "flagged"}, "itl": {"checked", "flagged"}, "gc": {"collections" (by generation),
     "pause_total_s", "pause_max_ms"}}; a flagged TTFT or ITL gap overlapped a
     stall of its loop longer than max_loop_lag_ms, so it may hold the tool's own delay.
+    Optional `"gpu"` section (metrics/gpu_hooks.py, when a GPU source was read; with none, `meta.gpu.off` says
+    why): {"source": "nvml"|"dcgm", "devices": [{"index", "name", "uuid"}], "interval_s", "idle_pct", "errors",
+    "last_error", "timeline": {"columns": ["t_s", "gpu", "util_pct", "power_w", "energy_j", "mem_used_bytes",
+    "sm_clock_mhz"], "rows": [[...], ...]}, "util_samples": {"columns": ["t_s", "gpu", "util_pct"], "rows"}
+    (the driver's own higher-rate samples), "stop_marks_s": [...], "files": {"timeline_csv", "stops_csv",
+    "plot_png"}, and the FIGUREs gpu_busy_seconds (GPU-s), energy (J), mean_power (W),
+    energy_per_delivered_token (J/token), wasted_gpu_seconds (GPU-s), wasted_energy (J), idle_stops (stops),
+    stop_to_idle (distribution, s); and "cells": [{"stack", "close_mode", "wasted_gpu_seconds", "wasted_energy",
+    "idle_stops", "stop_to_idle"}] (each a FIGURE), one per stack × close mode of the report's "cells". t_s is
+    seconds since the run's start (the opening reading may be a few ms before 0); energy_j counts from each
+    GPU's first reading; a reading the GPU does not give is null. The rules behind the figures are in
+    metrics/gpu_attribution.py.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,

@@ -14,6 +14,7 @@ import uvicorn
 
 from simulator.config import build_parser, config_from_args
 from simulator.faults import FaultPlan
+from simulator.gpu_work import GpuWorkUnavailable
 from simulator.launcher import READY_PREFIX
 from simulator.request_log import configure_logging
 from simulator.server import create_app
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"simulator: cannot bind {args.host}:{args.port}: {exc.strerror}")
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except GpuWorkUnavailable as exc:
+        sys.exit(f"simulator: --gpu-work needs torch with CUDA: {exc}")
     server = uvicorn.Server(uvicorn.Config(
         app, loop="auto", http="auto", log_level="warning", access_log=False, timeout_keep_alive=30,
         backlog=2048, lifespan="on",

@@ -44,6 +44,11 @@ class SimulatorConfig:
     faults: tuple[Fault, ...] = ()
     # Keep every chunk's send time in the ledger (benchmarks of client timing; memory grows per chunk).
     ledger_send_times: bool = False
+    # GPU mode (simulator/gpu_work.py): real CUDA work each step, sized to the batch.
+    gpu_work: bool = False
+    gpu_work_device: int = 0
+    gpu_work_size: int = 4096
+    gpu_work_fill: float = 0.9
 
     def step_duration(self, running: int, prefill_tokens: int) -> float:
         """Seconds one engine step takes with `running` sequences and `prefill_tokens` prompt tokens."""
@@ -61,6 +66,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
     return value
 
 
@@ -118,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                    f"at most 1; KIND is {', '.join(FAULT_KINDS)} (see simulator/faults.py); e.g. status:503@0.1")
     p.add_argument("--ledger-send-times", action="store_true",
                    help="keep every chunk's send time in the ledger ([time, sent_tokens] pairs; for benchmarks)")
+    p.add_argument("--gpu-work", action="store_true", default=False,
+                   help="GPU mode: each engine step runs real CUDA work sized to its batch, so NVML sees load "
+                   "come and go with the slots (needs torch with CUDA)")
+    p.add_argument("--gpu-work-device", type=int, default=d.gpu_work_device,
+                   help="CUDA device for --gpu-work (default 0)")
+    p.add_argument("--gpu-work-size", type=_positive_int, default=d.gpu_work_size,
+                   help="side of the square fp16 matrices --gpu-work multiplies (default 4096)")
+    p.add_argument("--gpu-work-fill", type=_fraction, default=d.gpu_work_fill,
+                   help="share of a full batch's step the GPU is kept busy, 0-1 (default 0.9)")
     p.add_argument("--log-file", default=None, help="also write the vLLM-like request log to this file")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process is gone (used when embedded by the locustfile)")
@@ -142,4 +163,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         vllm_flavour=args.vllm_flavour,
         lag_tolerance_s=args.lag_tolerance_ms / 1e3,
         faults=tuple(getattr(args, "faults", ())),
+        gpu_work=args.gpu_work,
+        gpu_work_device=args.gpu_work_device,
+        gpu_work_size=args.gpu_work_size,
+        gpu_work_fill=args.gpu_work_fill,
     )

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from simulator.config import SimulatorConfig
+from simulator.gpu_work import GpuWork
 from simulator.ledger import Ledger, LedgerEntry
 
 _log = logging.getLogger("simulator.engine")
@@ -232,8 +233,9 @@ class EngineLoop:
     on time, the step ends late: that lateness is the step lag, counted and reported, never hidden.
     """
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, gpu_work: GpuWork | None = None) -> None:
         self.scheduler = scheduler
+        self.gpu_work = gpu_work  # GPU mode: real CUDA work per step, sized to the batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.steps = 0
@@ -294,6 +296,8 @@ class EngineLoop:
                 now = time.monotonic()
                 continue
             deadline = plan.started + plan.duration
+            if self.gpu_work is not None:
+                self.gpu_work.launch(plan.duration, len(plan.work), sched.config.max_num_seqs)
             await asyncio.sleep(0)  # the writers woken by the last step run first (see above)
             delay = deadline - time.monotonic()
             if delay > 0:

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from simulator.config import SimulatorConfig
 from simulator.engine import EngineLoop, Scheduler, Sequence, StepPlan
 from simulator.faults import Fault, FaultPlan, parse_fault
+from simulator.gpu_work import GpuWork
 from simulator.ledger import Ledger, LedgerEntry
 from simulator.request_log import RequestLog
 from simulator.text import TokenText, count_prompt_tokens
@@ -89,7 +90,9 @@ class Simulator:
         self.metrics = VllmMetrics(config)
         self.request_log = RequestLog(config.vllm_flavour)
         self.scheduler = Scheduler(config, self.ledger, _ObserverFanOut(self.metrics, self.request_log))
-        self.engine = EngineLoop(self.scheduler)
+        gpu_work = (GpuWork.create(config.gpu_work_device, config.gpu_work_size, config.gpu_work_fill)
+                    if config.gpu_work else None)  # GpuWorkUnavailable says why it cannot run here
+        self.engine = EngineLoop(self.scheduler, gpu_work=gpu_work)
         self.fault_plan = FaultPlan(config.faults, config.seed)
         self.metrics.engine_loop = self.engine
         self.created = int(time.time())

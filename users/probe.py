@@ -44,6 +44,9 @@ def add_probe_arguments(parser: LocustArgumentParser) -> None:
                    help="streams per cell (default 3)")
     g.add_argument("--probe-stop-tokens", type=int, default=20, env_var="STOPSTORM_PROBE_STOP_TOKENS",
                    help="Stop after this many tokens (default 20)")
+    g.add_argument("--probe-gap", type=float, default=0.0, env_var="STOPSTORM_PROBE_GAP",
+                   help="seconds to wait after each stream's slot is freed, so a sampled GPU can go idle between "
+                   "streams and each Stop's drop is measured (e.g. 2 with a GPU; default 0)")
     g.add_argument("--probe-json", default="stopstorm-probe.json", env_var="STOPSTORM_PROBE_JSON",
                    help="where to write the probe's results (default stopstorm-probe.json)")
 
@@ -112,6 +115,8 @@ class StopProbeUser(User):
                         record = runner.run(mode, plan)
                         entry = ledger.wait_freed(record.server_id or _ledger_id(record), settle)
                         _results.append((record, entry))
+                        if opts.probe_gap > 0:
+                            gevent.sleep(opts.probe_gap)
             finally:
                 runner.shutdown()
         ledger.close()
