@@ -173,7 +173,12 @@ cfg = LlamaConfig(
     bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
     pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
 )
-cfg.dtype = torch.bfloat16  # what vLLM picks on CPU anyway; float32 weights would be cast
+# bf16: what vLLM picks on CPU anyway; float32 weights would be cast. transformers < 5 calls it torch_dtype.
+import transformers
+if int(transformers.__version__.split(".")[0]) >= 5:
+    cfg.dtype = torch.bfloat16
+else:
+    cfg.torch_dtype = torch.bfloat16
 model = LlamaForCausalLM(cfg).to(torch.bfloat16)
 model.generation_config.bos_token_id = fast.bos_token_id
 model.generation_config.eos_token_id = fast.eos_token_id
