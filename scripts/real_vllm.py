@@ -432,13 +432,13 @@ def _metric(url: str, name: str) -> float:
     return total
 
 
-def _stream(port: int, request_id: str, max_chunks: int | None = None) -> dict:
+def _stream(port: int, request_id: str, max_chunks: int | None = None, max_tokens: int = 64) -> dict:
     body = json.dumps(
         {
             "model": SERVED_NAME,
             "messages": [{"role": "user", "content": "hi"}],
             "stream": True,
-            "max_tokens": 64,
+            "max_tokens": max_tokens,
             "ignore_eos": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }
