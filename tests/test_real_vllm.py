@@ -25,6 +25,7 @@ with warnings.catch_warnings():
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -359,6 +360,18 @@ def _scenario(srv: Server, url: str, aborted_by: Any) -> ScenarioResult:
                           max(timeline, default=0.0), int(generated - sum(r.tokens for r in records.values())))
 
 
+def _abort_lines(log_text: str, record: StreamRecord) -> list[str]:
+    """The messages of the abort lines naming this stream's id, ids as `<id>`/`<hex>`. (vLLM also logs
+    `Received request <id>: params: …` with --enable-log-requests; the simulator does not, and nothing reads it.)"""
+    sid = record.server_id or "chatcmpl-" + record.request_id
+    out = []
+    for line in log_text.splitlines():
+        if sid in line and "bort" in line:
+            msg = line.split("] ", 1)[-1].strip()
+            out.append(re.sub(r"-[0-9a-f]{8}\b", "-<hex>", msg.replace(sid, "<id>")))
+    return out
+
+
 def _first_freed(res: ScenarioResult) -> float:
     """When the client let go of the first slot: A's close or B's release, whichever came first."""
     ends = [r.closed for r in (res.records["A"], res.records["B"]) if r.closed is not None]
@@ -380,6 +393,10 @@ def test_simulator_side_by_side_with_vllm(real_vllm: Server, sim_pool: Any) -> N
         return srv.truth.log.lookup(r.server_id or "chatcmpl-" + r.request_id)[1] is not None
 
     results = {"simulator": _scenario(srv, sim.url, sim_aborted), "vLLM": _scenario(srv, srv.url, vllm_aborted)}
+    # The same log lines for an abort, the ids put aside.
+    shapes = {name: _abort_lines(text, results[name].records["A"])
+              for name, text in (("simulator", sim.log_text()), ("vLLM", srv.log_path.read_text(errors="replace")))}
+    assert shapes["simulator"] == shapes["vLLM"] == ["Aborted request(s) <id>-<hex>.", "Request <id> aborted."], shapes
     for name, res in results.items():
         c = res.records["C"]
         assert all(r.error is None for r in res.records.values()), (name, res.records)
