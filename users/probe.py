@@ -122,6 +122,10 @@ class StopProbeUser(User):
                         sid = record.server_id or _ledger_id(record)
                         entry = (vllm.settle(sid, settle) if vllm is not None
                                  else ledger.wait_freed(sid, settle))
+                        if vllm is not None and not entry["log_added"] and not _results:
+                            _log.warning("%s does not name %s: is it vLLM's log, written with "
+                                         "--enable-log-requests? Aborts cannot be confirmed without it.",
+                                         vllm.log.path, sid)
                         _results.append((record, entry))
             finally:
                 runner.shutdown()
