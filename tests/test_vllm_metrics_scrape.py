@@ -107,7 +107,7 @@ def sim(request: pytest.FixtureRequest) -> Sim:
 
 # --- hand-written shapes ------------------------------------------------------------------------------------
 
-# vLLM 0.9.x: no `engine` label, two models, the old ITL and KV-cache names.
+# vLLM 0.9.x's V0 engine: no `engine` label, two models, the old ITL and KV-cache names.
 TEXT_09_TWO_MODELS = """\
 # HELP vllm:num_requests_running Number of requests currently running on GPU.
 # TYPE vllm:num_requests_running gauge
