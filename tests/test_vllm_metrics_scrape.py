@@ -107,7 +107,7 @@ def sim(request: pytest.FixtureRequest) -> Sim:
 
 # --- hand-written shapes ------------------------------------------------------------------------------------
 
-# vLLM 0.9.x: no `engine` label, two models, the old ITL and KV-cache names.
+# vLLM 0.9.x's V0 engine: no `engine` label, two models, the old ITL and KV-cache names.
 TEXT_09_TWO_MODELS = """\
 # HELP vllm:num_requests_running Number of requests currently running on GPU.
 # TYPE vllm:num_requests_running gauge
@@ -383,3 +383,33 @@ def test_scraper_never_raises_on_unparsable_text():
 
     scraper = MetricsScraper("http://unused/metrics", session=Session())
     assert scraper.scrape_once() is None and scraper.errors == 1 and scraper.last_error
+
+
+# --- the simulator's 0.9 flavour against real vLLM 0.9.2 (tests/fixtures/vllm-0.9-cpu) ----------------------------
+
+REAL_09 = Path(__file__).resolve().parent / "fixtures" / "vllm-0.9-cpu" / "metrics-after.txt"
+
+
+def test_09_flavour_reads_like_real_vllm_092(sim_09: Sim):
+    """What the scraper reads from the simulator's 0.9 flavour, it reads the same way from real vLLM 0.9.2:
+    the same keys (0.9.2's V1 engine labels `engine`), the same fields present, the same metric names chosen,
+    the same success reasons; real 0.9.2 exposes more families, but only ones the scraper does not read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    real_text, sim_text = REAL_09.read_text(), sim_09.metrics_text()
+    real, sim = parse_snapshot(real_text, 0.0), parse_snapshot(sim_text, 0.0)
+    assert real.keys == sim.keys == (KEY,)
+    r, s = real.engines[KEY], sim.engines[KEY]
+    present = ("running", "waiting", "kv_cache_usage", "generation_tokens", "prompt_tokens", "preemptions", "success",
+               "ttft", "queue_time", "e2e_latency", "itl")
+    assert [getattr(r, f) is not None for f in present] == [getattr(s, f) is not None for f in present]
+    assert all(getattr(r, f) is not None for f in present)
+    assert (r.itl_metric, r.kv_cache_metric) == (s.itl_metric, s.kv_cache_metric)
+    assert set(r.success or {}) == set(s.success or {}) == {"stop", "length", "abort"}
+
+    def families(text: str) -> set[str]:
+        return {f.name for f in text_string_to_metric_families(text) if f.name.startswith("vllm:")}
+
+    only_real = families(real_text) - families(sim_text)
+    assert all(n.endswith("_created") or "prefix_cache" in n or n == "vllm:cache_config_info" for n in only_real), (
+        only_real)

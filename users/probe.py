@@ -23,15 +23,17 @@ from locust.exception import StopUser
 from metrics.probe_report import PROBE_SCHEMA_VERSION, ProbeSample, format_table, summarise
 from metrics.record import StreamRecord
 from metrics.truth import LEDGER_SOURCE, LedgerClient
+from metrics.vllm_stream_truth import VLLM_TRUTH_SOURCE, VllmStreamTruth
 from users.core import AsyncStreamingUser, arun_stream, run_stream
 from users.options import RunSettings, settings_for
 from users.policy import CLOSE_MODES, StopPlan
 from users.stacks import STACKS, user_class
 
-__all__ = ["StopProbeUser", "add_probe_arguments", "probe_results", "write_probe_results"]
+__all__ = ["StopProbeUser", "add_probe_arguments", "probe_results", "probe_truth_source", "write_probe_results"]
 
 _log = logging.getLogger("stopstorm.probe")
 _results: list[tuple[StreamRecord, dict[str, Any] | None]] = []
+_truth_source: list[str] = [LEDGER_SOURCE]  # what judged the streams: the simulator ledger, or vLLM log + metrics
 
 
 def add_probe_arguments(parser: LocustArgumentParser) -> None:
@@ -55,6 +57,10 @@ def probe_results() -> list[tuple[StreamRecord, dict[str, Any] | None]]:
     return _results
 
 
+def probe_truth_source() -> str:
+    return _truth_source[0]
+
+
 def write_probe_results(path: str, host: str) -> str:
     """Print the table and write the JSON; returns the table."""
     samples = [ProbeSample.from_pair(record, entry) for record, entry in _results]
@@ -63,7 +69,7 @@ def write_probe_results(path: str, host: str) -> str:
     doc = {
         "schema_version": PROBE_SCHEMA_VERSION,
         "host": host,
-        "truth_source": LEDGER_SOURCE,
+        "truth_source": probe_truth_source(),
         "versions": _library_versions(),
         "cells": [dataclasses.asdict(c) for c in cells],
         "streams": [{"record": r.to_json(), "ledger": e} for r, e in _results],
@@ -96,9 +102,10 @@ class StopProbeUser(User):
         opts = self.environment.parsed_options
         settings = settings_for(self.environment, self.host)
         ledger = LedgerClient(settings.host)
+        vllm: VllmStreamTruth | None = None
         if not ledger.available():
-            _log.error("the probe needs server truth: %s has no simulator ledger (real vLLM comes later)", self.host)
-            self._end_run()
+            ledger.close()
+            vllm = self._vllm_truth(settings.host, getattr(opts, "server_log", "") or "")
         stacks = [s.strip() for s in opts.probe_stacks.split(",") if s.strip()]
         modes = [m.strip() for m in opts.probe_modes.split(",") if m.strip()]
         for mode in modes:
@@ -112,15 +119,41 @@ class StopProbeUser(User):
             try:
                 for mode in modes:
                     for _ in range(opts.probe_repeats):
+                        if vllm is not None:
+                            vllm.before_stream()
                         record = runner.run(mode, plan)
-                        entry = ledger.wait_freed(record.server_id or _ledger_id(record), settle)
+                        sid = record.server_id or _ledger_id(record)
+                        entry = (vllm.settle(sid, settle) if vllm is not None
+                                 else ledger.wait_freed(sid, settle))
+                        if vllm is not None and not entry["log_added"] and not _results:
+                            _log.warning("%s does not name %s: is it vLLM's log, written with "
+                                         "--enable-log-requests? Aborts cannot be confirmed without it.",
+                                         vllm.log.path, sid)
                         _results.append((record, entry))
                         if opts.probe_gap > 0:
                             gevent.sleep(opts.probe_gap)
             finally:
                 runner.shutdown()
+        if vllm is not None:
+            vllm.close()
         ledger.close()
         self._end_run()
+
+    def _vllm_truth(self, host: str, log_path: str) -> VllmStreamTruth:
+        """Real vLLM's truth (its log + /metrics), or the end of the run when there is none."""
+        if not log_path:
+            _log.error("the probe needs server truth: %s has no simulator ledger; for real vLLM give --server-log "
+                       "with its log file (served with --enable-log-requests)", host)
+            self._end_run()
+        truth = VllmStreamTruth(host, log_path)
+        if not truth.available():
+            _log.error("the probe needs server truth: %s has neither a simulator ledger nor vLLM's /metrics (%s)",
+                       host, truth.metrics.last_error)
+            truth.close()
+            self._end_run()
+        truth.start()
+        _truth_source[0] = VLLM_TRUTH_SOURCE
+        return truth
 
     def _end_run(self) -> NoReturn:
         """Quit the run from a greenlet of its own: quitting stops every user, this one included, and a
