@@ -28,6 +28,8 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from metrics.accounting import account, ledger_by_id
+from metrics.capacity_section import capacity_section, server_max_num_seqs
+from metrics.html_report import write_html_report
 from metrics.record import StreamRecord
 from metrics.run_report import format_summary, to_json, write_report
 from metrics.truth import LedgerClient
@@ -240,8 +242,14 @@ def _write_run_report(**_kwargs: Any) -> None:
         if follower is not None:
             meta["server_log"] = {"path": follower.path, "lines": follower.lines, "events": follower.events,
                                   "errors": follower.errors, "last_error": follower.last_error}
-        write_report(path, to_json(accounting, meta))
-        print(f"\nstopstorm abort accounting (JSON: {path})\n{format_summary(accounting)}\n", flush=True)
+        doc = to_json(accounting, meta)
+        capacity = capacity_section(ledger_doc, _records, _run["started"], duration, server_max_num_seqs(host))
+        if capacity is not None:
+            doc["capacity"] = capacity
+        write_report(path, doc)
+        html_path = write_html_report(path, doc)
+        print(f"\nstopstorm abort accounting (JSON: {path}; HTML: {html_path})\n{format_summary(accounting)}\n",
+              flush=True)
     except Exception:
         _log.exception("stopstorm: the abort accounting failed; Locust's own results stand")
     finally:

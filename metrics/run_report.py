@@ -51,6 +51,15 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     freed_tokens, freed_slot_seconds, goodput_tokens, goodput_rate, log_aborted, log_abort_latency. Run figures:
     duration, freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
     unjoined_streams.
+
+    Optional `"capacity"` section (metrics/capacity_section.py; only with the simulator's ledger):
+    {"max_num_seqs", "timeline": {"columns": ["t_s", "running", "waiting"], "rows": [...]} (t_s since the
+    run's start), "queue_wait_samples_s": [sorted seconds], "ttft", "generated_tokens", "throughput" (FIGUREs,
+    TTFT server side: arrival → first token), "replay": {"source", "step_timing": {"base_s", "per_seq_s",
+    "prefill_per_token_s", "source"}, "policies": {"recorded"|"perfect"|"full": {"requests", "makespan_s",
+    "generated_tokens", "delivered_tokens", "wasted_tokens", "slot_seconds", "throughput_tok_s",
+    "goodput_tok_s", "queue_wait", "ttft"}}, "queue_wait_saved_s": {"p50", "p95", "p99", "mean"},
+    "slot_seconds_freed", "tokens_freed"} (or {"source", "error"} when the replay could not run)}.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
