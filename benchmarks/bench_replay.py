@@ -163,7 +163,8 @@ def main() -> None:
     saved_pred = predicted(full)["queue wait mean s"] - predicted(perfect)["queue wait mean s"]
     print(f"{a.requests} requests, Poisson {a.rate}/s, max_num_seqs {a.max_num_seqs}, step {a.step_ms} ms, "
           f"lengths {a.lengths[0]}-{a.lengths[1]}, stop probability {a.stop_probability}, seed {a.seed}")
-    print(f"calibrated step {timing.base_s * 1e3:.3f} ms, prefill {timing.prefill_per_token_s * 1e6:.2f} µs/token "
+    print(f"calibrated step {timing.base_s * 1e3:.3f} ms + {timing.per_seq_s * 1e3:.3f} ms per running request, "
+          f"prefill {timing.prefill_per_token_s * 1e6:.2f} µs/token "
           f"({timing.source}); real runs {wall:.0f} s wall, both replays {cpu * 1e3:.0f} ms CPU\n")
     print("| run | figure | real (ledger) | replay from run A | error |\n|---|---|---:|---:|---:|")
     for r in rows:
@@ -172,9 +173,9 @@ def main() -> None:
     print(f"\nqueue wait saved by prompt aborts (mean): real A/B {saved_real:.3f} s, replay {saved_pred:.3f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "saved_real_s": saved_real, "saved_replay_s": saved_pred,
-                                            "timing": timing.__dict__ if hasattr(timing, "__dict__") else
-                                            {"base_s": timing.base_s, "prefill_per_token_s":
-                                             timing.prefill_per_token_s}}, indent=2))
+                                            "timing": {"base_s": timing.base_s, "per_seq_s": timing.per_seq_s,
+                                                       "prefill_per_token_s": timing.prefill_per_token_s}},
+                                           indent=2))
 
 
 if __name__ == "__main__":

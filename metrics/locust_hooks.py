@@ -39,6 +39,7 @@ from simulator.launcher import EmbeddedSimulator
 from users.options import add_arguments as add_user_arguments
 from users.options import settings_for
 from users.probe import add_probe_arguments, probe_results, write_probe_results
+from users.shapes import add_shape_arguments, arrival_clock
 
 __all__ = ["embedded_simulator"]
 
@@ -49,13 +50,14 @@ _run: dict[str, Any] = {}  # env, collect (bool), started/stopped (monotonic), s
 # Options worth keeping in the report's meta (never the API key).
 _META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "max_tokens", "ignore_eos",
                  "stop_probability", "stop_at", "close_mix", "hold_seconds", "think_time", "sim_max_num_seqs",
-                 "sim_args")
+                 "sim_args", "arrival_rate")
 
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: LocustArgumentParser) -> None:
     add_user_arguments(parser)
     add_probe_arguments(parser)
+    add_shape_arguments(parser)
     group = parser.add_argument_group("stopstorm embedded simulator", "used when no --host is given")
     group.add_argument("--sim-max-num-seqs", type=int, default=2, env_var="STOPSTORM_SIM_MAX_NUM_SEQS",
                        help="running slots of the embedded simulator, as vLLM's --max-num-seqs (default 2)")
@@ -242,6 +244,13 @@ def _write_run_report(**_kwargs: Any) -> None:
         if follower is not None:
             meta["server_log"] = {"path": follower.path, "lines": follower.lines, "events": follower.events,
                                   "errors": follower.errors, "last_error": follower.last_error}
+        clock = arrival_clock(env)
+        if clock is not None:  # open model: were the arrivals on time, or did too few users make them late?
+            meta["open_model"] = {"arrival_rate": clock.rate, "arrivals": clock.arrivals, "late": clock.late,
+                                  "late_s": clock.late_s}
+            if clock.late:
+                _log.warning("stopstorm: %d of %d open-model arrivals went out late (no free user): raise -u",
+                             clock.late, clock.arrivals)
         doc = to_json(accounting, meta)
         capacity = capacity_section(ledger_doc, _records, _run["started"], duration, server_max_num_seqs(host))
         if capacity is not None:
