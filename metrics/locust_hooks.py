@@ -35,6 +35,7 @@ from metrics.run_report import format_summary, to_json, write_report
 from metrics.truth import LedgerClient
 from metrics.vllm_log import LogFollower
 from metrics.vllm_metrics_scrape import MetricsScraper
+from metrics.web_stops import install_stops_tab
 from simulator.launcher import EmbeddedSimulator
 from users.options import add_arguments as add_user_arguments
 from users.options import settings_for
@@ -137,6 +138,8 @@ def _start_collecting(environment: Environment, **_kwargs: Any) -> None:
     _run["env"] = environment
     # Workers keep nothing for now: their records would have to travel to the master.
     _run["collect"] = not isinstance(environment.runner, WorkerRunner)
+    if getattr(environment, "web_ui", None) is not None:
+        install_stops_tab(environment.web_ui, lambda: environment.host or "", lambda: _records)
 
 
 @events.request.add_listener
