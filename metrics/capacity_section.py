@@ -89,7 +89,8 @@ def capacity_section(ledger_doc: Mapping[str, Any] | None, records: Iterable[Str
     }
     if max_num_seqs and entries:
         try:
-            timing, results = replay_counterfactuals(ledger_doc, max_num_seqs, list(records))
+            timing, results = replay_counterfactuals(ledger_doc, max_num_seqs, list(records),
+                                                     run_end=run_start + duration_s)
         except ValueError as exc:
             section["replay"] = {"source": _REPLAY_SOURCE, "error": str(exc)}
         else:

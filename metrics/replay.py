@@ -115,12 +115,14 @@ class ReplayResult:
 # --- the trace and the step model, from one run -----------------------------------------------------------------
 
 
-def trace_from_ledger(ledger_doc: Mapping[str, Any], records: Iterable[StreamRecord] = ()) -> list[ReplayRequest]:
+def trace_from_ledger(ledger_doc: Mapping[str, Any], records: Iterable[StreamRecord] = (),
+                      cut_at: float | None = None) -> list[ReplayRequest]:
     """The run's requests in arrival order, from the simulator's ledger (`GET /stopstorm/ledger`).
 
     The user's stop point is the record's `tokens_at_stop` where a record is joined; without one, the tokens
     generated when the server saw the disconnect (equal for a client that closes at Stop, later for a zombie).
-    Requests the server refused (status ≠ 200) are left out: they never took a slot.
+    Requests the server refused (status ≠ 200) are left out: they never took a slot. A disconnect at or after
+    `cut_at` (the run's end, ledger clock) is the run stopping its users, not a user's Stop: not a stop point.
     """
     stops = {server_id(r): r.tokens_at_stop for r in records if r.stop is not None}
     entries = [e for e in ledger_doc.get("requests", []) if e.get("status_code", 200) == 200]
@@ -132,11 +134,13 @@ def trace_from_ledger(ledger_doc: Mapping[str, Any], records: Iterable[StreamRec
         rid = e["request_id"]
         if rid in stops:
             stop = stops[rid]
-        elif e.get("disconnect_seen") is not None and e.get("generated_at_disconnect") is not None:
+        elif (e.get("disconnect_seen") is not None and e.get("generated_at_disconnect") is not None
+              and (cut_at is None or e["disconnect_seen"] < cut_at)):
             stop = e["generated_at_disconnect"]
         else:
             stop = None
-        aborted = e["generated_tokens"] if e.get("finish_reason") == "abort" else None
+        cut = cut_at is not None and e.get("freed") is not None and e["freed"] >= cut_at
+        aborted = e["generated_tokens"] if e.get("finish_reason") == "abort" and not cut else None
         out.append(ReplayRequest(rid, e["arrival"] - t0, int(e["prompt_tokens"]), int(e["target_tokens"]),
                                  None if stop is None else int(stop), aborted))
     return out
@@ -246,8 +250,13 @@ def _abort_point(req: ReplayRequest, policy: str) -> int | None:
 
 
 def replay(trace: Sequence[ReplayRequest], timing: StepTiming, max_num_seqs: int, policy: str = "perfect",
-           max_num_batched_tokens: int = 2048, keep_timeline: bool = True) -> ReplayResult:
+           max_num_batched_tokens: int = 2048, keep_timeline: bool = True,
+           horizon: float | None = None) -> ReplayResult:
     """Drive the simulator's scheduler in virtual time over `trace` under one abort `policy`.
+
+    `horizon` (seconds after the first arrival) is where the real run ended and stopped its users: whatever is
+    still running or waiting then is aborted, as the run's end did, so each policy is judged over the same
+    window rather than credited with a drained queue the real run never saw.
 
     A stopping client's close reaches the server within a millisecond of the token it stopped on, i.e. while
     the next step runs, so its abort is asked for right after that step is planned: the slot is freed at the
@@ -287,6 +296,11 @@ def replay(trace: Sequence[ReplayRequest], timing: StepTiming, max_num_seqs: int
     while i < n or not sched.idle:
         admit_until(now)
         timeline.now = now
+        if horizon is not None and now >= horizon:  # the run's end: its users disconnect, the engine drains
+            for seq in seqs:
+                if seq.entry.freed is None:
+                    sched.request_abort(seq.entry.request_id, now)
+            i = n
         plan = sched.plan_step(now)
         if plan is None:
             to_abort.clear()
@@ -330,11 +344,16 @@ def _result(policy: str, order: Sequence[ReplayRequest], seqs: list[EngineSequen
 
 
 def replay_counterfactuals(ledger_doc: Mapping[str, Any], max_num_seqs: int, records: Iterable[StreamRecord] = (),
-                           timing: StepTiming | None = None,
-                           policies: Sequence[str] = POLICIES) -> tuple[StepTiming, dict[str, ReplayResult]]:
-    """One run's ledger (and records) replayed under each policy, with the step time calibrated from it."""
-    trace = trace_from_ledger(ledger_doc, records)
+                           timing: StepTiming | None = None, policies: Sequence[str] = POLICIES,
+                           run_end: float | None = None) -> tuple[StepTiming, dict[str, ReplayResult]]:
+    """One run's ledger (and records) replayed under each policy, with the step time calibrated from it.
+
+    `run_end` (ledger clock) is when the run stopped its users; the replay ends there too (see `replay`).
+    """
+    trace = trace_from_ledger(ledger_doc, records, cut_at=run_end)
     if not trace:
         raise ValueError("cannot replay: the ledger holds no served request")
     timing = timing or calibrate(ledger_doc)
-    return timing, {p: replay(trace, timing, max_num_seqs, p) for p in policies}
+    t0 = min(e["arrival"] for e in ledger_doc.get("requests", []) if e.get("status_code", 200) == 200)
+    horizon = None if run_end is None else run_end - t0
+    return timing, {p: replay(trace, timing, max_num_seqs, p, horizon=horizon) for p in policies}

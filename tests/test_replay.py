@@ -95,3 +95,19 @@ def test_replay_reproduces_a_real_simulator_run() -> None:
     assert measured["queue wait mean s"] > 0.05  # the run did queue: the figure means something
     for key in ("queue wait mean s", "makespan s", "slot-seconds"):
         assert predicted[key] == pytest.approx(measured[key], rel=0.10), key
+
+
+def test_horizon_cuts_every_policy_where_the_real_run_ended() -> None:
+    # The run ended at 0.05 s: "b" was still queued then, and the run's end took it away in every policy.
+    for policy in ("perfect", "full"):
+        r = replay(_two_requests(), StepTiming(STEP), 1, policy, horizon=0.05)
+        assert r.queue_wait is not None
+        assert r.queue_wait.max == pytest.approx(min(4 * STEP if policy == "perfect" else 0.05, 0.05) - 0.001,
+                                                 abs=STEP), policy
+        assert r.makespan_s <= 0.05 + STEP
+
+
+def test_a_disconnect_at_the_run_s_end_is_not_a_stop() -> None:
+    doc = _ledger_doc()
+    trace = trace_from_ledger(doc, cut_at=100.08)  # y's disconnect came with the run's end
+    assert trace[1].stop_tokens is None and trace[1].aborted_at_tokens is None
