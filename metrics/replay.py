@@ -43,6 +43,7 @@ __all__ = [
     "calibrate",
     "replay",
     "replay_counterfactuals",
+    "run_cut_time",
     "trace_from_ledger",
 ]
 
@@ -172,6 +173,22 @@ def _mean_running(times: list[float], area: list[float], level: list[int], a: fl
         return 0.0 if k < 0 else area[k] + level[k] * (t - times[k])
 
     return (integral(b) - integral(a)) / (b - a)
+
+
+def run_cut_time(ledger_doc: Mapping[str, Any], records: Sequence[StreamRecord],
+                 run_end: float | None) -> float | None:
+    """When the run began stopping its users (ledger clock): they are killed just before the run's end is
+    stamped, and a killed user reports no record, so the first disconnect of a request no record reports marks
+    it (when records are given); else `run_end`. Every Stop a user pressed has its record."""
+    if not records:
+        return run_end
+    reported = {server_id(r) for r in records}
+    unreported = [e["disconnect_seen"] for e in ledger_doc.get("requests", [])
+                  if e.get("disconnect_seen") is not None and e["request_id"] not in reported]
+    first = min(unreported, default=None)
+    if first is None:
+        return run_end
+    return first if run_end is None else min(first, run_end)
 
 
 def calibrate(ledger_doc: Mapping[str, Any]) -> StepTiming:
@@ -350,10 +367,12 @@ def replay_counterfactuals(ledger_doc: Mapping[str, Any], max_num_seqs: int, rec
 
     `run_end` (ledger clock) is when the run stopped its users; the replay ends there too (see `replay`).
     """
-    trace = trace_from_ledger(ledger_doc, records, cut_at=run_end)
+    records = list(records)
+    cut_at = run_cut_time(ledger_doc, records, run_end)
+    trace = trace_from_ledger(ledger_doc, records, cut_at=cut_at)
     if not trace:
         raise ValueError("cannot replay: the ledger holds no served request")
     timing = timing or calibrate(ledger_doc)
     t0 = min(e["arrival"] for e in ledger_doc.get("requests", []) if e.get("status_code", 200) == 200)
-    horizon = None if run_end is None else run_end - t0
+    horizon = None if cut_at is None else cut_at - t0
     return timing, {p: replay(trace, timing, max_num_seqs, p, horizon=horizon) for p in policies}

@@ -38,7 +38,7 @@ def _report(qw50: float, goodput: float, zombie: float, scenario: str) -> dict:
     return {"meta": {"scenario": scenario, "host": "http://127.0.0.1:1", "duration_s": 10.0},
             "sources": ["simulator ledger"], "cells": cells, "overall": {"figures": f},
             "capacity": {"max_num_seqs": 2, "timeline": {"columns": ["t_s", "running", "waiting"], "rows": timeline},
-                         "queue_wait_samples_s": [qw50 * i / 5 for i in range(10)],
+                         "queue_wait_samples_s": [qw50 * (0.5 + i / 9) for i in range(10)],  # p50 = qw50
                          "ttft": {"value": _dist(.1, .2, .3)}, "throughput": {"value": goodput * 1.2},
                          "replay": {"policies": replay_pol, "step_timing": {"base_s": .015, "source": "test data"},
                                     "queue_wait_saved_s": {"p50": 0.1, "p95": 0.2, "mean": 0.1}}}}

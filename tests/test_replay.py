@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from metrics.capacity_section import capacity_section, ledger_timeline
+from metrics.record import StreamRecord
 from metrics.replay import ReplayRequest, StepTiming, calibrate, replay, trace_from_ledger
 
 STEP = 0.01
@@ -111,3 +112,13 @@ def test_a_disconnect_at_the_run_s_end_is_not_a_stop() -> None:
     doc = _ledger_doc()
     trace = trace_from_ledger(doc, cut_at=100.08)  # y's disconnect came with the run's end
     assert trace[1].stop_tokens is None and trace[1].aborted_at_tokens is None
+
+
+def test_the_run_s_cut_is_the_first_disconnect_no_user_reported() -> None:
+    from metrics.replay import run_cut_time
+
+    doc = _ledger_doc()  # y disconnected at 100.081 and no record reports it: a user killed at the run's end
+    reported_x = StreamRecord(stack="requests", close_mode="none", endpoint="chat", request_id="x",
+                              stop_plan="never", wall_start=0.0, sent=100.0)
+    assert run_cut_time(doc, [reported_x], run_end=100.5) == pytest.approx(100.081)
+    assert run_cut_time(doc, [], run_end=100.5) == 100.5
