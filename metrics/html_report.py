@@ -68,7 +68,9 @@ def _value(fig: Mapping[str, Any] | None, key: str | None = None) -> float | Non
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:,.{digits}f}"
+    if v is None:
+        return "–"
+    return f"{v:,}" if isinstance(v, int) else f"{v:,.{digits}f}"
 
 
 # --- plots ---------------------------------------------------------------------------------------------------
