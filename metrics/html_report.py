@@ -85,8 +85,9 @@ def _timeline_plot(docs: Sequence[Mapping[str, Any]]) -> str | None:
         cap = d["capacity"]
         rows = cap["timeline"]["rows"]
         t = [r[0] for r in rows]
-        ax.step(t, [r[1] for r in rows], where="post", label="running", color="tab:blue")
-        ax.step(t, [r[2] for r in rows], where="post", label="waiting", color="tab:orange")
+        many = len(rows) > 5000  # hours of traffic: draw the lines as an inline bitmap, not 10⁵ SVG vertices
+        ax.step(t, [r[1] for r in rows], where="post", label="running", color="tab:blue", rasterized=many)
+        ax.step(t, [r[2] for r in rows], where="post", label="waiting", color="tab:orange", rasterized=many)
         if cap.get("max_num_seqs"):
             ax.axhline(cap["max_num_seqs"], color="grey", ls=":", lw=1, label="max_num_seqs")
         ax.set_title(_label(d, i), fontsize=10, loc="left")
