@@ -244,13 +244,18 @@ def render_html(docs: Sequence[Mapping[str, Any]], title: str = "stopstorm repor
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
-def html_path_for(json_path: str | os.PathLike[str]) -> Path:
-    return Path(json_path).with_suffix(".html")
+def html_path_for(json_path: str | os.PathLike[str], taken: str | os.PathLike[str] | None = None) -> Path:
+    """`<json stem>.html`, or `<json stem>.stopstorm.html` where that is `taken` (Locust's own `--html` file)."""
+    path = Path(json_path).with_suffix(".html")
+    if taken and path.resolve() == Path(taken).resolve():
+        path = Path(json_path).with_suffix(".stopstorm.html")
+    return path
 
 
-def write_html_report(json_path: str | os.PathLike[str], doc: Mapping[str, Any]) -> Path:
-    """Write the page for `doc` beside its JSON (same name, .html), atomically; returns its path."""
-    target = html_path_for(json_path)
+def write_html_report(json_path: str | os.PathLike[str], doc: Mapping[str, Any],
+                      taken: str | os.PathLike[str] | None = None) -> Path:
+    """Write the page for `doc` beside its JSON (same name, .html; never over `taken`), atomically."""
+    target = html_path_for(json_path, taken)
     tmp = target.with_name(f".{target.name}.tmp")
     labelled = {"_label": (doc.get("meta") or {}).get("scenario") or Path(json_path).stem, **doc}
     tmp.write_text(render_html([labelled], title=f"stopstorm report: {Path(json_path).name}"), encoding="utf-8")

@@ -259,7 +259,7 @@ def _write_run_report(**_kwargs: Any) -> None:
         if capacity is not None:
             doc["capacity"] = capacity
         write_report(path, doc)
-        html_path = write_html_report(path, doc)
+        html_path = write_html_report(path, doc, taken=getattr(opts, "html_file", None))  # never over Locust's
         print(f"\nstopstorm abort accounting (JSON: {path}; HTML: {html_path})\n{format_summary(accounting)}\n",
               flush=True)
     except Exception:

@@ -137,3 +137,11 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     keep = os.environ.get("STOPSTORM_KEEP_SCREENSHOT")
     if keep:
         shutil.copy(shot, Path(keep) / "html-report.png")
+
+
+def test_the_page_never_overwrites_locust_s_own_html(tmp_path: Path) -> None:
+    from metrics.html_report import html_path_for
+
+    assert html_path_for(tmp_path / "r.json") == tmp_path / "r.html"
+    assert html_path_for(tmp_path / "r.json", taken=tmp_path / "r.html") == tmp_path / "r.stopstorm.html"
+    assert html_path_for(tmp_path / "r.json", taken=tmp_path / "locust.html") == tmp_path / "r.html"
