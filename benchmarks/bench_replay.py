@@ -129,6 +129,26 @@ def predicted(r: ReplayResult) -> dict[str, float]:
             "generated tokens": r.generated_tokens, "slot-seconds": r.slot_seconds, "makespan s": r.makespan_s}
 
 
+def replay_speed(hours: float = 1.0, rate: float = 10.0, max_num_seqs: int = 32) -> str:
+    """CPU seconds to replay `hours` of synthetic open-model traffic per policy (no server involved)."""
+    from metrics.replay import ReplayRequest, StepTiming
+
+    rng = random.Random(0)
+    t, trace = 0.0, []
+    while t < hours * 3600:
+        t += rng.expovariate(rate)
+        m = rng.randint(20, 400)
+        stop = rng.randint(1, m - 1) if rng.random() < 0.5 else None
+        trace.append(ReplayRequest(str(len(trace)), t, 100, m, stop, stop))
+    out = []
+    for policy in ("perfect", "full"):
+        c = time.process_time()
+        r = replay(trace, StepTiming(0.015, 0.00005), max_num_seqs, policy)
+        out.append(f"{policy} {time.process_time() - c:.1f} s CPU ({r.makespan_s / 3600:.2f} h of virtual time)")
+    head = f"replay speed, {hours:g} h of traffic ({len(trace):,} requests, {rate:g}/s, max_num_seqs {max_num_seqs})"
+    return f"{head}: " + ", ".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=300)
@@ -140,7 +160,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--grace", type=float, default=60.0, help="seconds past the last arrival a run may take")
     ap.add_argument("--json", default="", help="also write the table as JSON here")
+    ap.add_argument("--speed-only", action="store_true", help="only time the replay of an hour of traffic")
     a = ap.parse_args()
+    if a.speed_only:
+        print(replay_speed())
+        return
     plan = schedule(a.requests, a.rate, tuple(a.lengths), a.stop_probability, a.seed)
     t = time.monotonic()
     real_a = run_once(plan, True, a.max_num_seqs, a.step_ms, a.grace)
