@@ -98,7 +98,7 @@ def install_stops_tab(web_ui: Any, host: Callable[[], str], records: Callable[[]
                 ledger, now = cache.get()
             body = response.get_json()
             extended = [s for s in body.get("extended_stats") or [] if s.get("key") != STOPS_KEY]
-            extended.append({"key": STOPS_KEY, "data": stops_rows(list(records()), ledger, now)})
+            extended.append({"key": STOPS_KEY, "data": stops_rows(records(), ledger, now)})
             body["extended_stats"] = extended
             response.set_data(json.dumps(body))
         except Exception as exc:  # the UI's own stats must never break for the tab's sake
