@@ -15,7 +15,7 @@ from typing import Any
 
 from metrics.accounting import LEDGER_SOURCE, distribution
 from metrics.record import StreamRecord
-from metrics.replay import ReplayResult, replay_counterfactuals
+from metrics.replay import TRACE_COLUMNS, Counterfactuals, replay_counterfactuals, trace_to_rows
 from metrics.truth import LedgerClient
 
 __all__ = ["capacity_section", "ledger_timeline", "server_max_num_seqs"]
@@ -51,13 +51,17 @@ def ledger_timeline(entries: Iterable[Mapping[str, Any]], t0: float) -> list[lis
     return rows
 
 
-def _replay_json(results: Mapping[str, ReplayResult], timing_source: str, timing: Any) -> dict[str, Any]:
+def _replay_json(cf: Counterfactuals) -> dict[str, Any]:
+    results, timing = cf.results, cf.timing
     perfect, full = results.get("perfect"), results.get("full")
     out: dict[str, Any] = {
         "source": _REPLAY_SOURCE,
         "step_timing": {"base_s": timing.base_s, "per_seq_s": timing.per_seq_s,
-                        "prefill_per_token_s": timing.prefill_per_token_s, "source": timing_source},
+                        "prefill_per_token_s": timing.prefill_per_token_s, "source": timing.source},
         "policies": {name: r.to_json() for name, r in results.items()},
+        # What the replay ran on, so `python -m metrics.replay REPORT` can ask "what if" later.
+        "trace": {"columns": list(TRACE_COLUMNS), "rows": trace_to_rows(cf.trace)},
+        "horizon_s": cf.horizon,
     }
     if perfect is not None and full is not None and perfect.queue_wait and full.queue_wait:
         out["queue_wait_saved_s"] = {q: getattr(full.queue_wait, q) - getattr(perfect.queue_wait, q)
@@ -89,12 +93,11 @@ def capacity_section(ledger_doc: Mapping[str, Any] | None, records: Iterable[Str
     }
     if max_num_seqs and entries:
         try:
-            timing, results = replay_counterfactuals(ledger_doc, max_num_seqs, list(records),
-                                                     run_end=run_start + duration_s)
+            cf = replay_counterfactuals(ledger_doc, max_num_seqs, list(records), run_end=run_start + duration_s)
         except ValueError as exc:
             section["replay"] = {"source": _REPLAY_SOURCE, "error": str(exc)}
         else:
-            section["replay"] = _replay_json(results, timing.source, timing)
+            section["replay"] = _replay_json(cf)
     return section
 
 

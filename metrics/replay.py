@@ -37,6 +37,8 @@ from simulator.ledger import Ledger, LedgerEntry
 
 __all__ = [
     "POLICIES",
+    "TRACE_COLUMNS",
+    "Counterfactuals",
     "ReplayRequest",
     "ReplayResult",
     "StepTiming",
@@ -45,6 +47,8 @@ __all__ = [
     "replay_counterfactuals",
     "run_cut_time",
     "trace_from_ledger",
+    "trace_from_rows",
+    "trace_to_rows",
 ]
 
 POLICIES = ("recorded", "perfect", "full")
@@ -360,9 +364,30 @@ def _result(policy: str, order: Sequence[ReplayRequest], seqs: list[EngineSequen
         timeline=timeline)
 
 
+@dataclass(slots=True)
+class Counterfactuals:
+    """One run replayed: the step model used, the trace and horizon replayed, and each policy's result."""
+
+    timing: StepTiming
+    trace: list[ReplayRequest]
+    horizon: float | None
+    results: dict[str, ReplayResult]
+
+
+TRACE_COLUMNS = ("t_s", "prompt_tokens", "target_tokens", "stop_tokens", "aborted_at_tokens")
+
+
+def trace_to_rows(trace: Sequence[ReplayRequest]) -> list[list[float | int | None]]:
+    return [[round(r.arrival, 6), r.prompt_tokens, r.target_tokens, r.stop_tokens, r.aborted_at_tokens] for r in trace]
+
+
+def trace_from_rows(rows: Sequence[Sequence[Any]]) -> list[ReplayRequest]:
+    return [ReplayRequest(str(k), float(t), int(p), int(n), s, a) for k, (t, p, n, s, a) in enumerate(rows)]
+
+
 def replay_counterfactuals(ledger_doc: Mapping[str, Any], max_num_seqs: int, records: Iterable[StreamRecord] = (),
                            timing: StepTiming | None = None, policies: Sequence[str] = POLICIES,
-                           run_end: float | None = None) -> tuple[StepTiming, dict[str, ReplayResult]]:
+                           run_end: float | None = None) -> Counterfactuals:
     """One run's ledger (and records) replayed under each policy, with the step time calibrated from it.
 
     `run_end` (ledger clock) is when the run stopped its users; the replay ends there too (see `replay`).
@@ -375,4 +400,54 @@ def replay_counterfactuals(ledger_doc: Mapping[str, Any], max_num_seqs: int, rec
     timing = timing or calibrate(ledger_doc)
     t0 = min(e["arrival"] for e in ledger_doc.get("requests", []) if e.get("status_code", 200) == 200)
     horizon = None if cut_at is None else cut_at - t0
-    return timing, {p: replay(trace, timing, max_num_seqs, p, horizon=horizon) for p in policies}
+    return Counterfactuals(timing, trace, horizon,
+                           {p: replay(trace, timing, max_num_seqs, p, horizon=horizon) for p in policies})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m metrics.replay REPORT.json [--max-num-seqs K] [--step-ms S]`: what if, from a saved run."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    import orjson
+
+    ap = argparse.ArgumentParser(prog="python -m metrics.replay",
+                                 description="Replay a run's saved trace (its report's capacity.replay section) "
+                                 "under each abort policy, optionally with another max_num_seqs or step time.")
+    ap.add_argument("report", help="a stopstorm report JSON written against the simulator")
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="running slots (default: the run's)")
+    ap.add_argument("--step-ms", type=float, default=0.0, help="engine step base in ms (default: calibrated)")
+    args = ap.parse_args(argv)
+    try:
+        doc = orjson.loads(Path(args.report).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise SystemExit(f"metrics.replay: cannot read report {args.report}: {exc}") from None
+    cap = doc.get("capacity") or {}
+    rep = cap.get("replay") or {}
+    if not (rep.get("trace") or {}).get("rows"):
+        raise SystemExit(f"metrics.replay: {args.report} has no capacity.replay.trace (a run against the simulator "
+                         "writes one)")
+    t = rep["step_timing"]
+    timing = StepTiming(args.step_ms / 1e3 if args.step_ms else t["base_s"], t.get("per_seq_s", 0.0),
+                        t.get("prefill_per_token_s", 0.0), "given" if args.step_ms else t.get("source", ""))
+    k = args.max_num_seqs or int(cap.get("max_num_seqs") or 0)
+    if k < 1:
+        raise SystemExit("metrics.replay: --max-num-seqs is needed (the report does not say the run's)")
+    trace = trace_from_rows(rep["trace"]["rows"])
+    print(f"{len(trace)} requests, max_num_seqs {k}, step {timing.base_s * 1e3:.3f} ms "
+          f"+ {timing.per_seq_s * 1e3:.3f} ms per running request")
+    print("| policy | queue wait p50 s | p95 s | mean s | TTFT p50 s | generated | wasted | slot-s | goodput tok/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for policy in POLICIES:
+        r = replay(trace, timing, k, policy, horizon=rep.get("horizon_s"), keep_timeline=False)
+        q, f = r.queue_wait, r.ttft
+        print(f"| {policy} | {q.p50 if q else float('nan'):.3f} | {q.p95 if q else float('nan'):.3f} | "
+              f"{q.mean if q else float('nan'):.3f} | {f.p50 if f else float('nan'):.3f} | {r.generated_tokens:,} | "
+              f"{r.wasted_tokens:,} | {r.slot_seconds:,.2f} | {r.goodput:,.1f} |")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -59,7 +59,9 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     "prefill_per_token_s", "source"}, "policies": {"recorded"|"perfect"|"full": {"requests", "makespan_s",
     "generated_tokens", "delivered_tokens", "wasted_tokens", "slot_seconds", "throughput_tok_s",
     "goodput_tok_s", "queue_wait", "ttft"}}, "queue_wait_saved_s": {"p50", "p95", "p99", "mean"},
-    "slot_seconds_freed", "tokens_freed"} (or {"source", "error"} when the replay could not run)}.
+    "slot_seconds_freed", "tokens_freed", "trace": {"columns": ["t_s", "prompt_tokens", "target_tokens",
+    "stop_tokens", "aborted_at_tokens"], "rows": [...]}, "horizon_s"} (or {"source", "error"} when the replay
+    could not run)}.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,

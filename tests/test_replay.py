@@ -122,3 +122,20 @@ def test_the_run_s_cut_is_the_first_disconnect_no_user_reported() -> None:
                               stop_plan="never", wall_start=0.0, sent=100.0)
     assert run_cut_time(doc, [reported_x], run_end=100.5) == pytest.approx(100.081)
     assert run_cut_time(doc, [], run_end=100.5) == 100.5
+
+
+def test_what_if_from_a_saved_report(tmp_path, capsys) -> None:
+    import json
+
+    from metrics.replay import main
+
+    doc = _ledger_doc()
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"capacity": capacity_section(doc, [], 100.0, 1.0, 1)}))
+    assert main([str(report), "--max-num-seqs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "max_num_seqs 2" in out and "| full |" in out and "| perfect |" in out
+    empty = tmp_path / "e.json"
+    empty.write_text("{}")
+    with pytest.raises(SystemExit, match=r"no capacity\.replay\.trace"):
+        main([str(empty)])
