@@ -32,6 +32,8 @@ from locust.runners import WorkerRunner
 from metrics import distributed
 from metrics import gpu_hooks
 from metrics.accounting import account, ledger_by_id
+from metrics.capacity_section import capacity_section, server_max_num_seqs
+from metrics.html_report import write_html_report
 from metrics.record import StreamRecord
 from metrics.record_sink import RecordSink
 from metrics.run_report import format_summary, to_json, write_report
@@ -41,10 +43,12 @@ from metrics.self_monitor import add_arguments as add_self_monitor_arguments
 from metrics.truth import LedgerClient
 from metrics.vllm_log import LogFollower
 from metrics.vllm_metrics_scrape import MetricsScraper
+from metrics.web_stops import install_stops_tab
 from simulator.launcher import EmbeddedSimulator
 from users.options import add_arguments as add_user_arguments
 from users.options import settings_for
 from users.probe import add_probe_arguments, probe_results, probe_truth_source, write_probe_results
+from users.shapes import add_shape_arguments, arrival_clock
 
 __all__ = ["embedded_simulator"]
 
@@ -55,7 +59,7 @@ _run: dict[str, Any] = {}  # env, collect (bool), started/stopped (monotonic), s
 # Options worth keeping in the report's meta (never the API key).
 _META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "max_tokens", "ignore_eos",
                  "stop_probability", "stop_at", "close_mix", "hold_seconds", "think_time", "sim_max_num_seqs",
-                 "sim_args")
+                 "sim_args", "arrival_rate")
 
 
 @events.init_command_line_parser.add_listener
@@ -63,6 +67,7 @@ def _add_arguments(parser: LocustArgumentParser) -> None:
     add_user_arguments(parser)
     add_probe_arguments(parser)
     add_self_monitor_arguments(parser)
+    add_shape_arguments(parser)
     group = parser.add_argument_group("stopstorm embedded simulator", "used when no --host is given")
     group.add_argument("--sim-max-num-seqs", type=int, default=2, env_var="STOPSTORM_SIM_MAX_NUM_SEQS",
                        help="running slots of the embedded simulator, as vLLM's --max-num-seqs (default 2)")
@@ -152,6 +157,8 @@ def _start_collecting(environment: Environment, **_kwargs: Any) -> None:
         if path:
             _run["sink"] = RecordSink(path)
     distributed.install(environment, lambda record: _collect_record(context={"record": record}))
+    if getattr(environment, "web_ui", None) is not None:
+        install_stops_tab(environment.web_ui, lambda: environment.host or "", lambda: _records)
 
 
 @events.request.add_listener
@@ -269,6 +276,13 @@ def _write_run_report(**_kwargs: Any) -> None:
         if follower is not None:
             meta["server_log"] = {"path": follower.path, "lines": follower.lines, "events": follower.events,
                                   "errors": follower.errors, "last_error": follower.last_error}
+        clock = arrival_clock(env)
+        if clock is not None:  # open model: were the arrivals on time, or did too few users make them late?
+            meta["open_model"] = {"arrival_rate": clock.rate, "arrivals": clock.arrivals, "late": clock.late,
+                                  "late_s": clock.late_s}
+            if clock.late:
+                _log.warning("stopstorm: %d of %d open-model arrivals went out late (no free user): raise -u",
+                             clock.late, clock.arrivals)
         reason = stop_reason()
         meta["partial"] = reason is not None
         if reason is not None:
@@ -279,11 +293,15 @@ def _write_run_report(**_kwargs: Any) -> None:
         doc = to_json(accounting, meta)
         doc["self_monitor"] = _self_monitor_summaries()
         gpu_lines = gpu_hooks.extend_report(doc, accounting, list(_records), _run["started"], end, path)
+        capacity = capacity_section(ledger_doc, _records, _run["started"], duration, server_max_num_seqs(host))
+        if capacity is not None:
+            doc["capacity"] = capacity
         write_report(path, doc)
+        html_path = write_html_report(path, doc, taken=getattr(opts, "html_file", None))  # never over Locust's
         if reason is not None:
             print(f"\nstopstorm: PARTIAL report ({reason}): the figures cover the run until then", flush=True)
         summary = "\n".join([format_summary(accounting), *gpu_lines])
-        print(f"\nstopstorm abort accounting (JSON: {path})\n{summary}\n", flush=True)
+        print(f"\nstopstorm abort accounting (JSON: {path}; HTML: {html_path})\n{summary}\n", flush=True)
         for line in warnings_for(doc["self_monitor"]):
             print(f"stopstorm self-monitor: {line}", flush=True)
     except Exception:

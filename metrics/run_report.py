@@ -80,6 +80,16 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     seconds since the run's start (the opening reading may be a few ms before 0); energy_j counts from each
     GPU's first reading; a reading the GPU does not give is null. The rules behind the figures are in
     metrics/gpu_attribution.py.
+    Optional `"capacity"` section (metrics/capacity_section.py; only with the simulator's ledger):
+    {"max_num_seqs", "timeline": {"columns": ["t_s", "running", "waiting"], "rows": [...]} (t_s since the
+    run's start), "queue_wait_samples_s": [sorted seconds], "ttft", "generated_tokens", "throughput" (FIGUREs,
+    TTFT server side: arrival → first token), "replay": {"source", "step_timing": {"base_s", "per_seq_s",
+    "prefill_per_token_s", "source"}, "policies": {"recorded"|"perfect"|"full": {"requests", "makespan_s",
+    "generated_tokens", "delivered_tokens", "wasted_tokens", "slot_seconds", "throughput_tok_s",
+    "goodput_tok_s", "queue_wait", "ttft"}}, "queue_wait_saved_s": {"p50", "p95", "p99", "mean"},
+    "slot_seconds_freed", "tokens_freed", "trace": {"columns": ["t_s", "prompt_tokens", "target_tokens",
+    "stop_tokens", "aborted_at_tokens"], "rows": [...]}, "horizon_s"} (or {"source", "error"} when the replay
+    could not run)}.
     """
     return {
         "schema_version": REPORT_SCHEMA_VERSION,

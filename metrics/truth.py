@@ -45,6 +45,10 @@ class LedgerClient:
         """The whole ledger document (`GET /stopstorm/ledger`); None when it cannot be read."""
         return self._get_json("/stopstorm/ledger")
 
+    def stats(self) -> dict[str, Any] | None:
+        """The simulator's engine counters and config (`GET /stopstorm/stats`); None when it cannot be read."""
+        return self._get_json("/stopstorm/stats")
+
     def wait_freed(self, server_id: str, timeout: float, poll: float = 0.02) -> dict[str, Any] | None:
         """The entry once the request has left the engine (finished or aborted), or as it is at `timeout`."""
         deadline = time.monotonic() + timeout

@@ -30,6 +30,7 @@ from metrics.sse import DONE, SSELineDecoder
 from users.options import RunSettings, settings_for
 from users.policy import StopPlan
 from users.request import StreamRequest
+from users.shapes import arrival_clock, open_model_wait
 
 __all__ = [
     "ERROR_BODY_LIMIT",
@@ -417,6 +418,8 @@ class StreamingUser(User):
         self.settings: RunSettings | None = None
 
     def wait_time(self) -> float:
+        if arrival_clock(self.environment) is not None:
+            return 0.0  # open model: stream() waits for this user's next Poisson arrival instead
         think = self._settings().think_time
         return self.rng.expovariate(1.0 / think) if think > 0 else 0.0
 
@@ -440,6 +443,7 @@ class StreamingUser(User):
 
     @task
     def stream(self) -> None:
+        open_model_wait(self.environment)
         request, record, plan = self.new_stream()
         try:
             self.stream_once(request, record, plan)

@@ -1,0 +1,41 @@
+"""scenarios.py: two scenarios back to back against one embedded simulator, then the comparison."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scenarios import _scenario  # noqa: E402  (a top-level script, imported from the repository root)
+
+
+def test_scenario_argument_names_the_option() -> None:
+    assert _scenario("hold=--close-mix hold:1 --hold-seconds 2") == ("hold", ["--close-mix", "hold:1",
+                                                                               "--hold-seconds", "2"])
+    with pytest.raises(argparse.ArgumentTypeError, match="--scenario"):
+        _scenario("no equals sign")
+
+
+def test_two_scenarios_against_one_server(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scenarios.py"), "--scenario", "held=--close-mix hold:1 --hold-seconds 1",
+         "--scenario", "closed=--close-mix close:1", "--sim-args", "--max-num-seqs 2 --step-base-ms 5",
+         "--out", str(tmp_path), "--timeout", "60", "--", "--headless", "-u", "6", "-r", "6", "-t", "3s",
+         "--max-tokens", "60", "--ignore-eos", "--stop-probability", "1", "--stop-at", "tokens:fixed:5",
+         "RequestsUser"], env=env, capture_output=True, text=True, timeout=150, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    held, closed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("held", "closed"))
+    assert held["meta"]["host"] == closed["meta"]["host"]  # the same server for both
+    # Every stream was stopped after 5 tokens: held ones ran on (zombies), closed ones were aborted at once.
+    assert held["overall"]["figures"]["zombie_slot_seconds"]["value"] > 0
+    assert closed["overall"]["figures"]["zombie_slot_seconds"]["value"] == 0
+    assert "| zombie slot-seconds |" in proc.stdout and (tmp_path / "compare.html").exists()
