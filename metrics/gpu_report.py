@@ -1,8 +1,8 @@
 """The GPU part of the run report: the `gpu` section of the JSON, the timeline as CSV and as a plot beside the
 report, and the console lines. Pure over a sampler's readings and the run's records, apart from the two files.
 
-The plot is drawn with matplotlib's Agg backend when matplotlib is installed (`pip install 'stopstorm[plot]'`);
-without it the timeline is still in the JSON and the CSV, and the console says how to get the plot.
+The plot is drawn with matplotlib's Agg backend (a dependency, for the HTML report too); where it cannot be
+imported the timeline is still in the JSON and the CSV, and the console says so.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Account
         doc["gpu"] = section
         lines = _summary_lines(g, source, len(sampler.devices))
         lines.append(f"  timeline: {csv_path}, stops: {stops_path}" + (f", plot: {png_path}" if plotted else
-                                                   " (no plot: pip install 'stopstorm[plot]' for matplotlib)"))
+                                                   " (no plot: matplotlib cannot be imported)"))
         return lines
     except Exception as exc:
         _log.exception("stopstorm: the GPU figures failed; the rest of the report stands")

@@ -29,8 +29,7 @@ from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from metrics import distributed
-from metrics import gpu_hooks
+from metrics import distributed, gpu_hooks
 from metrics.accounting import account, ledger_by_id
 from metrics.capacity_section import capacity_section, server_max_num_seqs
 from metrics.html_report import write_html_report
