@@ -24,6 +24,7 @@ from metrics.gpu_attribution import (
 )
 from metrics.gpu_sampler import GpuSource
 from metrics.record import StreamRecord
+from metrics.run_report import figure_json
 
 __all__ = ["add_gpu_section", "side_paths", "source_name", "write_stops_csv", "write_timeline_csv",
            "write_timeline_plot"]
@@ -33,14 +34,6 @@ _log = logging.getLogger("stopstorm")
 
 def source_name(sampler: GpuSource) -> str:
     return "DCGM exporter" if sampler.name == "dcgm" else "NVML"
-
-
-def _figure_json(f: Figure) -> dict[str, Any]:
-    value = f.value.to_json() if isinstance(f.value, Distribution) else f.value
-    out: dict[str, Any] = {"value": value, "unit": f.unit, "source": f.source}
-    if f.note is not None:
-        out["note"] = f.note
-    return out
 
 
 def write_timeline_csv(path: Path, rows: list[list[Any]]) -> None:
@@ -138,9 +131,9 @@ def _cells(g: GpuFigures, accounting: Accounting, delivered: float | None,
             n = Figure(0 if known else None, "stops", g.idle_stops.source, g.idle_stops.note)
             d = Figure(None, "s", "unavailable", "no stop of this cell left the GPU idle" if known else
                        g.stop_to_idle.note)
-        out.append({"stack": c.stack, "close_mode": c.close_mode, "wasted_gpu_seconds": _figure_json(w_busy),
-                    "wasted_energy": _figure_json(w_energy), "idle_stops": _figure_json(n),
-                    "stop_to_idle": _figure_json(d)})
+        out.append({"stack": c.stack, "close_mode": c.close_mode, "wasted_gpu_seconds": figure_json(w_busy),
+                    "wasted_energy": figure_json(w_energy), "idle_stops": figure_json(n),
+                    "stop_to_idle": figure_json(d)})
     return out
 
 
@@ -178,7 +171,7 @@ def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Account
                       "plot_png": str(png_path) if plotted else None},
         }
         for name, f in g.items():
-            section[name] = _figure_json(f)
+            section[name] = figure_json(f)
         section["cells"] = _cells(g, accounting, delivered, wasted)
         doc["gpu"] = section
         lines = _summary_lines(g, source, len(sampler.devices))

@@ -20,8 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import gevent
-import gevent.event
+from metrics.poller import Poller
 
 __all__ = [
     "GpuDevice",
@@ -88,10 +87,11 @@ class GpuSource(Protocol):
     def stop(self) -> None: ...
 
 
-class PolledSampler:
+class PolledSampler(Poller):
     """The greenlet, the sample lists and the error count every source shares; `poll()` is the source's."""
 
     name = "none"
+    what = "GPU sampler"
 
     def __init__(self, interval: float = 0.1, max_samples: int = 1_000_000) -> None:
         if interval <= 0:
@@ -104,8 +104,7 @@ class PolledSampler:
         self.polls = 0
         self.errors = 0
         self.last_error: str | None = None
-        self._stop = gevent.event.Event()
-        self._greenlet: gevent.Greenlet | None = None
+        super().__init__()
 
     def open(self) -> None:
         """Find the devices; raise GpuUnavailable (reason in words) when there are none to read."""
@@ -129,35 +128,17 @@ class PolledSampler:
         self.errors += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
 
-    @property
-    def alive(self) -> bool:
-        return self._greenlet is not None and not self._greenlet.dead
-
-    def start(self) -> None:
-        if self.alive:
-            raise RuntimeError("GPU sampler already running")
-        self._stop.clear()
-        self._greenlet = gevent.spawn(self._loop)
+    def read_once(self) -> None:
+        self.sample_once()
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop polling, with one last reading so the run's end is in the timeline."""
-        self._stop.set()
-        g, self._greenlet = self._greenlet, None
-        if g is not None:
-            g.join(timeout / 2)
-            if not g.dead:
-                g.kill(block=True, timeout=timeout / 2)
+        if self.halt(timeout):
             self.sample_once()
         self.close()
 
     def close(self) -> None:
         """Release what open() took."""
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            self.sample_once()
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
 
 
 def _text(value: Any) -> str:

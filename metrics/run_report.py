@@ -15,12 +15,12 @@ import orjson
 
 from metrics.accounting import Accounting, Distribution, Figure, Figures
 
-__all__ = ["REPORT_SCHEMA_VERSION", "format_summary", "to_json", "write_report"]
+__all__ = ["REPORT_SCHEMA_VERSION", "figure_json", "format_summary", "to_json", "write_report"]
 
 REPORT_SCHEMA_VERSION = 2
 
 
-def _figure(f: Figure) -> dict[str, Any]:
+def figure_json(f: Figure) -> dict[str, Any]:
     value = f.value.to_json() if isinstance(f.value, Distribution) else f.value
     out: dict[str, Any] = {"value": value, "unit": f.unit, "source": f.source}
     if f.note is not None:
@@ -29,7 +29,7 @@ def _figure(f: Figure) -> dict[str, Any]:
 
 
 def _figures(figures: Figures) -> dict[str, dict[str, Any]]:
-    return {name: _figure(f) for name, f in figures.items()}
+    return {name: figure_json(f) for name, f in figures.items()}
 
 
 def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
         "cells": [{"stack": c.stack, "close_mode": c.close_mode, "figures": _figures(c.figures)}
                   for c in accounting.cells],
         "overall": {"figures": _figures(accounting.overall)},
-        "run": {"figures": {name: _figure(f) for name, f in accounting.run.items()}},
+        "run": {"figures": {name: figure_json(f) for name, f in accounting.run.items()}},
     }
 
 

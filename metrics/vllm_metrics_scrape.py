@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
-import gevent
-import gevent.event
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from metrics.poller import Poller
 
 __all__ = [
     "ITL_METRIC_NAMES",
@@ -396,12 +396,14 @@ class HttpGetter(Protocol):
     def get(self, url: str, *, timeout: float) -> _Response: ...
 
 
-class MetricsScraper:
+class MetricsScraper(Poller):
     """Polls a vLLM `/metrics` URL every `interval` seconds in a gevent greenlet.
 
     Keeps the first and the latest good snapshot, a count of scrapes and of failures with the last few error
     texts, and per key a bounded timeline of the running/waiting gauges. Never raises from a scrape.
     """
+
+    what = "scraper"
 
     def __init__(self, url: str, interval: float = 0.25, timeout: float = 2.0, session: HttpGetter | None = None,
                  timeline_maxlen: int = 100_000, errors_maxlen: int = 100) -> None:
@@ -418,8 +420,7 @@ class MetricsScraper:
         self.last_error: str | None = None
         self.error_log: deque[tuple[float, str]] = deque(maxlen=errors_maxlen)  # (monotonic time, error)
         self.timelines: dict[MetricsKey, deque[TimelinePoint]] = {}
-        self._stop = gevent.event.Event()
-        self._greenlet: gevent.Greenlet | None = None
+        super().__init__()
 
     def scrape_once(self) -> MetricsSnapshot | None:
         """One scrape: the snapshot, or None (counted, error kept) when it failed."""
@@ -452,24 +453,12 @@ class MetricsScraper:
             return None
         return diff(self.first, self.latest)
 
-    @property
-    def alive(self) -> bool:
-        return self._greenlet is not None and not self._greenlet.dead
-
-    def start(self) -> None:
-        if self.alive:
-            raise RuntimeError("scraper already running")
-        self._stop.clear()
-        self._greenlet = gevent.spawn(self._loop)
+    def read_once(self) -> None:
+        self.scrape_once()
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop polling; a scrape in flight is killed if it does not end within half of `timeout`."""
-        self._stop.set()
-        g, self._greenlet = self._greenlet, None
-        if g is not None:
-            g.join(timeout / 2)
-            if not g.dead:
-                g.kill(block=True, timeout=timeout / 2)
+        self.halt(timeout)
 
     def close(self) -> None:
         """Stop, and close the session if the scraper made it."""
@@ -478,12 +467,6 @@ class MetricsScraper:
             close = getattr(self.session, "close", None)
             if close is not None:
                 close()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            self.scrape_once()
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
 
     def __enter__(self) -> MetricsScraper:
         self.start()

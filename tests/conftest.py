@@ -7,6 +7,12 @@ computed from the flags a simulator was started with (`SimHandle.step_bound`), n
 
 from __future__ import annotations
 
+# Locust patches the standard library for gevent when it is imported; a real run imports it before anything of
+# ours, and so must the tests: ssl imported (by requests) before the patch recurses without end once patched.
+# isort: off
+import locust  # noqa: F401  (first, for its monkey-patching)
+# isort: on
+
 import contextlib
 import json
 import os
