@@ -308,10 +308,13 @@ def test_probe_against_vllm(real_vllm: Server, tmp_path: Path) -> None:
         assert hold["aborted"] == 1 and hold["abort_latency_ms_p50"] >= HOLD_S * 1e3 - 5
         assert hold["wasted_tokens_mean"] > CLOSE_WASTE_MAX
     assert cells[("requests", "drop")]["aborted"] == 1
-    # The openai SDK's dropped stream waits for the garbage collector: here vLLM ran it to max_tokens.
+    # The openai SDK's dropped stream is closed only when the garbage collector gets to it, which may be before
+    # vLLM's 300 tokens are out or not (it varies run to run): whichever it was, the probe must say what vLLM saw.
     drop = cells[("openai", "drop")]
-    assert drop["aborted"] == 0 and drop["outcome"] == "not aborted: ran to the end"
-    assert drop["wasted_tokens_mean"] == 300 - 20
+    if drop["aborted"] == 0:
+        assert drop["outcome"] == "not aborted: ran to the end" and drop["wasted_tokens_mean"] == 300 - 20
+    else:
+        assert drop["outcome"] == "aborted: slot freed" and drop["wasted_tokens_mean"] < 300 - 20
 
 
 # --- the simulator side by side with real vLLM ----------------------------------------------------------------------
