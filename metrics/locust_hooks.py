@@ -163,14 +163,16 @@ def _start_collecting(environment: Environment, **_kwargs: Any) -> None:
 @events.request.add_listener
 def _collect_record(context: dict[str, Any] | None = None, **_kwargs: Any) -> None:
     if _run.get("collect") and context and isinstance(context.get("record"), StreamRecord):
-        _records.append(context["record"])
+        record: StreamRecord = context["record"]
+        _records.append(record)
         sink = _run.get("sink")
         if sink is not None:
             try:
-                sink.write(context["record"])
+                sink.write(record)
             except OSError as exc:  # the run goes on; the report still gets every record
                 _log.error("stopstorm: writing %s failed (%s); records go on to the report only", sink.path, exc)
                 _run.pop("sink").close()
+        record.compact()  # kept until the report: its per-chunk marks packed (benchmarks/bench_soak.py)
 
 
 @events.test_start.add_listener

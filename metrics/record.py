@@ -8,6 +8,8 @@ None when its marks are missing, never 0.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import MutableSequence
 from dataclasses import asdict, dataclass, field, fields
 from itertools import pairwise
 from typing import Any
@@ -33,9 +35,10 @@ class StreamRecord:
     server_id: str | None = None  # the id the server put in its chunks (chatcmpl-… / cmpl-…)
     headers: float | None = None
     first_token: float | None = None
-    # Arrival of each chunk that carried tokens, and the running token count after it.
-    chunk_times: list[float] = field(default_factory=list)
-    chunk_tokens: list[int] = field(default_factory=list)
+    # Arrival of each chunk that carried tokens, and the running token count after it: lists while the stream
+    # runs, packed arrays once it is collected (`compact`).
+    chunk_times: MutableSequence[float] = field(default_factory=list)
+    chunk_tokens: MutableSequence[int] = field(default_factory=list)
     stop: float | None = None  # the user pressed Stop
     tokens_at_stop: int | None = None
     closed: float | None = None  # close (or the end of a hold) returned
@@ -78,8 +81,18 @@ class StreamRecord:
         """Tokens the user saw: up to Stop (a `none` close reads on, but nobody looks)."""
         return self.tokens if self.tokens_at_stop is None else self.tokens_at_stop
 
+    def compact(self) -> None:
+        """Pack the per-chunk marks into arrays (8 bytes a mark instead of a Python float or int and its list
+        slot, ~32-36): a run keeps every record for its report, and these marks are most of a record."""
+        if not isinstance(self.chunk_times, array):
+            self.chunk_times = array("d", self.chunk_times)
+        if not isinstance(self.chunk_tokens, array):
+            self.chunk_tokens = array("q", self.chunk_tokens)
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out["chunk_times"] = list(self.chunk_times)
+        out["chunk_tokens"] = list(self.chunk_tokens)
         out["ttft"] = self.ttft
         out["duration"] = self.duration
         out["tokens_read"] = self.tokens_read
@@ -90,7 +103,10 @@ class StreamRecord:
     def to_wire(self) -> dict[str, Any]:
         """The raw marks only, as a msgpack-friendly dict (str, int, float, None, lists): what a Locust
         worker sends its master. Derived figures are not sent; the master derives them again."""
-        return {f.name: getattr(self, f.name) for f in _FIELDS}
+        out = {f.name: getattr(self, f.name) for f in _FIELDS}
+        out["chunk_times"] = list(self.chunk_times)
+        out["chunk_tokens"] = list(self.chunk_tokens)
+        return out
 
     @classmethod
     def from_wire(cls, data: dict[str, Any], shift: float = 0.0) -> StreamRecord:

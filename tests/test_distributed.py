@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import orjson
 import pytest
 from conftest import wait_until
 
@@ -219,6 +221,15 @@ def test_wire_round_trip_and_rebasing():
     assert moved.sent == rec.sent + 100.0 and moved.chunk_times == [t + 100.0 for t in rec.chunk_times]
     assert moved.wall_start == rec.wall_start and moved.ended is None
     assert moved.ttft == pytest.approx(rec.ttft)
+
+
+def test_a_compacted_record_keeps_its_marks_on_the_wire_and_in_json():
+    rec = _record(2)
+    wire, as_json, itl = rec.to_wire(), orjson.loads(orjson.dumps(rec.to_json())), rec.itl
+    rec.compact()  # what the collector does to every record it keeps for the report
+    assert type(rec.chunk_times).__name__ == type(rec.chunk_tokens).__name__ == "array"
+    assert rec.to_wire() == wire and orjson.loads(orjson.dumps(rec.to_json())) == as_json and rec.itl == itl
+    assert msgpack.unpackb(msgpack.packb(rec.to_wire())) == wire  # Locust's message encoding
 
 
 def test_batches_are_bounded_and_a_final_flush_delivers_everything():
