@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from metrics.accounting import Accounting, Distribution, Figure, Figures
+from metrics.record import INTERRUPTED
 
 __all__ = ["REPORT_SCHEMA_VERSION", "figure_json", "format_summary", "to_json", "write_report"]
 
@@ -190,8 +191,13 @@ def format_summary(accounting: Accounting) -> str:
                    if run.ledger_aborts.known else "vLLM blind spot:        unknown (needs the ledger and /metrics)")
     failures = o.failures.value
     if isinstance(failures, dict) and failures:
-        out.append("failed streams:")
-        out += [f"  {n:>6}  {text}" for text, n in sorted(failures.items(), key=lambda kv: -kv[1])]
+        cut = failures.get(INTERRUPTED, 0)
+        failed = {text: n for text, n in failures.items() if text != INTERRUPTED}
+        if failed:
+            out.append("failed streams:")
+            out += [f"  {n:>6}  {text}" for text, n in sorted(failed.items(), key=lambda kv: -kv[1])]
+        if cut:
+            out.append(f"cut by the run's end:   {cut} stream{'s' if cut != 1 else ''} (recorded, not failures)")
     extra = [f"{name.replace('_', ' ')}: {_num(f)}" for name, f in (("unmatched_requests", run.unmatched_requests),
                                                                    ("unjoined_streams", run.unjoined_streams))
              if isinstance(f.value, int) and f.value]

@@ -43,7 +43,7 @@ from metrics.accounting import (
     ledger_by_id,
     server_id,
 )
-from metrics.record import StreamRecord
+from metrics.record import INTERRUPTED, StreamRecord
 from metrics.run_report import REPORT_SCHEMA_VERSION, format_summary, to_json, write_report
 from metrics.vllm_metrics_scrape import EngineDelta, MetricsDelta
 from users.policy import StopPlan
@@ -274,6 +274,11 @@ def test_report_json_and_summary(tmp_path: Path) -> None:
     # Nothing known: dashes, not zeros
     bare = format_summary(account([rec("z")], None, None, 0.0))
     assert "–" in bare and "unknown" in bare
+    # Streams the run's end cut are counted apart from failures
+    cut = format_summary(account([rec("c1", error=INTERRUPTED), rec("c2", error=INTERRUPTED),
+                                  rec("f1", error="HTTP 503: y")], None, None, 1.0))
+    assert "cut by the run's end:   2 streams (recorded, not failures)" in cut
+    assert "failed streams:" in cut and "HTTP 503: y" in cut and INTERRUPTED not in cut
 
 
 # --- against the simulator ---------------------------------------------------------------------------------------
