@@ -425,7 +425,7 @@ class StreamingUser(User):
 
     def _settings(self) -> RunSettings:
         if self.settings is None:
-            self.settings = settings_for(self.environment, self.host)
+            self.settings = settings_for(self.environment, self.host or "")  # no host: preflight says so
         return self.settings
 
     def new_stream(self) -> tuple[StreamRequest, StreamRecord, StopPlan]:
