@@ -50,6 +50,7 @@ import gevent
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from metrics.accounting import ledger_by_id
 from metrics.record import StreamRecord
 from metrics.self_monitor import SelfMonitor
 from simulator.launcher import EmbeddedSimulator
@@ -232,7 +233,7 @@ def main() -> None:
                         stack, url, n, settings(url, args.tokens, args.stop_tokens if stop else None),
                         args.spread_s, stop, monitor)
                     gevent.sleep(0.3)  # the last disconnects reach the ledger
-                    ledger = {e["request_id"]: e for e in get_json(url + "/stopstorm/ledger")["requests"]}
+                    ledger = ledger_by_id(get_json(url + "/stopstorm/ledger"))
                     lag1 = sim_lag(url)
                     row: dict[str, Any] = {"stack": stack, "streams": n, "stop": stop, "cpu_pct": 100 * cpu / wall,
                                            "sim_step_lag_s": None if lag0 is None or lag1 is None else lag1 - lag0,

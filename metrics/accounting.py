@@ -53,6 +53,7 @@ __all__ = [
     "distribution",
     "ledger_by_id",
     "server_id",
+    "wasted_tokens",
 ]
 
 LEDGER_SOURCE = "simulator ledger"
@@ -178,6 +179,11 @@ def ledger_by_id(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["request_id"]: e for e in doc.get("requests", [])}
 
 
+def wasted_tokens(entry: Mapping[str, Any], record: StreamRecord) -> int:
+    """Tokens the server generated for this stream that its user never read (per-request truth)."""
+    return max(0, int(entry.get("generated_tokens") or 0) - record.tokens_read)
+
+
 def _percentile(ordered: list[float], q: float) -> float:
     if len(ordered) == 1:
         return ordered[0]
@@ -300,7 +306,7 @@ def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: f
     aborted = [j for j in stopped if j.entry is not None and j.entry.get("finish_reason") == "abort"]
     latencies = [j.entry["freed"] - j.record.stop for j in aborted
                  if j.entry is not None and j.entry.get("freed") is not None and j.record.stop is not None]
-    wasted = sum(max(0, (j.entry or {}).get("generated_tokens", 0) - j.record.tokens_read) for j in joined)
+    wasted = sum(wasted_tokens(j.entry or {}, j.record) for j in joined)
     zombie_times = [t for j in stopped if (t := _zombie_time(j, grace, run_end)) is not None]
     waits = []
     for j in joined:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from metrics.accounting import ZOMBIE_GRACE_S, server_id
+from metrics.accounting import ZOMBIE_GRACE_S, ledger_by_id, server_id, wasted_tokens
 from metrics.record import StreamRecord
 from metrics.truth import LedgerClient
 
@@ -45,7 +45,7 @@ def stops_rows(records: Sequence[StreamRecord], ledger: dict[str, dict[str, Any]
         if e is not None:
             generated = int(e.get("generated_tokens") or 0)
             freed = e.get("freed")
-            row.update(generated=generated, wasted=max(0, generated - r.tokens_read), truth="simulator ledger")
+            row.update(generated=generated, wasted=wasted_tokens(e, r), truth="simulator ledger")
             assert r.stop is not None
             if freed is not None:
                 row["freed_ms"] = round(max(0.0, freed - r.stop) * 1e3, 1)
@@ -70,7 +70,7 @@ class _LedgerCache:
         if time.monotonic() - self.at >= self.refresh_s:
             self.at = time.monotonic()
             doc = self.client.ledger()
-            self.by_id = None if doc is None else {e["request_id"]: e for e in doc.get("requests", [])}
+            self.by_id = None if doc is None else ledger_by_id(doc)
             self.now = float(doc.get("now", time.monotonic())) if doc is not None else time.monotonic()
         return self.by_id, self.now
 
