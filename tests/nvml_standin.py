@@ -1,64 +1,33 @@
 """A stand-in for the `pynvml` module (nvidia-ml-py), for tests on machines without an NVIDIA GPU.
 
-It is not NVML: it has the same names, signatures, return shapes and error classes as the pynvml calls
-stopstorm makes (read from nvidia-ml-py 13.615's pynvml.py), over scripted GPUs whose utilisation and power
-are functions of time. Energy is the integral of that power, so a test can check figures against it.
+It is not NVML. Only the device calls stopstorm makes are scripted here, over GPUs whose utilisation and power
+are functions of time (energy is the integral of that power, so a test can check figures against it). The rest
+is pynvml's own: its constants, its NVMLError classes (pynvml maps an error code to its subclass without the
+library), and the ctypes structures its calls return. `tests/test_gpu.py` checks that every call here has the
+signature of pynvml's, and that every `nvml.` name the sampler uses is here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
-NVML_CLOCK_SM = 1
-NVML_GPU_UTILIZATION_SAMPLES = 1
-NVML_VALUE_TYPE_UNSIGNED_INT = 1
-NVML_ERROR_NOT_SUPPORTED = 3
-NVML_ERROR_NOT_FOUND = 6
-NVML_ERROR_LIBRARY_NOT_FOUND = 12
-NVML_ERROR_UNKNOWN = 999
+import pynvml
+from pynvml import (
+    NVML_CLOCK_SM,
+    NVML_ERROR_INVALID_ARGUMENT,
+    NVML_ERROR_LIBRARY_NOT_FOUND,
+    NVML_ERROR_NOT_FOUND,
+    NVML_ERROR_NOT_SUPPORTED,
+    NVML_GPU_UTILIZATION_SAMPLES,
+    NVML_VALUE_TYPE_UNSIGNED_INT,
+    NVMLError,
+)
 
-
-class NVMLError(Exception):
-    """pynvml maps each code to a subclass in __new__; so does this."""
-
-    _classes: dict[int, type] = {}
-
-    def __new__(cls, value: int):
-        if cls is NVMLError:
-            cls = NVMLError._classes.get(value, cls)
-        obj = Exception.__new__(cls)
-        obj.value = value
-        return obj
-
-    def __init__(self, value: int) -> None:
-        super().__init__(value)
-        self.value = value
-
-    def __str__(self) -> str:
-        names = {3: "Not Supported", 6: "Not Found", 12: "NVML Shared Library Not Found"}
-        return names.get(self.value, "Unknown Error")
-
-
-def _error_class(name: str, code: int) -> type:
-    def new(cls, *_args):
-        return NVMLError.__new__(cls, code)
-
-    def init(self, *_args):
-        Exception.__init__(self, code)
-        self.value = code
-
-    klass = type(name, (NVMLError,), {"__new__": new, "__init__": init})
-    NVMLError._classes[code] = klass
-    return klass
-
-
-NVMLError_NotSupported = _error_class("NVMLError_NotSupported", NVML_ERROR_NOT_SUPPORTED)
-NVMLError_NotFound = _error_class("NVMLError_NotFound", NVML_ERROR_NOT_FOUND)
-NVMLError_LibraryNotFound = _error_class("NVMLError_LibraryNotFound", NVML_ERROR_LIBRARY_NOT_FOUND)
-NVMLError_Unknown = _error_class("NVMLError_Unknown", NVML_ERROR_UNKNOWN)
+# pynvml names the stand-in hands on unchanged (the module-level names the sampler reads besides the calls).
+PASSED_THROUGH = ("NVML_CLOCK_SM", "NVML_GPU_UTILIZATION_SAMPLES", "NVMLError", "NVMLError_NotSupported",
+                  "NVMLError_NotFound", "NVMLError_LibraryNotFound", "NVMLError_Unknown")
 
 
 @dataclass
@@ -91,9 +60,8 @@ class StandinNvml:
         self.inits = 0
         self.shutdowns = 0
         self._driver_t: dict[int, float] = {}
-        for name in ("NVML_CLOCK_SM", "NVML_GPU_UTILIZATION_SAMPLES", "NVMLError", "NVMLError_NotSupported",
-                     "NVMLError_NotFound", "NVMLError_LibraryNotFound", "NVMLError_Unknown"):
-            setattr(self, name, globals()[name])
+        for name in PASSED_THROUGH:
+            setattr(self, name, getattr(pynvml, name))
 
     # -- the pynvml surface -------------------------------------------------------------------------------
 
@@ -114,7 +82,7 @@ class StandinNvml:
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
         if not 0 <= index < len(self.gpus):
-            raise NVMLError(2)
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
         return index
 
     def _gpu(self, handle: int, call: str) -> StandinGpu:
@@ -147,7 +115,7 @@ class StandinNvml:
 
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
         g = self._gpu(handle, "nvmlDeviceGetUtilizationRates")
-        return SimpleNamespace(gpu=round(g.util(self.wall())), memory=0)
+        return pynvml.c_nvmlUtilization_t(gpu=round(g.util(self.wall())), memory=0)
 
     def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
         g = self._gpu(handle, "nvmlDeviceGetPowerUsage")
@@ -158,7 +126,7 @@ class StandinNvml:
 
     def nvmlDeviceGetMemoryInfo(self, handle: int, version: Any = None) -> Any:
         g = self._gpu(handle, "nvmlDeviceGetMemoryInfo")
-        return SimpleNamespace(total=80 << 30, free=(80 << 30) - g.mem_used, used=g.mem_used)
+        return pynvml.c_nvmlMemory_t(total=80 << 30, free=(80 << 30) - g.mem_used, used=g.mem_used)
 
     def nvmlDeviceGetClockInfo(self, handle: int, type: int) -> int:
         assert type == NVML_CLOCK_SM
@@ -171,4 +139,5 @@ class StandinNvml:
         if not newer:
             raise NVMLError(NVML_ERROR_NOT_FOUND)
         return (NVML_VALUE_TYPE_UNSIGNED_INT,
-                [SimpleNamespace(timeStamp=ts, sampleValue=SimpleNamespace(uiVal=int(u))) for ts, u in newer])
+                [pynvml.c_nvmlSample_t(timeStamp=ts, sampleValue=pynvml.c_nvmlValue_t(uiVal=int(u)))
+                 for ts, u in newer])

@@ -1,17 +1,21 @@
 """The GPU hook's parts: the NVML sampler and the attribution driven through a stand-in NVML module
-(tests/nvml_standin.py: pynvml's surface over scripted GPUs, since this machine has none), the DCGM parser
+(tests/nvml_standin.py: pynvml's calls scripted over fake GPUs, since this machine has none; checked here
+against pynvml's own signatures), the DCGM parser
 on real dcgm-exporter text (tests/fixtures/dcgm-exporter/README.txt says where each came from), and the
 real pynvml on a machine without a GPU."""
 
 from __future__ import annotations
 
+import ast
 import http.server
+import inspect
 import threading
 from pathlib import Path
 
 import gevent
+import pynvml
 import pytest
-from nvml_standin import StandinGpu, StandinNvml
+from nvml_standin import PASSED_THROUGH, StandinGpu, StandinNvml
 
 from metrics.accounting import Distribution
 from metrics.dcgm import DcgmSampler, parse_dcgm
@@ -58,6 +62,49 @@ def record(sent: float, stop: float | None, closed: float | None, request_id: st
     return StreamRecord(stack="requests", close_mode="close", endpoint="chat", request_id=request_id,
                         stop_plan="tokens:10", wall_start=0.0, sent=sent, stop=stop, closed=closed,
                         ended=None if stop is not None else closed)
+
+
+# --- the stand-in against the real pynvml ------------------------------------------------------------------
+
+
+def _nvml_names_the_sampler_uses() -> set[str]:
+    """Every `nvml.X` / `self._nvml.X` the sampler reads, from its source."""
+    tree = ast.parse(Path(inspect.getfile(NvmlSampler)).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            owner = node.value
+            if (isinstance(owner, ast.Name) and owner.id == "nvml") or (
+                    isinstance(owner, ast.Attribute) and owner.attr == "_nvml"):
+                names.add(node.attr)
+    return names
+
+
+def test_the_standin_has_every_name_the_sampler_uses_with_pynvmls_signatures():
+    used = _nvml_names_the_sampler_uses()
+    assert {"nvmlInit", "nvmlDeviceGetSamples", "NVMLError_NotSupported"} <= used  # the walk found the calls
+    standin = StandinNvml()
+    for name in sorted(used):
+        assert hasattr(pynvml, name), f"the sampler calls {name}, which pynvml does not have"
+        assert hasattr(standin, name), f"the sampler uses {name}, which the stand-in lacks"
+        if name in PASSED_THROUGH:
+            assert getattr(standin, name) is getattr(pynvml, name)
+        else:
+            real = list(inspect.signature(getattr(pynvml, name)).parameters)
+            ours = list(inspect.signature(getattr(standin, name)).parameters)
+            assert ours == real, f"{name}: stand-in takes {ours}, pynvml takes {real}"
+
+
+def test_the_standin_returns_pynvmls_structures_and_raises_its_errors():
+    nvml = StandinNvml([StandinGpu(util=lambda t: 40.0, unsupported={"nvmlDeviceGetClockInfo"})])
+    nvml.nvmlInit()
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    assert isinstance(nvml.nvmlDeviceGetUtilizationRates(h), pynvml.c_nvmlUtilization_t)
+    assert isinstance(nvml.nvmlDeviceGetMemoryInfo(h), pynvml.c_nvmlMemory_t)
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        nvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        nvml.nvmlDeviceGetHandleByIndex(1)
 
 
 # --- the sampler -------------------------------------------------------------------------------------------
