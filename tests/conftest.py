@@ -27,6 +27,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from metrics.accounting import ledger_by_id
 from simulator.config import SimulatorConfig, build_parser, config_from_args
 from simulator.launcher import EmbeddedSimulator
 
@@ -125,7 +126,7 @@ class SimHandle:
         return r.json()
 
     def entries(self) -> dict[str, Entry]:
-        return {e["request_id"]: e for e in self.ledger()["requests"]}
+        return ledger_by_id(self.ledger())
 
     def entry(self, request_id: str) -> Entry | None:
         r = self.http.get(f"/stopstorm/ledger/{request_id}")

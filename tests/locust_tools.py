@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from conftest import pid_gone, wait_until
 
+from metrics.accounting import ledger_by_id
 from simulator.launcher import READY_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,7 @@ class SimProcess:
     def ledger(self) -> dict[str, dict[str, Any]]:
         r = httpx.get(f"{self.url}/stopstorm/ledger", timeout=10)
         r.raise_for_status()
-        return {e["request_id"]: e for e in r.json()["requests"]}
+        return ledger_by_id(r.json())
 
 
 def locust_cmd(out: Path, *args: str) -> list[str]:
