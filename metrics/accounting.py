@@ -69,7 +69,8 @@ ZOMBIE_GRACE_S = 0.1
 class LogLookup(Protocol):
     """What accounting needs of a vLLM log: `LogFollower` (live) or `LogIndex` (saved lines)."""
 
-    aborted: Mapping[str, LogEvent]
+    @property
+    def aborted(self) -> Mapping[str, LogEvent]: ...
 
     def lookup(self, request_id: str) -> tuple[LogEvent | None, LogEvent | None]: ...
 

@@ -175,10 +175,10 @@ class NvmlSampler(PolledSampler):
                     # nvidia-ml-py, which is what stopstorm depends on and what this imports.
                     warnings.filterwarnings("ignore", message="The pynvml package is deprecated",
                                             category=FutureWarning)
-                    import pynvml as nvml  # only a GPU run needs it
+                    import pynvml  # only a GPU run needs it
             except ImportError as exc:
                 raise GpuUnavailable(f"pynvml is not installed ({exc}); pip install nvidia-ml-py") from None
-            self._nvml = nvml
+            nvml = self._nvml = pynvml
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as exc:

@@ -277,7 +277,10 @@ class LogFollower(LogIndex):
                 self.reopens += 1
                 self._read_new()
             return
-        fst = os.fstat(self._fd)
+        fd = self._fd
+        if fd is None:  # _read_new leaves it open; this keeps the type checker's reading of that
+            return
+        fst = os.fstat(fd)
         if fst.st_size < self._pos:
             self.truncations += 1
             self._pos = 0

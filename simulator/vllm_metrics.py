@@ -14,7 +14,7 @@ tokens themselves at tens of thousands per second.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -54,9 +54,9 @@ class _Histogram:
 
     __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self, bounds: list[float]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = list(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
     def observe(self, value: float, n: int = 1) -> None:
@@ -109,7 +109,7 @@ class VllmMetrics:
         self.h_n = _Histogram([1, 2, 5, 10, 20])
         self.h_iteration_tokens = _Histogram(_ITERATION_TOKEN_BUCKETS)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)  # type: ignore[arg-type]
+        self.registry.register(self)
 
     # -- engine observer --------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import gevent
 from gevent.event import AsyncResult
@@ -278,7 +278,7 @@ class AsyncBridge:
         error = result.exception
         if isinstance(error, asyncio.CancelledError) and self._closing:
             raise BridgeClosedError("the bridge was closed while the coroutine ran") from error
-        return result.get(block=False)
+        return cast(T, result.get(block=False))  # ready, so the value (the stubs allow None for a timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel every task, stop the loop and wait (at most `timeout` s) for its thread to end.

@@ -488,7 +488,7 @@ class AsyncStreamingUser(StreamingUser):
         self.transport: AsyncTransport = self.bridge.run(lambda: self._create_transport(insecure))
 
     async def _create_transport(self, insecure: bool) -> AsyncTransport:
-        return self.transport_class(insecure=insecure)  # type: ignore[no-any-return]
+        return self.transport_class(insecure=insecure)
 
     def on_stop(self) -> None:
         self.bridge.run(self.transport.shutdown, timeout=10)

@@ -20,6 +20,7 @@ from locust import User, constant, task
 from locust.argument_parser import LocustArgumentParser
 from locust.exception import StopUser
 
+from metrics.accounting import server_id
 from metrics.probe_report import PROBE_SCHEMA_VERSION, ProbeSample, format_table, summarise
 from metrics.record import StreamRecord
 from metrics.truth import LEDGER_SOURCE, LedgerClient
@@ -100,7 +101,7 @@ class StopProbeUser(User):
     @task
     def walk_matrix(self) -> None:
         opts = self.environment.parsed_options
-        settings = settings_for(self.environment, self.host)
+        settings = settings_for(self.environment, self.host or "")
         ledger = LedgerClient(settings.host)
         vllm: VllmStreamTruth | None = None
         if not ledger.available():
@@ -122,13 +123,16 @@ class StopProbeUser(User):
                         if vllm is not None:
                             vllm.before_stream()
                         record = runner.run(mode, plan)
-                        sid = record.server_id or _ledger_id(record)
-                        entry = (vllm.settle(sid, settle) if vllm is not None
-                                 else ledger.wait_freed(sid, settle))
-                        if vllm is not None and not entry["log_added"] and not _results:
-                            _log.warning("%s does not name %s: is it vLLM's log, written with "
-                                         "--enable-log-requests? Aborts cannot be confirmed without it.",
-                                         vllm.log.path, sid)
+                        sid = server_id(record)
+                        entry: dict[str, Any] | None
+                        if vllm is not None:
+                            entry = vllm.settle(sid, settle)
+                            if not entry["log_added"] and not _results:
+                                _log.warning("%s does not name %s: is it vLLM's log, written with "
+                                             "--enable-log-requests? Aborts cannot be confirmed without it.",
+                                             vllm.log.path, sid)
+                        else:
+                            entry = ledger.wait_freed(sid, settle)
                         _results.append((record, entry))
                         if opts.probe_gap > 0:
                             gevent.sleep(opts.probe_gap)
@@ -160,10 +164,6 @@ class StopProbeUser(User):
         greenlet killed inside its own quit leaves the run going until its time limit."""
         gevent.spawn(self.environment.runner.quit)
         raise StopUser()
-
-
-def _ledger_id(record: StreamRecord) -> str:
-    return ("chatcmpl-" if record.endpoint == "chat" else "cmpl-") + record.request_id
 
 
 class _StreamRunner:
