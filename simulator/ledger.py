@@ -38,7 +38,8 @@ class LedgerEntry:
     generated_at_disconnect: int | None = None  # generated_tokens when the close was seen
     sent_tokens: int = 0  # tokens written to the socket (a stalled reader's may sit in buffers)
     # When the chunk with the first token was handed to the socket (the client's TTFT truth: first_token is
-    # when the engine made it); and, only under --ledger-send-times, [time, sent_tokens] for every chunk.
+    # when the engine made it); and, only under --ledger-send-times, [time, sent_tokens] for every chunk. The
+    # clock is read just before each write, so a send time never follows the client's read of that chunk.
     first_sent: float | None = None
     send_times: list[list[float]] | None = None
     finish_reason: str | None = None  # "stop", "length" or "abort"; None while in flight

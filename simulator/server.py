@@ -375,9 +375,11 @@ class _Job:
                 if self.include_usage:
                     parts.append(self.usage_chunk(generated))
                 parts.append(_DONE)
+            # Read the clock before the write: once the bytes are on the socket the client may read them before
+            # this task runs again, and a send time must never come after the client's read of it.
+            now = time.monotonic()
             await send({"type": "http.response.body", "body": b"".join(parts), "more_body": finish is None})
             if generated > sent:
-                now = time.monotonic()
                 if sent == 0:
                     entry.first_sent = now
                 if send_times is not None:
