@@ -292,8 +292,8 @@ def test_slot_cap_and_fcfs_admission(sim_pool):
     assert [e["scheduled"] for e in es] == sorted(e["scheduled"] for e in es)
     # The first two found free slots (admitted within a step); the later two waited for a slot to free,
     # and were admitted at the boundary where it freed.
-    for e in es[:2]:
-        assert e["queue_wait"] <= sim.step_bound(2)
+    for e in es[:2]:  # about one step; five allowed, for a busy host, still well apart from the waiters below
+        assert e["queue_wait"] <= 5 * sim.step_bound(2)
     freed_times = [e["freed"] for e in es]
     for e in es[2:]:
         assert e["queue_wait"] > 10 * sim.config.step_base_s
