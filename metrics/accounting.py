@@ -52,6 +52,7 @@ __all__ = [
     "account",
     "distribution",
     "ledger_by_id",
+    "ledger_occupancy",
     "server_id",
     "wasted_tokens",
 ]
@@ -178,6 +179,36 @@ def server_id(record: StreamRecord) -> str:
 def ledger_by_id(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The ledger document (`GET /stopstorm/ledger`) as entries by request id."""
     return {e["request_id"]: e for e in doc.get("requests", [])}
+
+
+def ledger_occupancy(entries: Iterable[Mapping[str, Any]]) -> list[tuple[float, int, int]]:
+    """(t, running, waiting) just after each moment either changes, on the ledger's clock, from every entry's
+    arrival, scheduled and freed marks: the one running count the capacity timeline and the replay's
+    calibration share. A request not yet freed is still running (or waiting) at the end."""
+    deltas: dict[float, list[int]] = {}
+
+    def bump(t: float | None, running: int, waiting: int) -> None:
+        if t is None:
+            return
+        d = deltas.setdefault(t, [0, 0])
+        d[0] += running
+        d[1] += waiting
+
+    for e in entries:
+        arrival, scheduled, freed = e.get("arrival"), e.get("scheduled"), e.get("freed")
+        bump(arrival, 0, 1)
+        if scheduled is not None:
+            bump(scheduled, 1, -1)
+            bump(freed, -1, 0)
+        else:
+            bump(freed, 0, -1)
+    out: list[tuple[float, int, int]] = []
+    running = waiting = 0
+    for t in sorted(deltas):
+        running += deltas[t][0]
+        waiting += deltas[t][1]
+        out.append((t, running, waiting))
+    return out
 
 
 def wasted_tokens(entry: Mapping[str, Any], record: StreamRecord) -> int:

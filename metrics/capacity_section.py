@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from metrics.accounting import LEDGER_SOURCE, distribution
+from metrics.accounting import LEDGER_SOURCE, distribution, ledger_occupancy
 from metrics.record import StreamRecord
 from metrics.replay import TRACE_COLUMNS, Counterfactuals, replay_counterfactuals, trace_to_rows
 from metrics.truth import LedgerClient
@@ -25,30 +25,7 @@ _REPLAY_SOURCE = "replay of the simulator ledger (metrics/replay.py)"
 
 def ledger_timeline(entries: Iterable[Mapping[str, Any]], t0: float) -> list[list[float]]:
     """[[t_s, running, waiting], …] at every change, t_s seconds after `t0`, from the ledger's marks."""
-    deltas: dict[float, list[int]] = {}
-
-    def bump(t: float | None, running: int, waiting: int) -> None:
-        if t is None:
-            return
-        d = deltas.setdefault(t, [0, 0])
-        d[0] += running
-        d[1] += waiting
-
-    for e in entries:
-        arrival, scheduled, freed = e.get("arrival"), e.get("scheduled"), e.get("freed")
-        bump(arrival, 0, 1)
-        if scheduled is not None:
-            bump(scheduled, 1, -1)
-            bump(freed, -1, 0)
-        else:
-            bump(freed, 0, -1)
-    rows: list[list[float]] = []
-    running = waiting = 0
-    for t in sorted(deltas):
-        running += deltas[t][0]
-        waiting += deltas[t][1]
-        rows.append([round(t - t0, 6), running, waiting])
-    return rows
+    return [[round(t - t0, 6), running, waiting] for t, running, waiting in ledger_occupancy(entries)]
 
 
 def _replay_json(cf: Counterfactuals) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from metrics.accounting import Distribution, distribution, server_id
+from metrics.accounting import Distribution, distribution, ledger_occupancy, server_id
 from metrics.record import StreamRecord
 from simulator.config import SimulatorConfig
 from simulator.engine import Scheduler, StepPlan
@@ -152,22 +152,18 @@ def trace_from_ledger(ledger_doc: Mapping[str, Any], records: Iterable[StreamRec
 
 
 def _running_integral(entries: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float], list[int]]:
-    """Event times, ∫ running dt up to each, and running just after each, from scheduled/freed marks."""
-    deltas: dict[float, int] = {}
-    for e in entries:
-        if e.get("scheduled") is not None and e.get("freed") is not None:
-            deltas[e["scheduled"]] = deltas.get(e["scheduled"], 0) + 1
-            deltas[e["freed"]] = deltas.get(e["freed"], 0) - 1
-    times, area, level = [], [], []
-    acc, running, last = 0.0, 0, None
-    for t in sorted(deltas):
+    """Event times, ∫ running dt up to each, and running just after each (`ledger_occupancy`'s count)."""
+    times: list[float] = []
+    area: list[float] = []
+    level: list[int] = []
+    acc, before, last = 0.0, 0, None
+    for t, running, _waiting in ledger_occupancy(entries):
         if last is not None:
-            acc += running * (t - last)
-        running += deltas[t]
+            acc += before * (t - last)
         times.append(t)
         area.append(acc)
         level.append(running)
-        last = t
+        before, last = running, t
     return times, area, level
 
 
