@@ -278,7 +278,7 @@ class LogFollower(LogIndex):
                 self._read_new()
             return
         fd = self._fd
-        if fd is None:  # _read_new leaves it open; this keeps the type checker's reading of that
+        if fd is None:  # never here (_read_new does not close it); the check tells the type checker so
             return
         fst = os.fstat(fd)
         if fst.st_size < self._pos:

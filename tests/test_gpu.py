@@ -1,8 +1,8 @@
 """The GPU hook's parts: the NVML sampler and the attribution driven through a stand-in NVML module
 (tests/nvml_standin.py: pynvml's calls scripted over fake GPUs, since this machine has none; checked here
-against pynvml's own signatures), the DCGM parser
-on real dcgm-exporter text (tests/fixtures/dcgm-exporter/README.txt says where each came from), and the
-real pynvml on a machine without a GPU."""
+against pynvml's own signatures), the DCGM parser on real dcgm-exporter text
+(tests/fixtures/dcgm-exporter/README.txt says where each came from), and the real pynvml on a machine
+without a GPU."""
 
 from __future__ import annotations
 
