@@ -555,6 +555,20 @@ def check(cache: Path, max_num_seqs: int = 2, log_path: str | None = None, cpus:
 # CLI
 
 
+def serve_detached(srv: RealVllm) -> int:
+    """Start the server, print its PID and URL, and leave it running (the `serve` command of both scripts)."""
+    try:
+        srv.start()
+    except (RuntimeError, TimeoutError) as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"PID {srv.pid}")
+    print(f"URL {srv.url}")
+    print(f"started in {srv.startup_s:.1f} s; stop with: kill -TERM {srv.pid}")
+    srv.proc = None  # leave it running
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", help="cache dir (default $STOPSTORM_VLLM_CACHE or ~/.cache/stopstorm/real-vllm)")
@@ -575,17 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         setup(cache)
         return 0
     if args.cmd == "serve":
-        srv = RealVllm(port=args.port, log_path=args.log, max_num_seqs=args.max_num_seqs, cache=cache, cpus=args.cpus)
-        try:
-            srv.start()
-        except (RuntimeError, TimeoutError) as e:
-            print(e, file=sys.stderr)
-            return 1
-        print(f"PID {srv.pid}")
-        print(f"URL {srv.url}")
-        print(f"started in {srv.startup_s:.1f} s; stop with: kill -TERM {srv.pid}")
-        srv.proc = None  # leave it running
-        return 0
+        return serve_detached(RealVllm(port=args.port, log_path=args.log, max_num_seqs=args.max_num_seqs,
+                                       cache=cache, cpus=args.cpus))
     if args.cmd == "check":
         return check(cache, args.max_num_seqs, args.log, args.cpus)
     return 2

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.real_vllm import RealVllm, _log, _run, build_model, build_venv, venv_python
+from scripts.real_vllm import RealVllm, _log, _run, build_model, build_venv, serve_detached, venv_python
 
 DEFAULT_CACHE = Path.home() / ".cache" / "stopstorm" / "real-vllm-0.9"
 VLLM_VERSION = "0.9.2"
@@ -155,15 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     build_model(cache)  # with this venv's transformers: 0.32's model files do not load in 4.53
     if args.cmd == "setup":
         return 0
-    srv = RealVllm(port=args.port, log_path=args.log, cache=cache, cpus=args.cpus, vllm_09=True)
-    try:
-        srv.start()
-    except (RuntimeError, TimeoutError) as e:
-        print(e, file=sys.stderr)
-        return 1
-    print(f"PID {srv.pid}\nURL {srv.url}\nstarted in {srv.startup_s:.1f} s; stop with: kill -TERM {srv.pid}")
-    srv.proc = None  # leave it running
-    return 0
+    return serve_detached(RealVllm(port=args.port, log_path=args.log, cache=cache, cpus=args.cpus, vllm_09=True))
 
 
 if __name__ == "__main__":
