@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,11 +23,11 @@ import msgpack
 import orjson
 import pytest
 from conftest import wait_until
+from locust_tools import ROOT, figure, free_port
 
 from metrics.distributed import RecordCollector, RecordShipper, _WorkerTally
 from metrics.record import StreamRecord
 
-ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = str(ROOT / "tests" / "seeded_locustfile.py")
 USERS = 4
 ITERATIONS = 3
@@ -51,12 +50,6 @@ def _locust(*args: str, log: Path) -> subprocess.Popen[bytes]:
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _finish(procs: list[subprocess.Popen[bytes]], timeout: float = 60.0) -> None:
     """Wait for our own processes; any still running after `timeout` is killed by its PID (and fails)."""
     deadline = time.monotonic() + timeout
@@ -75,10 +68,6 @@ def _overall(report: dict[str, Any]) -> dict[str, Any]:
     return {name: figures[name]["value"] for name in OVERALL}
 
 
-def _run_figure(report: dict[str, Any], name: str) -> Any:
-    return report["run"]["figures"][name]["value"]
-
-
 def _ledger_totals(entries: dict[str, dict[str, Any]]) -> dict[str, int]:
     return {"requests": len(entries),
             "aborts": sum(e["finish_reason"] == "abort" for e in entries.values()),
@@ -91,9 +80,9 @@ def _check_against_ledger(report: dict[str, Any], totals: dict[str, int]) -> Non
     o = _overall(report)
     assert totals["requests"] == USERS * ITERATIONS  # all the seeded work was done
     assert o["streams"] == totals["requests"]
-    assert _run_figure(report, "unmatched_requests") == 0 and _run_figure(report, "unjoined_streams") == 0
+    assert figure(report, "run", "unmatched_requests") == 0 and figure(report, "run", "unjoined_streams") == 0
     assert o["failed"] == 0
-    assert o["aborted"] == totals["aborts"] == _run_figure(report, "ledger_aborts")
+    assert o["aborted"] == totals["aborts"] == figure(report, "run", "ledger_aborts")
     # Every generated token was either read by a user or wasted: a lost or doubled record breaks this.
     assert o["goodput_tokens"] + o["wasted_tokens"] == totals["generated"]
     # A `close` Stop is an abort freed within a step; every `none` Stop is a zombie.
@@ -111,7 +100,7 @@ def _run_single(sim: Any, tmp_path: Path) -> dict[str, Any]:
 
 def _run_master_workers(sim: Any, tmp_path: Path, kill_one_after: float | None = None, *extra: str
                         ) -> tuple[dict[str, Any], str]:
-    port = str(_free_port())
+    port = str(free_port())
     report = tmp_path / "master.json"
     master_log = tmp_path / "master.log"
     master = _locust(*WORK, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
@@ -176,7 +165,7 @@ def test_processes_2_starts_one_simulator_and_matches_a_single_process(single_ru
     doc = json.loads(report.read_text())
     assert doc["meta"]["host"].startswith("http://127.0.0.1:")
     assert "simulator ledger" in doc["sources"]
-    assert _run_figure(doc, "unmatched_requests") == 0 and _run_figure(doc, "unjoined_streams") == 0
+    assert figure(doc, "run", "unmatched_requests") == 0 and figure(doc, "run", "unjoined_streams") == 0
     assert _overall(doc) == _overall(single)
     meta = doc["meta"]["distributed"]
     assert meta["incomplete"] == [] and len(meta["workers"]) == 2
@@ -198,8 +187,8 @@ def test_a_worker_that_dies_is_reported_and_the_report_is_still_written(sim_pool
     # Every request the server saw is either a reported stream or named as unreported: nothing doubled.
     streams = _overall(doc)["streams"]
     assert streams == meta["records"]
-    assert streams + _run_figure(doc, "unmatched_requests") == len(entries)
-    assert _run_figure(doc, "unjoined_streams") == 0
+    assert streams + figure(doc, "run", "unmatched_requests") == len(entries)
+    assert figure(doc, "run", "unjoined_streams") == 0
 
 
 # --- without processes -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import gevent
 import pytest
 from test_stacks import Streams, make_settings
 
-from metrics.accounting import LOG_SOURCE, METRICS_SOURCE, account
+from metrics.accounting import LOG_SOURCE, METRICS_SOURCE, account, server_id
 from metrics.record import StreamRecord
 from metrics.vllm_log import LogIndex
 from metrics.vllm_metrics_scrape import MetricsScraper, diff
@@ -126,7 +126,7 @@ def run_one(srv: Server, stack: str, mode: str, plan: StopPlan, settle_s: float 
     settings = make_settings(srv.url, **{"hold_seconds": HOLD_S, **options})
     srv.truth.before_stream()
     record = srv.streams.run(stack, settings, mode, plan)
-    entry = srv.truth.settle(record.server_id or "chatcmpl-" + record.request_id, settle_s)
+    entry = srv.truth.settle(server_id(record), settle_s)
     srv.done.append((record, entry))
     return record, entry
 
@@ -178,7 +178,7 @@ def test_drop(real_vllm: Server, stack: str) -> None:
         srv.truth.before_stream()
         record = srv.streams.run(stack, make_settings(srv.url), "drop", StopPlan(tokens=STOP_AT))
         check_stop(record)
-        sid = record.server_id or "chatcmpl-" + record.request_id
+        sid = server_id(record)
         time.sleep(0.5)
         assert srv.truth.log.lookup(sid)[1] is None, "the openai SDK closed a dropped stream without the GC"
         mid = srv.truth.metrics.scrape_once()
@@ -366,7 +366,7 @@ def _scenario(srv: Server, url: str, aborted_by: Any) -> ScenarioResult:
 def _abort_lines(log_text: str, record: StreamRecord) -> list[str]:
     """The messages of the abort lines naming this stream's id, ids as `<id>`/`<hex>`. (vLLM also logs
     `Received request <id>: params: …` with --enable-log-requests; the simulator does not, and nothing reads it.)"""
-    sid = record.server_id or "chatcmpl-" + record.request_id
+    sid = server_id(record)
     out = []
     for line in log_text.splitlines():
         if sid in line and "bort" in line:
@@ -389,11 +389,11 @@ def test_simulator_side_by_side_with_vllm(real_vllm: Server, sim_pool: Any) -> N
     sim = sim_pool.fresh("--max-num-seqs", "2", "--step-base-ms", "2", "--step-per-seq-ms", "0.5")
 
     def sim_aborted(r: StreamRecord) -> bool:
-        e = sim.entry(r.server_id or "chatcmpl-" + r.request_id)
+        e = sim.entry(server_id(r))
         return e is not None and e["finish_reason"] == "abort"
 
     def vllm_aborted(r: StreamRecord) -> bool:
-        return srv.truth.log.lookup(r.server_id or "chatcmpl-" + r.request_id)[1] is not None
+        return srv.truth.log.lookup(server_id(r))[1] is not None
 
     results = {"simulator": _scenario(srv, sim.url, sim_aborted), "vLLM": _scenario(srv, srv.url, vllm_aborted)}
     # The same log lines for an abort, the ids put aside.

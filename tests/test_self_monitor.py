@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import gevent
 import gevent.monkey
 import orjson
 import pytest
+from locust_tools import free_port
 
 from metrics.record import StreamRecord
 from metrics.self_monitor import LagHistogram, LagSampler, SelfMonitor, from_options, warnings_for
@@ -194,9 +194,7 @@ def test_a_bad_lag_bound_stops_the_run_naming_the_option() -> None:
 def test_workers_send_theirs_to_the_master(tmp_path: Path) -> None:
     """Master/worker: the master's report holds the worker's summary under its client id, beside its own."""
     report = tmp_path / "m.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STOPSTORM_", "LOCUST_"))}
     base = [sys.executable, "-m", "locust", "-f", "locustfile.py", "RequestsUser"]
     master = subprocess.Popen([*base, "--master", "--headless", "--expect-workers", "1", "-u", "2", "-r", "2",
