@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from metrics.accounting import distribution
+from metrics.accounting import distribution, served_entries
 from metrics.replay import ReplayResult, calibrate, replay, trace_from_ledger
 from simulator.launcher import EmbeddedSimulator
 
@@ -111,7 +111,7 @@ def run_once(plan: list[Planned], stops: bool, max_num_seqs: int, step_ms: float
 
 def measured(doc: dict[str, Any]) -> dict[str, float]:
     """The same figures as a replay gives, from a real run's ledger (server truth)."""
-    es = [e for e in doc["requests"] if e.get("status_code", 200) == 200]
+    es = served_entries(doc)
     t0 = min(e["arrival"] for e in es)
     qw = distribution(e["queue_wait"] for e in es if e["queue_wait"] is not None)
     ttft = distribution(e["first_token"] - e["arrival"] for e in es if e["first_token"] is not None)

@@ -53,6 +53,7 @@ __all__ = [
     "distribution",
     "ledger_by_id",
     "ledger_occupancy",
+    "served_entries",
     "server_id",
     "wasted_tokens",
 ]
@@ -179,6 +180,11 @@ def server_id(record: StreamRecord) -> str:
 def ledger_by_id(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The ledger document (`GET /stopstorm/ledger`) as entries by request id."""
     return {e["request_id"]: e for e in doc.get("requests", [])}
+
+
+def served_entries(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ledger's requests the server served (status 200); the ones it refused never took a slot."""
+    return [e for e in doc.get("requests", []) if e.get("status_code", 200) == 200]
 
 
 def ledger_occupancy(entries: Iterable[Mapping[str, Any]]) -> list[tuple[float, int, int]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from metrics.accounting import LEDGER_SOURCE, distribution, ledger_occupancy
+from metrics.accounting import LEDGER_SOURCE, distribution, ledger_occupancy, served_entries
 from metrics.record import StreamRecord
 from metrics.replay import TRACE_COLUMNS, Counterfactuals, replay_counterfactuals, trace_to_rows
 from metrics.truth import LedgerClient
@@ -53,7 +53,7 @@ def capacity_section(ledger_doc: Mapping[str, Any] | None, records: Iterable[Str
     """The `capacity` section of the report, or None without a ledger. See metrics/run_report.py's schema."""
     if ledger_doc is None:
         return None
-    entries = [e for e in ledger_doc.get("requests", []) if e.get("status_code", 200) == 200]
+    entries = served_entries(ledger_doc)
     qw = sorted(q for e in entries if (q := e.get("queue_wait")) is not None)
     ttft = distribution(e["first_token"] - e["arrival"] for e in entries if e.get("first_token") is not None)
     generated = sum(int(e.get("generated_tokens") or 0) for e in entries)

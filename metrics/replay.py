@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from metrics.accounting import Distribution, distribution, ledger_occupancy, server_id
+from metrics.accounting import Distribution, distribution, ledger_occupancy, served_entries, server_id
 from metrics.record import StreamRecord
 from simulator.config import SimulatorConfig
 from simulator.engine import Scheduler, StepPlan
@@ -130,7 +130,7 @@ def trace_from_ledger(ledger_doc: Mapping[str, Any], records: Iterable[StreamRec
     `cut_at` (the run's end, ledger clock) is the run stopping its users, not a user's Stop: not a stop point.
     """
     stops = {server_id(r): r.tokens_at_stop for r in records if r.stop is not None}
-    entries = [e for e in ledger_doc.get("requests", []) if e.get("status_code", 200) == 200]
+    entries = served_entries(ledger_doc)
     if not entries:
         return []
     t0 = min(e["arrival"] for e in entries)
@@ -394,7 +394,7 @@ def replay_counterfactuals(ledger_doc: Mapping[str, Any], max_num_seqs: int, rec
     if not trace:
         raise ValueError("cannot replay: the ledger holds no served request")
     timing = timing or calibrate(ledger_doc)
-    t0 = min(e["arrival"] for e in ledger_doc.get("requests", []) if e.get("status_code", 200) == 200)
+    t0 = min(e["arrival"] for e in served_entries(ledger_doc))
     horizon = None if cut_at is None else cut_at - t0
     return Counterfactuals(timing, trace, horizon,
                            {p: replay(trace, timing, max_num_seqs, p, horizon=horizon) for p in policies})

@@ -347,7 +347,7 @@ class _Job:
                 continue
             if fault is not None and fault.after is not None and generated >= fault.after:
                 if fault.kind == "error-after":
-                    await self._fail_mid_stream(send, sent)
+                    await self._fail_mid_stream(send)
                     return
                 if fault.kind == "reset-after":
                     # Returning with the response unfinished makes uvicorn close the connection: no last chunk.
@@ -408,7 +408,7 @@ class _Job:
             return b"data:" + chunk[len(b"data: "):]
         return b": stopstorm comment\n\n:\n\n" + chunk  # comments (and keep-alive blank events)
 
-    async def _fail_mid_stream(self, send: Send, sent: int) -> None:
+    async def _fail_mid_stream(self, send: Send) -> None:
         """An engine error after some tokens: vLLM sends `data: {"error": …}` then `[DONE]`."""
         self.entry.status_code = 500
         self._server_failed(f"simulated engine error after {self.entry.generated_tokens} tokens")

@@ -154,10 +154,6 @@ class StreamReader:
             rec.stop = now
             rec.tokens_at_stop = rec.tokens
 
-    def feed_line(self, line: bytes | str) -> bool:
-        data = self._line_data(line)
-        return False if data is None else self.feed_data(data)
-
     def feed_data(self, data: bytes | str) -> bool:
         """One SSE `data` payload from an OpenAI-style stream (bytes straight from the line, or text)."""
         now = time.monotonic()
@@ -248,7 +244,7 @@ class StreamReader:
             return True  # Stop was pressed by a timer while we waited: this item is not read
         if chunks:
             return self.feed_chunk(item)
-        data = self._line_data(item)  # feed_line, one call shorter: this runs twice per chunk
+        data = self._line_data(item)  # inline, one call shorter: this runs twice per chunk
         return False if data is None else self.feed_data(data)
 
     def finish_unended(self, now: float) -> None:
