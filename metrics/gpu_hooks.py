@@ -195,8 +195,7 @@ def _worker_writes_its_timeline(**_kwargs: Any) -> None:
     _stop_sampling()
     start = _gpu.get("started", 0.0)
     path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
-    csv_path, png_path = (p.with_name(p.name.replace("-gpu-timeline", "-gpu-timeline-worker"))
-                          for p in side_paths(path))
+    csv_path, png_path = side_paths(path, "gpu-timeline-worker")
     try:
         rows = timeline_rows(sampler.samples, start)
         write_timeline_csv(csv_path, rows)

@@ -86,11 +86,16 @@ def write_timeline_plot(path: Path, rows: list[list[Any]], marks: list[float], t
     return True
 
 
-def side_paths(report_path: str) -> tuple[Path, Path]:
-    """The timeline's CSV and plot beside the report: `<report stem>-gpu-timeline.csv` / `.png`."""
+def side_path(report_path: str, tag: str) -> Path:
+    """A file beside the report: `<report stem>-<tag>` (tag with its suffix, e.g. `gpu-stops.csv`)."""
     p = Path(report_path)
     stem = p.with_suffix("") if p.suffix else p
-    return Path(f"{stem}-gpu-timeline.csv"), Path(f"{stem}-gpu-timeline.png")
+    return Path(f"{stem}-{tag}")
+
+
+def side_paths(report_path: str, tag: str = "gpu-timeline") -> tuple[Path, Path]:
+    """The timeline's CSV and plot beside the report: `<report stem>-gpu-timeline.csv` / `.png`."""
+    return side_path(report_path, f"{tag}.csv"), side_path(report_path, f"{tag}.png")
 
 
 def _summary_lines(g: GpuFigures, source: str, n_gpus: int) -> list[str]:
@@ -153,7 +158,7 @@ def add_gpu_section(doc: dict[str, Any], sampler: GpuSource, accounting: Account
         csv_path, png_path = side_paths(report_path)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         write_timeline_csv(csv_path, rows)
-        stops_path = csv_path.with_name(csv_path.name.replace("-gpu-timeline.csv", "-gpu-stops.csv"))
+        stops_path = side_path(report_path, "gpu-stops.csv")
         write_stops_csv(stops_path, records, start, g)
         plotted = write_timeline_plot(png_path, rows, marks, f"stopstorm GPU timeline ({source})")
         section: dict[str, Any] = {

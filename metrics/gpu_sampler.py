@@ -101,7 +101,6 @@ class PolledSampler(Poller):
         self.devices: list[GpuDevice] = []
         self.samples: list[GpuSample] = []
         self.util_samples: list[UtilSample] = []
-        self.polls = 0
         self.errors = 0
         self.last_error: str | None = None
         super().__init__()
@@ -114,7 +113,6 @@ class PolledSampler(Poller):
 
     def sample_once(self) -> None:
         """One poll of every device; never raises."""
-        self.polls += 1
         try:
             self.poll()
         except Exception as exc:  # a failed poll is data, not a crash
@@ -181,9 +179,7 @@ class NvmlSampler(PolledSampler):
             nvml = self._nvml = pynvml
         try:
             nvml.nvmlInit()
-        except nvml.NVMLError as exc:
-            raise GpuUnavailable(f"NVML could not start: {exc}") from None
-        except OSError as exc:
+        except (nvml.NVMLError, OSError) as exc:
             raise GpuUnavailable(f"NVML could not start: {exc}") from None
         self._initialised = True
         try:
