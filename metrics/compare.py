@@ -47,9 +47,10 @@ def _fig(doc: Mapping[str, Any], name: str, key: str | None = None) -> float | N
 
 
 def _energy_j(doc: Mapping[str, Any]) -> float | None:
-    """Energy the GPUs used over the run: the `gpu` section's total if it gives one, else Δ energy_j per GPU."""
+    """Energy the GPUs used over the run: the `gpu` section's `energy` FIGURE (Δ of the driver's counter over
+    the run, metrics/gpu_attribution.py), else Δ energy_j per GPU over its timeline."""
     gpu = doc.get("gpu") or {}
-    total = gpu.get("energy_j")
+    total = gpu.get("energy")
     if isinstance(total, dict):
         total = total.get("value")
     if isinstance(total, int | float):

@@ -80,6 +80,13 @@ def test_energy_per_delivered_token_from_the_gpu_timeline() -> None:
     assert scenario_figures(doc)["energy_per_delivered_token"] == pytest.approx(3.8)
 
 
+def test_energy_per_delivered_token_prefers_the_gpu_sections_energy_figure() -> None:
+    energy = {"value": 5000.0, "unit": "J", "source": "NVML", "note": "Δ total-energy counter"}
+    doc = {**_report(1.0, 100.0, 0.0, "x"), "gpu": {**GPU_STAND_IN, "energy": energy}}
+    # the section's run-window energy, 5000 J, over 1000 delivered tokens (not the timeline's 3800 J)
+    assert scenario_figures(doc)["energy_per_delivered_token"] == pytest.approx(5.0)
+
+
 def test_html_is_self_contained(tmp_path: Path) -> None:
     doc = {**_report(1.0, 100.0, 5.0, "zombies"), "gpu": GPU_STAND_IN}
     page = render_html([doc])
