@@ -19,12 +19,18 @@ import orjson
 from locust import LoadTestShape, events
 from locust.argument_parser import LocustArgumentParser
 
-from locustfile import FastHttpStreamUser, HttpxAsyncUser, HttpxUser, OpenAIAsyncUser, OpenAIUser, RequestsUser
-from metrics.accounting import distribution
-from metrics.capacity_section import server_max_num_seqs
-from metrics.record import StreamRecord
-from metrics.truth import LedgerClient
-from users.shapes import Slo, StepResult, capacity_sentence, parse_slo
+from stopstorm.locustfile import (
+    FastHttpStreamUser,
+    HttpxAsyncUser,
+    HttpxUser,
+    OpenAIAsyncUser,
+    OpenAIUser,
+    RequestsUser,
+)
+from stopstorm.metrics.figures import distribution
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.ledger import LedgerClient, server_max_num_seqs
+from stopstorm.users.shapes import Slo, StepResult, capacity_sentence, parse_slo
 
 __all__ = ["FastHttpStreamUser", "HttpxAsyncUser", "HttpxUser", "OpenAIAsyncUser", "OpenAIUser", "RequestsUser",
            "SloStepShape"]

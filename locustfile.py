@@ -7,14 +7,13 @@ Every client stack below takes part; pick some by naming their classes on the co
 
 from locust import run_single_user
 
-import metrics.gpu_hooks  # (GPU sampling: NVML or a DCGM exporter, tied to each Stop)
-import metrics.locust_hooks  # noqa: F401  (registers stopstorm's command-line options and event hooks)
-from users.stack_fasthttp import FastHttpStreamUser
-from users.stack_httpx import HttpxUser
-from users.stack_httpx_async import HttpxAsyncUser
-from users.stack_openai import OpenAIUser
-from users.stack_openai_async import OpenAIAsyncUser
-from users.stack_requests import RequestsUser
+import stopstorm.metrics.plugin.hooks  # noqa: F401  (stopstorm's options and event hooks: the report, GPU, simulator…)
+from stopstorm.users.stack_fasthttp import FastHttpStreamUser
+from stopstorm.users.stack_httpx import HttpxUser
+from stopstorm.users.stack_httpx_async import HttpxAsyncUser
+from stopstorm.users.stack_openai import OpenAIUser
+from stopstorm.users.stack_openai_async import OpenAIAsyncUser
+from stopstorm.users.stack_requests import RequestsUser
 
 __all__ = ["FastHttpStreamUser", "HttpxAsyncUser", "HttpxUser", "OpenAIAsyncUser", "OpenAIUser", "RequestsUser"]
 

@@ -6,9 +6,8 @@ must never happen to a load test that merely forgot to name its user classes.
 
 from locust import run_single_user
 
-import metrics.gpu_hooks  # (GPU sampling: NVML or a DCGM exporter, tied to each Stop)
-import metrics.locust_hooks  # noqa: F401  (registers stopstorm's command-line options and event hooks)
-from users.probe import StopProbeUser
+import stopstorm.metrics.plugin.hooks  # noqa: F401  (stopstorm's options and event hooks: the report, GPU, simulator…)
+from stopstorm.users.probe import StopProbeUser
 
 __all__ = ["StopProbeUser"]
 

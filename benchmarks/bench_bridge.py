@@ -137,7 +137,7 @@ def _worker_bridge(url: str, n: int, seconds: float, loop_kind: str, per_chunk: 
     monkey.patch_all()
     import gevent
 
-    from users.bridge import AsyncBridge
+    from stopstorm.users.bridge import AsyncBridge
 
     bridge = AsyncBridge(use_uvloop=loop_kind == "uvloop")
     if SHARED:
@@ -387,7 +387,7 @@ def main() -> None:
     if args.switch_interval is not None:
         os.environ["STOPSTORM_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
 
-    from simulator.launcher import EmbeddedSimulator
+    from stopstorm.simulator.launcher import EmbeddedSimulator
 
     sim_args = ["--step-base-ms", "10", "--max-num-seqs", str(max(args.users) + 8), "--output-len", "fixed:1000"]
     rows = []

@@ -108,8 +108,8 @@ def master_ingest(batches: int = 50) -> dict[str, float]:
     import locust  # noqa: F401  (gevent patching first, as in a locustfile)
     from locust.rpc.protocol import Message
 
-    from metrics.distributed import BATCH_RECORDS, RecordCollector
-    from metrics.record import StreamRecord
+    from stopstorm.metrics.plugin.distributed import BATCH_RECORDS, RecordCollector
+    from stopstorm.metrics.record import StreamRecord
 
     n = 400
     rec = StreamRecord(stack="openai", close_mode="none", endpoint="chat", request_id="x" * 32, stop_plan="never",
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
 
-    from simulator.launcher import EmbeddedSimulator
+    from stopstorm.simulator.launcher import EmbeddedSimulator
 
     ingest = master_ingest()
     print(f"record shipping: worker {ingest['worker_us_per_record']:.1f} µs/record, master "

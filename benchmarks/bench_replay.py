@@ -9,7 +9,7 @@ that sends each request at its scheduled time:
 - run A: every stopped stream is closed the moment its Stop token arrives (prompt aborts);
 - run B: every stream is read to its end (no stops).
 
-Then run A's ledger alone (plus the step time calibrated from it) is replayed (metrics/replay.py) under the
+Then run A's ledger alone (plus the step time calibrated from it) is replayed (metrics/analysis/replay.py) under the
 `perfect` policy (should reproduce A) and the `full` policy (predicts B). The table compares each prediction
 with the real run's ledger (server truth): queue wait p50/p95/mean, TTFT p50, generated tokens, slot-seconds,
 makespan. Loopback only; each run is bounded by the schedule plus `--grace` seconds; simulators stop by PID.
@@ -32,9 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from metrics.accounting import distribution, served_entries
-from metrics.replay import ReplayResult, calibrate, replay, trace_from_ledger
-from simulator.launcher import EmbeddedSimulator
+from stopstorm.metrics.analysis.accounting import served_entries
+from stopstorm.metrics.analysis.replay import ReplayResult, calibrate, replay, trace_from_ledger
+from stopstorm.metrics.figures import distribution
+from stopstorm.simulator.launcher import EmbeddedSimulator
 
 _USAGE = re.compile(rb'"completion_tokens":(\d+)')
 
@@ -131,7 +132,7 @@ def predicted(r: ReplayResult) -> dict[str, float]:
 
 def replay_speed(hours: float = 1.0, rate: float = 10.0, max_num_seqs: int = 32) -> str:
     """CPU seconds to replay `hours` of synthetic open-model traffic per policy (no server involved)."""
-    from metrics.replay import ReplayRequest, StepTiming
+    from stopstorm.metrics.analysis.replay import ReplayRequest, StepTiming
 
     rng = random.Random(0)
     t, trace = 0.0, []

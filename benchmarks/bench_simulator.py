@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simulator.launcher import EmbeddedSimulator
+from stopstorm.simulator.launcher import EmbeddedSimulator
 
 SIM_CPU, CLIENT_CPU = 0, 1
 MAX_TOKENS = 1_000_000  # far more than any run generates: streams never end inside the window

@@ -4,7 +4,7 @@
     python benchmarks/bench_soak.py [--duration-s 600] [--users 200] [--sample-s 10] [--step-base-ms 100]
                                     [--out DIR] [--json soak.json]
 
-It starts one simulator (`python -m simulator`, its own process, `--max-num-seqs` = users so every stream
+It starts one simulator (`python -m stopstorm.simulator`, its own process, `--max-num-seqs` = users so every stream
 runs at once) and one headless `locust -f locustfile.py` (every client stack, the default Stop mix, no think
 time) with `--stopstorm-records` and `--stopstorm-report`. Every `--sample-s` it reads both processes' RSS
 (VmRSS in /proc/PID/status) and how many streams have ended (lines in the records JSONL). At the end: the
@@ -35,7 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from simulator.launcher import EmbeddedSimulator  # noqa: E402
+from stopstorm.simulator.launcher import EmbeddedSimulator  # noqa: E402
 
 
 def rss_mb(pid: int) -> float | None:

@@ -16,10 +16,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from metrics.record import StreamRecord
-from metrics.sse import SSEDecoder, SSELineDecoder
-from users.core import StreamReader
-from users.policy import StopPlan
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.users.core import StreamReader
+from stopstorm.users.policy import StopPlan
+from stopstorm.users.sse import SSEDecoder, SSELineDecoder
 
 N = 200_000  # events per repeat
 REPEATS = 5

@@ -78,14 +78,14 @@ sys.path.insert(0, str(ROOT))
 if not _WORKER:
     import gevent
 
-    from metrics.record import StreamRecord
-    from simulator.launcher import EmbeddedSimulator
-    from users.bridge import get_bridge
-    from users.core import arun_stream, run_stream
-    from users.options import RunSettings, build_settings
-    from users.policy import StopPlan
-    from users.request import StreamRequest
-    from users.stacks import STACKS, is_async, transport_for
+    from stopstorm.metrics.record import StreamRecord
+    from stopstorm.simulator.launcher import EmbeddedSimulator
+    from stopstorm.users.bridge import get_bridge
+    from stopstorm.users.core import arun_stream, run_stream
+    from stopstorm.users.options import RunSettings, build_settings
+    from stopstorm.users.policy import StopPlan
+    from stopstorm.users.request import StreamRequest
+    from stopstorm.users.stacks import STACKS, is_async, transport_for
 
 SIM_CPU, CLIENT_CPU = 0, 1
 SIM_ARGS = ("--step-base-ms", "0.2", "--step-per-seq-ms", "0", "--max-num-seqs", "64", "--seed", "0")

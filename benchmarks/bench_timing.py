@@ -8,7 +8,7 @@ pinned to CPU 0 when there are two) runs with `--ledger-send-times`, so its ledg
 moment each chunk was handed to the socket (`send_times`, and `first_sent` for the first token); the client
 (pinned to CPU 1, a Locust worker's one core) runs N users at once, each one stream through stopstorm's own
 core exactly as a user does (`run_stream`, or `arun_stream` through the bridge), with the self-monitor
-running (metrics/self_monitor.py) so its loop lag and flags are shown beside the error.
+running (metrics/plugin/self_monitor.py) so its loop lag and flags are shown beside the error.
 
 Per stack and N, against the ledger:
 
@@ -50,15 +50,15 @@ import gevent
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from metrics.accounting import ledger_by_id
-from metrics.record import StreamRecord
-from metrics.self_monitor import SelfMonitor
-from simulator.launcher import EmbeddedSimulator
-from users.bridge import get_bridge
-from users.core import arun_stream, run_stream
-from users.options import RunSettings, build_settings
-from users.policy import StopPlan
-from users.stacks import STACKS, is_async, transport_for
+from stopstorm.metrics.analysis.accounting import ledger_by_id
+from stopstorm.metrics.plugin.self_monitor import SelfMonitor
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.simulator.launcher import EmbeddedSimulator
+from stopstorm.users.bridge import get_bridge
+from stopstorm.users.core import arun_stream, run_stream
+from stopstorm.users.options import RunSettings, build_settings
+from stopstorm.users.policy import StopPlan
+from stopstorm.users.stacks import STACKS, is_async, transport_for
 
 SIM_CPU, CLIENT_CPU = 0, 1
 RUN_TIMEOUT = 120.0

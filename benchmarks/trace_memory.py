@@ -33,8 +33,8 @@ from locust.runners import LocalRunner
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import metrics.locust_hooks as hooks
-from locustfile import *
+from stopstorm.locustfile import *
+from stopstorm.metrics.plugin.state import RUN
 
 _PROJECT = str(ROOT)
 
@@ -49,7 +49,7 @@ def _options(parser: Any, **_kw: Any) -> None:
 
 def _snapshot() -> tuple[tracemalloc.Snapshot, int]:
     gc.collect()
-    return tracemalloc.take_snapshot(), len(hooks._records)
+    return tracemalloc.take_snapshot(), len(RUN.records)
 
 
 def _site(tb: tracemalloc.Traceback) -> str:

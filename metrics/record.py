@@ -98,7 +98,7 @@ class StreamRecord:
         out["tokens_read"] = self.tokens_read
         return out
 
-    # -- the wire: a worker ships its records to the master (metrics/distributed.py) -------------------------
+    # -- the wire: a worker ships its records to the master (metrics/plugin/distributed.py) -------------------------
 
     def to_wire(self) -> dict[str, Any]:
         """The raw marks only, as a msgpack-friendly dict (str, int, float, None, lists): what a Locust

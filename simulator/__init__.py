@@ -5,8 +5,8 @@ disconnect handling, /metrics and request log; its ledger (`simulator.ledger`) i
 stopstorm figure is checked against.
 """
 
-from simulator.config import SimulatorConfig
-from simulator.launcher import EmbeddedSimulator
-from simulator.ledger import Ledger, LedgerEntry
+from stopstorm.simulator.config import SimulatorConfig
+from stopstorm.simulator.launcher import EmbeddedSimulator
+from stopstorm.simulator.ledger import Ledger, LedgerEntry
 
 __all__ = ["EmbeddedSimulator", "Ledger", "LedgerEntry", "SimulatorConfig"]

@@ -1,4 +1,4 @@
-"""`python -m simulator`: serve one simulated vLLM on loopback (see `--help`)."""
+"""`python -m stopstorm.simulator`: serve one simulated vLLM on loopback (see `--help`)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import time
 
 import uvicorn
 
-from simulator.config import build_parser, config_from_args
-from simulator.faults import FaultPlan
-from simulator.gpu_work import GpuWorkUnavailable
-from simulator.launcher import READY_PREFIX
-from simulator.request_log import configure_logging
-from simulator.server import create_app
+from stopstorm.simulator.config import build_parser, config_from_args
+from stopstorm.simulator.faults import FaultPlan
+from stopstorm.simulator.gpu_work import GpuWorkUnavailable
+from stopstorm.simulator.launcher import READY_PREFIX
+from stopstorm.simulator.request_log import configure_logging
+from stopstorm.simulator.server import create_app
 
 
 def _exit_with_parent(parent_pid: int) -> None:

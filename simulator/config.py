@@ -10,8 +10,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from simulator.faults import FAULT_KINDS, Fault, parse_fault
-from simulator.lengths import LengthDistribution
+from stopstorm.distributions import LengthDistribution
+from stopstorm.simulator.faults import FAULT_KINDS, Fault, parse_fault
 
 __all__ = ["VLLM_FLAVOURS", "SimulatorConfig", "build_parser", "config_from_args"]
 
@@ -91,10 +91,10 @@ def _fault(text: str) -> Fault:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `python -m simulator` command line; flag names follow `vllm serve` where vLLM has the knob."""
+    """The `python -m stopstorm.simulator` command line; flag names follow `vllm serve` where vLLM has the knob."""
     d = SimulatorConfig()
     p = argparse.ArgumentParser(
-        prog="python -m simulator",
+        prog="python -m stopstorm.simulator",
         description="An OpenAI-compatible streaming server faithful to vLLM's scheduling, "
         "client-disconnect aborts and /metrics, with a per-request ledger of server truth.",
     )

@@ -25,9 +25,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from simulator.config import SimulatorConfig
-from simulator.gpu_work import GpuWork
-from simulator.ledger import Ledger, LedgerEntry
+from stopstorm.simulator.config import SimulatorConfig
+from stopstorm.simulator.gpu_work import GpuWork
+from stopstorm.simulator.ledger import Ledger, LedgerEntry
 
 _log = logging.getLogger("simulator.engine")
 

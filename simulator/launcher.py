@@ -29,7 +29,7 @@ class SimulatorStartError(RuntimeError):
 
 
 class EmbeddedSimulator:
-    """`python -m simulator` on a free loopback port, its stderr (the vLLM-like request log) in a file.
+    """`python -m stopstorm.simulator` on a free loopback port, its stderr (the vLLM-like request log) in a file.
 
     Python flushes a redirected stderr line by line, so the file can be followed live.
 
@@ -55,7 +55,7 @@ class EmbeddedSimulator:
             raise RuntimeError("simulator already started")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
-        cmd = [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "stopstorm.simulator", "--host", "127.0.0.1", "--port", "0",
                "--parent-pid", str(os.getpid()), *self.args]
         with open(self.log_path, "a", encoding="utf-8") as stderr:
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,

@@ -15,7 +15,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from simulator.engine import Sequence, StepPlan
+    from stopstorm.simulator.engine import Sequence, StepPlan
 
 __all__ = ["LOG_DATEFMT", "LOG_FORMAT", "RequestLog", "configure_logging"]
 

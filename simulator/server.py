@@ -25,14 +25,14 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
-from simulator.config import SimulatorConfig
-from simulator.engine import EngineLoop, Scheduler, Sequence, StepPlan
-from simulator.faults import Fault, FaultPlan, parse_fault
-from simulator.gpu_work import GpuWork
-from simulator.ledger import Ledger, LedgerEntry
-from simulator.request_log import RequestLog
-from simulator.text import TokenText, count_prompt_tokens
-from simulator.vllm_metrics import VllmMetrics
+from stopstorm.simulator.config import SimulatorConfig
+from stopstorm.simulator.engine import EngineLoop, Scheduler, Sequence, StepPlan
+from stopstorm.simulator.faults import Fault, FaultPlan, parse_fault
+from stopstorm.simulator.gpu_work import GpuWork
+from stopstorm.simulator.ledger import Ledger, LedgerEntry
+from stopstorm.simulator.request_log import RequestLog
+from stopstorm.simulator.text import TokenText, count_prompt_tokens
+from stopstorm.simulator.vllm_metrics import VllmMetrics
 
 __all__ = ["Simulator", "create_app"]
 

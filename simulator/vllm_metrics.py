@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from simulator.config import SimulatorConfig
-    from simulator.engine import EngineLoop, Sequence, StepPlan
+    from stopstorm.simulator.config import SimulatorConfig
+    from stopstorm.simulator.engine import EngineLoop, Sequence, StepPlan
 
 __all__ = ["VllmMetrics", "build_1_2_5_buckets"]
 

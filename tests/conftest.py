@@ -27,9 +27,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from metrics.accounting import ledger_by_id
-from simulator.config import SimulatorConfig, build_parser, config_from_args
-from simulator.launcher import EmbeddedSimulator
+from stopstorm.metrics.analysis.accounting import ledger_by_id
+from stopstorm.simulator.config import SimulatorConfig, build_parser, config_from_args
+from stopstorm.simulator.launcher import EmbeddedSimulator
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+FIXTURES_DIR = ROOT / "tests" / "fixtures"  # real servers' output, each folder with a README.txt saying how
 
 # Scheduling slack on top of a modelled step: event-loop wake-up and a ledger write, on a loaded 2-core box.
 SCHED_TOL_S = 0.003

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import pid_gone, wait_until
+from conftest import ROOT, pid_gone, wait_until
 
-from metrics.accounting import ledger_by_id
-from simulator.launcher import READY_PREFIX
-
-ROOT = Path(__file__).resolve().parent.parent
+from stopstorm.metrics.analysis.accounting import ledger_by_id
+from stopstorm.simulator.launcher import READY_PREFIX
 
 
 def free_port() -> int:
@@ -30,7 +28,7 @@ def free_port() -> int:
 
 
 class SimProcess:
-    """`python -m simulator` on a fixed loopback port: started, killed (SIGKILL, by PID) and restarted there."""
+    """`python -m stopstorm.simulator` on a fixed loopback port: started, killed (SIGKILL, by PID), restarted there."""
 
     def __init__(self, port: int, args: list[str], log: Path) -> None:
         self.port = port
@@ -41,8 +39,8 @@ class SimProcess:
 
     def start(self) -> SimProcess:
         out = self.log.open("a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "simulator", "--port", str(self.port), *self.args],
-                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=out, text=True)
+        cmd = [sys.executable, "-m", "stopstorm.simulator", "--port", str(self.port), *self.args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=out, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.startswith(READY_PREFIX), f"simulator did not start: {line!r}"

@@ -13,8 +13,8 @@ import random
 
 import gevent
 
-import metrics.locust_hooks  # noqa: F401  (stopstorm's options and hooks, as in the real locustfile)
-from users import stack_requests  # the module, not the class: Locust would run every User class in sight
+import stopstorm.metrics.plugin.hooks  # noqa: F401  (stopstorm's options and hooks, as in the real locustfile)
+from stopstorm.users import stack_requests  # the module, not the class: Locust would run every User class in sight
 
 __all__ = ["ITERATIONS", "SEED", "SeededRequestsUser"]
 

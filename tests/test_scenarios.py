@@ -1,4 +1,4 @@
-"""scenarios.py: two scenarios back to back against one embedded simulator, then the comparison."""
+"""`stopstorm scenarios`: two scenarios back to back against one embedded simulator, then the comparison."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from scenarios import _scenario  # noqa: E402  (a top-level script, imported from the repository root)
+from stopstorm.scenarios import _scenario
 
 
 def test_scenario_argument_names_the_option() -> None:
@@ -27,7 +25,7 @@ def test_scenario_argument_names_the_option() -> None:
 def test_two_scenarios_against_one_server(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scenarios.py"), "--scenario", "held=--close-mix hold:1 --hold-seconds 1",
+        [sys.executable, "-m", "stopstorm", "scenarios", "--scenario", "held=--close-mix hold:1 --hold-seconds 1",
          "--scenario", "closed=--close-mix close:1", "--sim-args", "--max-num-seqs 2 --step-base-ms 5",
          "--out", str(tmp_path), "--timeout", "60", "--", "--headless", "-u", "6", "-r", "6", "-t", "3s",
          "--max-tokens", "60", "--ignore-eos", "--stop-probability", "1", "--stop-at", "tokens:fixed:5",

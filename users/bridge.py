@@ -49,6 +49,8 @@ import gevent
 from gevent.event import AsyncResult
 from gevent.monkey import get_original
 
+from stopstorm.metrics.plugin.self_monitor import watch_loop
+
 __all__ = ["AsyncBridge", "BridgeClosedError", "get_bridge"]
 
 T = TypeVar("T")
@@ -371,6 +373,7 @@ def get_bridge() -> AsyncBridge:
         bridge = _bridge
         if bridge is None or bridge.pid != os.getpid() or bridge.closed:
             bridge = _bridge = AsyncBridge()
+            watch_loop(bridge)  # the self-monitor samples its lag from now on
     return bridge
 
 

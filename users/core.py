@@ -25,12 +25,12 @@ import orjson
 from gevent import GreenletExit
 from locust import User, task
 
-from metrics.record import INTERRUPTED, StreamRecord
-from metrics.sse import DONE, SSELineDecoder
-from users.options import RunSettings, settings_for
-from users.policy import StopPlan
-from users.request import StreamRequest
-from users.shapes import arrival_clock, open_model_wait
+from stopstorm.metrics.record import INTERRUPTED, StreamRecord
+from stopstorm.users.options import RunSettings, settings_for
+from stopstorm.users.policy import StopPlan
+from stopstorm.users.request import StreamRequest
+from stopstorm.users.shapes import arrival_clock, open_model_wait
+from stopstorm.users.sse import DONE, SSELineDecoder
 
 __all__ = [
     "ERROR_BODY_LIMIT",
@@ -477,7 +477,7 @@ class AsyncStreamingUser(StreamingUser):
     transport_class: ClassVar[type[Any]]
 
     def on_start(self) -> None:
-        from users.bridge import get_bridge
+        from stopstorm.users.bridge import get_bridge
 
         self.bridge = get_bridge()
         insecure = self._settings().insecure

@@ -12,15 +12,16 @@ from typing import Any
 
 from locust.argument_parser import LocustArgumentParser
 
-from users.policy import CloseMix, StopPolicy
-from users.preflight import check_server, check_url
-from users.request import BUILTIN_PROMPTS, RequestFactory, load_prompts
+from stopstorm.metrics.plugin import options
+from stopstorm.users.policy import CloseMix, StopPolicy
+from stopstorm.users.preflight import check_server, check_url
+from stopstorm.users.request import BUILTIN_PROMPTS, Messages, RequestFactory, load_prompts
 
 __all__ = ["RunSettings", "add_arguments", "settings_for"]
 
 
 def add_arguments(parser: LocustArgumentParser) -> None:
-    g = parser.add_argument_group("stopstorm streams", "what each simulated user streams and when it stops")
+    g = options.argument_group(parser, "stopstorm streams", "what each simulated user streams and when it stops")
     g.add_argument("--endpoint", choices=["chat", "completions"], default="chat", env_var="STOPSTORM_ENDPOINT",
                    help="/v1/chat/completions or /v1/completions (default chat)")
     g.add_argument("--model", default="", env_var="STOPSTORM_MODEL",
@@ -38,8 +39,7 @@ def add_arguments(parser: LocustArgumentParser) -> None:
     g.add_argument("--no-continuous-usage", action="store_true", default=False,
                    env_var="STOPSTORM_NO_CONTINUOUS_USAGE",
                    help="ask for usage only in the last chunk, not in every chunk (continuous_usage_stats)")
-    # Secrets must be added on the parser itself: Locust masks them in its web UI only there.
-    parser.add_argument("--api-key", default="", env_var="STOPSTORM_API_KEY", is_secret=True,
+    g.add_argument("--api-key", default="", env_var="STOPSTORM_API_KEY", is_secret=True,
                    help="API key sent as a Bearer token (default: $OPENAI_API_KEY if set); never printed")
     g.add_argument("--stop-probability", type=float, default=0.5, env_var="STOPSTORM_STOP_PROBABILITY",
                    help="chance that a user presses Stop during a stream (default 0.5)")
@@ -84,12 +84,19 @@ class RunSettings:
     insecure: bool = False  # --insecure: TLS certificates not verified
 
 
-def build_settings(opts: Any, host: str, check: bool = False) -> RunSettings:
-    """Validate the options; raises ValueError naming the option at fault. With `check` (a run's settings),
-    the server too: reachable, OpenAI-compatible, serving --model; without it only when --model is not given
-    (the model is then discovered), so a test can build settings for a server it knows."""
-    host = host.rstrip("/")
-    api_key = opts.api_key or os.environ.get("OPENAI_API_KEY") or None
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """The options' values, checked, before any server is asked anything."""
+
+    stop_policy: StopPolicy
+    close_mix: CloseMix
+    prompts: list[Messages]
+    connect_timeout: float
+    headers_timeout: float
+
+
+def _parse(opts: Any) -> _Parsed:
+    """Check every stream option's value; raises ValueError naming the option at fault."""
     if opts.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {opts.max_tokens}")
     for name in ("hold_seconds", "think_time", "read_timeout"):
@@ -104,20 +111,35 @@ def build_settings(opts: Any, host: str, check: bool = False) -> RunSettings:
     close_mix = CloseMix.parse(opts.close_mix)
     prompts = load_prompts(opts.prompts) if opts.prompts else [[{"role": "user", "content": p}]
                                                                for p in BUILTIN_PROMPTS]
+    return _Parsed(stop_policy, close_mix, prompts, connect_timeout, headers_timeout)
+
+
+def check_options(opts: Any) -> None:
+    """The stream options' check, run before anything starts (the target is checked later, in preflight)."""
+    _parse(opts)
+
+
+def build_settings(opts: Any, host: str, check: bool = False) -> RunSettings:
+    """Validate the options; raises ValueError naming the option at fault. With `check` (a run's settings),
+    the server too: reachable, OpenAI-compatible, serving --model; without it only when --model is not given
+    (the model is then discovered), so a test can build settings for a server it knows."""
+    host = host.rstrip("/")
+    api_key = opts.api_key or os.environ.get("OPENAI_API_KEY") or None
+    parsed = _parse(opts)
     check_url(host)
     models: list[str] = []
     if check or not opts.model:  # a bad URL, no answer or not OpenAI's API: refused here, before any load
-        models = check_server(host, api_key, connect_timeout, verify=not getattr(opts, "insecure", False))
+        models = check_server(host, api_key, parsed.connect_timeout, verify=not getattr(opts, "insecure", False))
     if opts.model and models and opts.model not in models:
         raise ValueError(f"--model {opts.model!r}: {host} serves {', '.join(map(repr, models))}")
     model = opts.model or models[0]
     factory = RequestFactory(
-        endpoint=opts.endpoint, model=model, prompts=prompts, max_tokens=opts.max_tokens,
+        endpoint=opts.endpoint, model=model, prompts=parsed.prompts, max_tokens=opts.max_tokens,
         temperature=opts.temperature, ignore_eos=opts.ignore_eos, include_usage=not opts.no_usage,
         continuous_usage=not opts.no_continuous_usage, api_key=api_key,
     )
-    return RunSettings(host, factory, stop_policy, close_mix, opts.hold_seconds, opts.think_time,
-                       opts.read_timeout, api_key, connect_timeout, headers_timeout,
+    return RunSettings(host, factory, parsed.stop_policy, parsed.close_mix, opts.hold_seconds, opts.think_time,
+                       opts.read_timeout, api_key, parsed.connect_timeout, parsed.headers_timeout,
                        bool(getattr(opts, "insecure", False)))
 
 
@@ -130,3 +152,12 @@ def settings_for(environment: Any, host: str) -> RunSettings:
     if key not in _cache:
         _cache[key] = build_settings(environment.parsed_options, host, check=True)
     return _cache[key]
+
+
+def _preflight(environment: Any) -> None:
+    """The target answers and serves the model: checked once the host is known, before any load."""
+    settings_for(environment, environment.host)
+
+
+options.register(add_arguments, check_options, rank=10)
+options.register_preflight(_preflight)

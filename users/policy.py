@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from simulator.lengths import LengthDistribution
+from stopstorm.distributions import LengthDistribution
 
 __all__ = ["CLOSE_MODES", "CloseMix", "StopPlan", "StopPolicy"]
 

@@ -8,37 +8,34 @@ it walks the matrix once and stops the run by itself, then prints the table and 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
 from typing import Any, NoReturn
 
 import gevent
-import orjson
 from locust import User, constant, task
 from locust.argument_parser import LocustArgumentParser
 from locust.exception import StopUser
 
-from metrics.accounting import server_id
-from metrics.probe_report import PROBE_SCHEMA_VERSION, ProbeSample, format_table, summarise
-from metrics.record import StreamRecord
-from metrics.truth import LEDGER_SOURCE, LedgerClient
-from metrics.vllm_stream_truth import VLLM_TRUTH_SOURCE, VllmStreamTruth
-from users.core import AsyncStreamingUser, arun_stream, run_stream
-from users.options import RunSettings, settings_for
-from users.policy import CLOSE_MODES, StopPlan
-from users.stacks import STACKS, user_class
+from stopstorm.metrics.analysis.accounting import server_id
+from stopstorm.metrics.plugin import options
+from stopstorm.metrics.plugin.probe import PROBE
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.ledger import LedgerClient
+from stopstorm.metrics.truth.vllm_stream import VLLM_TRUTH_SOURCE, VllmStreamTruth
+from stopstorm.users.core import AsyncStreamingUser, arun_stream, run_stream
+from stopstorm.users.options import RunSettings, settings_for
+from stopstorm.users.policy import CLOSE_MODES, StopPlan
+from stopstorm.users.stacks import STACKS, user_class
 
-__all__ = ["StopProbeUser", "add_probe_arguments", "probe_results", "probe_truth_source", "write_probe_results"]
+__all__ = ["StopProbeUser", "add_probe_arguments"]
 
 _log = logging.getLogger("stopstorm.probe")
-_results: list[tuple[StreamRecord, dict[str, Any] | None]] = []
-_truth_source: list[str] = [LEDGER_SOURCE]  # what judged the streams: the simulator ledger, or vLLM log + metrics
 
 
 def add_probe_arguments(parser: LocustArgumentParser) -> None:
-    g = parser.add_argument_group("stopstorm stop-semantics probe", "used by StopProbeUser")
+    g = options.argument_group(parser, "stopstorm stop-semantics probe", "used by StopProbeUser")
     g.add_argument("--probe-stacks", default=",".join(STACKS), env_var="STOPSTORM_PROBE_STACKS",
                    help=f"client stacks to probe, comma-separated (default all: {','.join(STACKS)})")
     g.add_argument("--probe-modes", default=",".join(CLOSE_MODES[:3]), env_var="STOPSTORM_PROBE_MODES",
@@ -54,42 +51,7 @@ def add_probe_arguments(parser: LocustArgumentParser) -> None:
                    help="where to write the probe's results (default stopstorm-probe.json)")
 
 
-def probe_results() -> list[tuple[StreamRecord, dict[str, Any] | None]]:
-    return _results
-
-
-def probe_truth_source() -> str:
-    return _truth_source[0]
-
-
-def write_probe_results(path: str, host: str) -> str:
-    """Print the table and write the JSON; returns the table."""
-    samples = [ProbeSample.from_pair(record, entry) for record, entry in _results]
-    cells = summarise(samples)
-    table = format_table(cells)
-    doc = {
-        "schema_version": PROBE_SCHEMA_VERSION,
-        "host": host,
-        "truth_source": probe_truth_source(),
-        "versions": _library_versions(),
-        "cells": [dataclasses.asdict(c) for c in cells],
-        "streams": [{"record": r.to_json(), "ledger": e} for r, e in _results],
-    }
-    with open(path, "wb") as f:
-        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    return table
-
-
-def _library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("requests", "httpx", "openai", "geventhttpclient", "locust", "gevent"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+options.register(add_probe_arguments, rank=20)
 
 
 class StopProbeUser(User):
@@ -127,13 +89,13 @@ class StopProbeUser(User):
                         entry: dict[str, Any] | None
                         if vllm is not None:
                             entry = vllm.settle(sid, settle)
-                            if not entry["log_added"] and not _results:
+                            if not entry["log_added"] and not PROBE.streams:
                                 _log.warning("%s does not name %s: is it vLLM's log, written with "
                                              "--enable-log-requests? Aborts cannot be confirmed without it.",
                                              vllm.log.path, sid)
                         else:
                             entry = ledger.wait_freed(sid, settle)
-                        _results.append((record, entry))
+                        PROBE.add(record, entry)
                         if opts.probe_gap > 0:
                             gevent.sleep(opts.probe_gap)
             finally:
@@ -156,7 +118,7 @@ class StopProbeUser(User):
             truth.close()
             self._end_run()
         truth.start()
-        _truth_source[0] = VLLM_TRUTH_SOURCE
+        PROBE.truth_source = VLLM_TRUTH_SOURCE
         return truth
 
     def _end_run(self) -> NoReturn:
@@ -174,7 +136,7 @@ class _StreamRunner:
         self.settings = settings
         self.is_async = issubclass(cls, AsyncStreamingUser)
         if self.is_async:
-            from users.bridge import get_bridge
+            from stopstorm.users.bridge import get_bridge
 
             self.bridge = get_bridge()
 

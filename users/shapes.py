@@ -25,6 +25,9 @@ from typing import Any
 import gevent
 from locust.argument_parser import LocustArgumentParser
 
+from stopstorm.metrics.plugin import options
+from stopstorm.metrics.plugin.state import RUN
+
 __all__ = ["ArrivalClock", "Slo", "StepResult", "add_shape_arguments", "arrival_clock", "capacity_sentence",
            "open_model_wait", "parse_slo"]
 
@@ -33,7 +36,8 @@ _SLO = re.compile(r"^\s*(queue_wait|ttft)_p(50|90|95|99)\s*<\s*([0-9.]+)\s*$")
 
 
 def add_shape_arguments(parser: LocustArgumentParser) -> None:
-    g = parser.add_argument_group("stopstorm load shapes", "open-model arrivals and the SLO step load (capacity.py)")
+    g = options.argument_group(parser, "stopstorm load shapes",
+                               "open-model arrivals and the SLO step load (capacity.py)")
     g.add_argument("--arrival-rate", type=float, default=0.0, env_var="STOPSTORM_ARRIVAL_RATE",
                    help="open model: Poisson arrivals per second for this Locust process, users are only the "
                    "concurrency cap (default 0: Locust's closed model with --think-time)")
@@ -45,6 +49,9 @@ def add_shape_arguments(parser: LocustArgumentParser) -> None:
                    help="capacity.py: seconds per step; the SLO is judged over its second half (default 20)")
     g.add_argument("--step-max-users", type=int, default=64, env_var="STOPSTORM_STEP_MAX_USERS",
                    help="capacity.py: stop raising here even if the SLO still holds (default 64)")
+
+
+options.register(add_shape_arguments, rank=30)
 
 
 # --- the open model ------------------------------------------------------------------------------------------
@@ -84,6 +91,7 @@ def arrival_clock(environment: Any) -> ArrivalClock | None:
     clock = _clock.get("clock")
     if clock is None or clock.rate != rate:
         clock = _clock["clock"] = ArrivalClock(rate)
+        RUN.arrivals = clock  # the report says whether the arrivals went out on time
     return clock
 
 

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 from geventhttpclient import HTTPClient
 from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 
-from metrics.record import StreamRecord
-from users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
-from users.request import StreamRequest
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
+from stopstorm.users.request import StreamRequest
 
 __all__ = ["FastHttpStreamUser", "FastHttpTransport"]
 

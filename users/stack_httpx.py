@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import httpx
 
-from metrics.record import StreamRecord
-from users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
-from users.request import StreamRequest
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
+from stopstorm.users.request import StreamRequest
 
 __all__ = ["HttpxTransport", "HttpxUser", "describe_httpx_error", "httpx_timeout"]
 

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from metrics.record import StreamRecord
-from users.core import ERROR_BODY_LIMIT, AsyncStreamingUser, StreamFailure, http_failure
-from users.request import StreamRequest
-from users.stack_httpx import describe_httpx_error, httpx_timeout
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.users.core import ERROR_BODY_LIMIT, AsyncStreamingUser, StreamFailure, http_failure
+from stopstorm.users.request import StreamRequest
+from stopstorm.users.stack_httpx import describe_httpx_error, httpx_timeout
 
 __all__ = ["HttpxAsyncTransport", "HttpxAsyncUser"]
 

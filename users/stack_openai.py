@@ -21,9 +21,9 @@ from typing import Any
 import openai
 from openai._streaming import ServerSentEvent, SSEDecoder  # the SDK's own decoder, to note [DONE]
 
-from metrics.record import StreamRecord
-from users.core import StreamFailure, SyncStreamingUser, error_text
-from users.request import StreamRequest
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.users.core import StreamFailure, SyncStreamingUser, error_text
+from stopstorm.users.request import StreamRequest
 
 __all__ = ["DoneNotingDecoder", "DoneNotingMixin", "OpenAITransport", "OpenAIUser", "api_key_of", "call_args",
            "describe_openai_error", "status_failure"]

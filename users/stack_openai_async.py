@@ -14,10 +14,10 @@ from typing import Any
 
 import openai
 
-from metrics.record import StreamRecord
-from users.core import AsyncStreamingUser, StreamFailure
-from users.request import StreamRequest
-from users.stack_openai import (
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.users.core import AsyncStreamingUser, StreamFailure
+from stopstorm.users.request import StreamRequest
+from stopstorm.users.stack_openai import (
     DoneNotingDecoder,
     DoneNotingMixin,
     api_key_of,

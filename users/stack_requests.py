@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
-from metrics.record import StreamRecord
-from users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
-from users.request import StreamRequest
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
+from stopstorm.users.request import StreamRequest
 
 __all__ = ["RequestsTransport", "RequestsUser"]
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from users.core import AsyncStreamingUser, StreamingUser
-from users.stack_fasthttp import FastHttpStreamUser
-from users.stack_httpx import HttpxUser
-from users.stack_httpx_async import HttpxAsyncUser
-from users.stack_openai import OpenAIUser
-from users.stack_openai_async import OpenAIAsyncUser
-from users.stack_requests import RequestsUser
+from stopstorm.users.core import AsyncStreamingUser, StreamingUser
+from stopstorm.users.stack_fasthttp import FastHttpStreamUser
+from stopstorm.users.stack_httpx import HttpxUser
+from stopstorm.users.stack_httpx_async import HttpxAsyncUser
+from stopstorm.users.stack_openai import OpenAIUser
+from stopstorm.users.stack_openai_async import OpenAIAsyncUser
+from stopstorm.users.stack_requests import RequestsUser
 
 __all__ = ["STACKS", "is_async", "transport_for", "user_class"]
 

@@ -1,0 +1,415 @@
+"""Abort accounting: what every Stop cost the server, per client stack × close mode and for the whole run.
+
+Pure functions over the client's `StreamRecord`s and the server's truth: the simulator's ledger (exact, per
+request) and a vLLM `/metrics` window delta (aggregate). No I/O, so a report can be rebuilt from saved files.
+Each record is joined to its ledger entry by server id: `record.server_id`, else the id the server derives
+from our X-Request-Id (`chatcmpl-…` for chat, `cmpl-…` for completions).
+
+Every figure carries its unit and its source, so nobody mistakes a client's belief for server truth:
+
+- `simulator ledger`: the simulator's per-request truth (exact);
+- `vLLM metrics`: Δ of vLLM's Prometheus counters over the run (aggregate only: not per stack or mode);
+- `client records`: what the clients themselves did and saw (streams, Stops, tokens read): truth about the
+  client, which is the only place it exists;
+- `vLLM log`: vLLM's own `Added request …` / `Aborted request …` lines, each stamped with `time.monotonic()`
+  when the follower read it (metrics/truth/vllm_log.py): per-request abort confirmation without a ledger. Its abort
+  latency is Stop → abort *logged* (line read), not slot freed: the engine frees the slot at about that time,
+  but the log adds its own write and read delays (the follower polls every 20 ms by default);
+- `client estimate`: a server-side quantity guessed from client marks, used only when no truth has it.
+
+A figure whose truth is missing is None (source `unavailable`), never 0; a sum over an empty but known set is 0.
+With a ledger, the ledger gives `aborted` and `abort_latency`; the log's own view is kept beside it
+(`log_aborted`, `log_abort_latency`) so the two can be compared. Without a ledger, the log gives both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+from stopstorm.metrics.figures import (
+    CLIENT_ESTIMATE,
+    CLIENT_SOURCE,
+    LEDGER_SOURCE,
+    LOG_SOURCE,
+    METRICS_SOURCE,
+    Figure,
+    distribution,
+    unknown,
+)
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.vllm_log import LogEvent, base_request_id
+from stopstorm.metrics.truth.vllm_metrics import MetricsDelta
+
+__all__ = [
+    "ZOMBIE_GRACE_S",
+    "Accounting",
+    "Cell",
+    "Figures",
+    "LogLookup",
+    "RunFigures",
+    "account",
+    "ledger_by_id",
+    "ledger_occupancy",
+    "served_entries",
+    "server_id",
+    "wasted_tokens",
+]
+
+ZOMBIE_GRACE_S = 0.1
+
+
+class LogLookup(Protocol):
+    """What accounting needs of a vLLM log: `LogFollower` (live) or `LogIndex` (saved lines)."""
+
+    @property
+    def aborted(self) -> Mapping[str, LogEvent]: ...
+
+    def lookup(self, request_id: str) -> tuple[LogEvent | None, LogEvent | None]: ...
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """The figures of one stack × close mode cell, or of the whole run (stack and mode "all")."""
+
+    streams: Figure  # streams the clients reported
+    stopped: Figure  # of which the user pressed Stop
+    failed: Figure  # of which failed (error text set)
+    failures: Figure  # failed streams by error text
+    aborted: Figure  # stopped streams the server aborted
+    abort_latency: Figure  # Stop → slot freed, aborted stopped streams (Distribution, s)
+    wasted_tokens: Figure  # generated but never read
+    zombies: Figure  # stopped streams still holding a slot `zombie_grace_s` after Stop
+    zombie_slot_seconds: Figure  # slot time zombies held after Stop
+    queue_wait: Figure  # arrival → scheduled (Distribution, s)
+    freed_tokens: Figure  # tokens aborts spared the engine vs running every stopped stream to its end
+    freed_slot_seconds: Figure  # the same, in slot-seconds
+    goodput_tokens: Figure  # tokens delivered to users still reading
+    goodput_rate: Figure  # goodput_tokens / run duration
+    log_aborted: Figure  # stopped streams whose abort the vLLM log shows
+    log_abort_latency: Figure  # Stop → abort line read, those streams (Distribution, s)
+
+    def items(self) -> list[tuple[str, Figure]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    stack: str
+    close_mode: str
+    figures: Figures
+
+
+@dataclass(frozen=True, slots=True)
+class RunFigures:
+    """Whole-run figures that have no per-cell meaning."""
+
+    duration: Figure
+    freed_tokens_rate: Figure  # freed tokens per second of run
+    ledger_aborts: Figure  # every abort in the ledger (client disconnects), joined to a record or not
+    vllm_counted_aborts: Figure  # Δ request_success_total{finished_reason="abort"}
+    blind_spot: Figure  # the finding, in words: "N aborts, vLLM counted M"
+    log_aborts: Figure  # every abort the vLLM log showed during the run, joined to a record or not
+    unmatched_requests: Figure  # ledger requests no record reported (e.g. users killed at the run's end)
+    unjoined_streams: Figure  # records the ledger does not know (with a ledger present)
+
+    def items(self) -> list[tuple[str, Figure]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+@dataclass(frozen=True, slots=True)
+class Accounting:
+    cells: tuple[Cell, ...]  # sorted by stack, then close mode
+    overall: Figures
+    run: RunFigures
+    sources: tuple[str, ...]  # the truths that were available
+    zombie_grace_s: float
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def server_id(record: StreamRecord) -> str:
+    """The id the server knows this stream by."""
+    if record.server_id:
+        return record.server_id
+    return ("chatcmpl-" if record.endpoint == "chat" else "cmpl-") + record.request_id
+
+
+def ledger_by_id(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ledger document (`GET /stopstorm/ledger`) as entries by request id."""
+    return {e["request_id"]: e for e in doc.get("requests", [])}
+
+
+def served_entries(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ledger's requests the server served (status 200); the ones it refused never took a slot."""
+    return [e for e in doc.get("requests", []) if e.get("status_code", 200) == 200]
+
+
+def ledger_occupancy(entries: Iterable[Mapping[str, Any]]) -> list[tuple[float, int, int]]:
+    """(t, running, waiting) just after each moment either changes, on the ledger's clock, from every entry's
+    arrival, scheduled and freed marks: the one running count the capacity timeline and the replay's
+    calibration share. A request not yet freed is still running (or waiting) at the end."""
+    deltas: dict[float, list[int]] = {}
+
+    def bump(t: float | None, running: int, waiting: int) -> None:
+        if t is None:
+            return
+        d = deltas.setdefault(t, [0, 0])
+        d[0] += running
+        d[1] += waiting
+
+    for e in entries:
+        arrival, scheduled, freed = e.get("arrival"), e.get("scheduled"), e.get("freed")
+        bump(arrival, 0, 1)
+        if scheduled is not None:
+            bump(scheduled, 1, -1)
+            bump(freed, -1, 0)
+        else:
+            bump(freed, 0, -1)
+    out: list[tuple[float, int, int]] = []
+    running = waiting = 0
+    for t in sorted(deltas):
+        running += deltas[t][0]
+        waiting += deltas[t][1]
+        out.append((t, running, waiting))
+    return out
+
+
+def wasted_tokens(entry: Mapping[str, Any], record: StreamRecord) -> int:
+    """Tokens the server generated for this stream that its user never read (per-request truth)."""
+    return max(0, int(entry.get("generated_tokens") or 0) - record.tokens_read)
+
+
+def _itl(entry: Mapping[str, Any]) -> float | None:
+    """Mean inter-token time of one request, from its first and last token; None under two tokens."""
+    n = entry.get("generated_tokens") or 0
+    first, last = entry.get("first_token"), entry.get("last_token")
+    if n < 2 or first is None or last is None:
+        return None
+    return float(last - first) / (n - 1)
+
+
+@dataclass(slots=True)
+class _Joined:
+    record: StreamRecord
+    entry: dict[str, Any] | None
+
+
+def _zombie_time(j: _Joined, grace: float, run_end: float | None) -> float | None:
+    """Slot time a stopped stream's request held after Stop, if it is a zombie; None if it is not (or unknown).
+
+    A zombie: a stopped stream whose server request still held a running slot `grace` seconds after Stop,
+    i.e. it was scheduled, and was freed more than `grace` after Stop (or never, by the run's end). Its slot
+    time runs from Stop (or its scheduling, if later) to freed (or the run's end).
+    """
+    r, e = j.record, j.entry
+    if r.stop is None or e is None or e.get("scheduled") is None:
+        return None
+    end = e.get("freed")
+    if end is None:
+        end = run_end
+    if end is None or end - r.stop <= grace:
+        return None
+    held = end - max(r.stop, e["scheduled"])
+    return held if held > 0 else None
+
+
+def _abort_index(log: LogLookup) -> dict[str, LogEvent]:
+    """Every abort event under its raw and its base id; where several share an id, the first read.
+
+    vLLM 0.32 logs `Aborted request(s) <id>-<hex>.` then `Request <id> aborted.` for one abort; the follower
+    indexes the second under `<id>`, so the earlier line is found here by its base id.
+    """
+    out: dict[str, LogEvent] = {}
+    for ev in log.aborted.values():
+        for rid in (ev.request_id_raw, ev.request_id_base):
+            held = out.get(rid)
+            if held is None or ev.seen < held.seen:
+                out[rid] = ev
+    return out
+
+
+def _log_abort(record: StreamRecord, aborts: Mapping[str, LogEvent]) -> LogEvent | None:
+    """The log's abort event for this stream: by its server id, raw or base (newest vLLM adds `-<8 hex>`)."""
+    sid = server_id(record)
+    found = [ev for rid in dict.fromkeys((sid, base_request_id(sid))) if (ev := aborts.get(rid)) is not None]
+    return min(found, key=lambda ev: ev.seen) if found else None
+
+
+def _log_figures(stopped: list[_Joined], aborts: Mapping[str, LogEvent] | None) -> tuple[Figure, Figure]:
+    if aborts is None:
+        return unknown("streams"), unknown("s")
+    confirmed = [(j.record, ev) for j in stopped if (ev := _log_abort(j.record, aborts)) is not None]
+    lat = distribution(ev.seen - r.stop for r, ev in confirmed if r.stop is not None)
+    return (Figure(len(confirmed), "streams", LOG_SOURCE, "stopped streams with an abort line for their id"),
+            Figure(lat, "s", LOG_SOURCE, "Stop → abort logged (line read), not slot freed")
+            if lat is not None else unknown("s"))
+
+
+def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: float,
+             run_end: float | None, aborts: Mapping[str, LogEvent] | None = None) -> Figures:
+    records = [j.record for j in group]
+    stopped = [j for j in group if j.record.stopped]
+    failures = Counter(r.error for r in records if r.error is not None)
+    joined = [j for j in group if j.entry is not None]
+    goodput = sum(r.tokens_read for r in records)
+    rate = Figure(goodput / duration_s, "tokens/s", CLIENT_SOURCE) if duration_s > 0 else unknown("tokens/s")
+    base = {
+        "streams": Figure(len(records), "streams", CLIENT_SOURCE),
+        "stopped": Figure(len(stopped), "streams", CLIENT_SOURCE),
+        "failed": Figure(sum(failures.values()), "streams", CLIENT_SOURCE),
+        "failures": Figure(dict(sorted(failures.items())), "streams", CLIENT_SOURCE, "by error text"),
+        "goodput_tokens": Figure(goodput, "tokens", CLIENT_SOURCE, "tokens read before Stop or to the end"),
+        "goodput_rate": rate,
+    }
+    log_aborted, log_latency = _log_figures(stopped, aborts)
+    base["log_aborted"], base["log_abort_latency"] = log_aborted, log_latency
+    if not has_ledger:
+        waits = [r.first_token - r.headers for r in records if r.first_token is not None and r.headers is not None]
+        qw = distribution(waits)
+        return Figures(
+            **base,
+            aborted=log_aborted, abort_latency=log_latency, wasted_tokens=unknown("tokens"),
+            zombies=unknown("streams"), zombie_slot_seconds=unknown("slot-s"),
+            queue_wait=(Figure(qw, "s", CLIENT_ESTIMATE, "headers → first token: queue wait + prefill")
+                        if qw is not None else unknown("s")),
+            freed_tokens=unknown("tokens"), freed_slot_seconds=unknown("slot-s"),
+        )
+
+    aborted = [j for j in stopped if j.entry is not None and j.entry.get("finish_reason") == "abort"]
+    latencies = [j.entry["freed"] - j.record.stop for j in aborted
+                 if j.entry is not None and j.entry.get("freed") is not None and j.record.stop is not None]
+    wasted = sum(wasted_tokens(j.entry or {}, j.record) for j in joined)
+    zombie_times = [t for j in stopped if (t := _zombie_time(j, grace, run_end)) is not None]
+    waits = []
+    for j in joined:
+        e = j.entry or {}
+        w = e.get("queue_wait")
+        if w is None and e.get("scheduled") is not None:
+            w = e["scheduled"] - e["arrival"]
+        if w is not None:
+            waits.append(w)
+    freed_tokens = 0
+    freed_slot_s = 0.0
+    slot_s_known = 0
+    slot_s_wanted = 0
+    for j in aborted:
+        e = j.entry or {}
+        rest = max(0, e.get("target_tokens", 0) - e.get("generated_tokens", 0))
+        freed_tokens += rest
+        if rest:
+            slot_s_wanted += 1
+            itl = _itl(e)
+            if itl is not None:
+                freed_slot_s += rest * itl
+                slot_s_known += 1
+    lat = distribution(latencies)
+    qw = distribution(waits)
+    slot_note = "remaining tokens × the request's mean inter-token time"
+    if slot_s_known < slot_s_wanted:
+        slot_note += f"; {slot_s_wanted - slot_s_known} request(s) with under two tokens left out"
+    return Figures(
+        **base,
+        aborted=Figure(len(aborted), "streams", LEDGER_SOURCE),
+        abort_latency=Figure(lat, "s", LEDGER_SOURCE, "Stop → slot freed") if lat is not None else unknown("s"),
+        wasted_tokens=Figure(wasted, "tokens", LEDGER_SOURCE, "generated − read, per stream"),
+        zombies=Figure(len(zombie_times), "streams", LEDGER_SOURCE, f"not freed within {grace:g} s of Stop"),
+        zombie_slot_seconds=Figure(math.fsum(zombie_times), "slot-s", LEDGER_SOURCE),
+        queue_wait=Figure(qw, "s", LEDGER_SOURCE, "arrival → scheduled") if qw is not None else unknown("s"),
+        freed_tokens=Figure(freed_tokens, "tokens", LEDGER_SOURCE, "target − generated, aborted stopped streams"),
+        freed_slot_seconds=(Figure(freed_slot_s, "slot-s", LEDGER_SOURCE, slot_note)
+                            if slot_s_known or not slot_s_wanted else unknown("slot-s")),
+    )
+
+
+def _metrics_aborts(delta: MetricsDelta | None) -> float | None:
+    if delta is None or delta.total.success is None:
+        return None
+    return delta.total.success.get("abort", 0.0)
+
+
+# --- the accounting --------------------------------------------------------------------------------------------
+
+
+def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | None,
+            metrics_delta: MetricsDelta | None, duration_s: float, *, zombie_grace_s: float = ZOMBIE_GRACE_S,
+            run_end: float | None = None, log: LogLookup | None = None) -> Accounting:
+    """Account for every stream: per stack × close mode, overall, and run-wide findings.
+
+    `ledger`: the simulator's entries by request id (`ledger_by_id`), None without a simulator.
+    `metrics_delta`: vLLM `/metrics` over the run, None if not scraped. `duration_s`: the run's length, for
+    rates. `run_end`: monotonic time a request still in flight is counted to (the ledger's `now`); by default
+    the latest mark in the ledger. `log`: vLLM's request log (`LogFollower` or `LogIndex`), None if not read.
+    """
+    has_ledger = ledger is not None
+    entries = ledger or {}
+    if run_end is None and entries:
+        marks = [m for e in entries.values() for k in ("arrival", "scheduled", "first_token", "last_token",
+                                                      "disconnect_seen", "freed") if (m := e.get(k)) is not None]
+        run_end = max(marks) if marks else None
+    joined = [_Joined(r, entries.get(server_id(r))) for r in records]
+    aborts = _abort_index(log) if log is not None else None
+    groups: dict[tuple[str, str], list[_Joined]] = {}
+    for j in joined:
+        groups.setdefault((j.record.stack, j.record.close_mode), []).append(j)
+    cells = tuple(Cell(stack, mode, _figures(groups[(stack, mode)], has_ledger, duration_s, zombie_grace_s, run_end,
+                                             aborts))
+                  for stack, mode in sorted(groups))
+    overall = _figures(joined, has_ledger, duration_s, zombie_grace_s, run_end, aborts)
+
+    if not has_ledger and metrics_delta is not None and metrics_delta.total.generation_tokens is not None:
+        wasted = metrics_delta.total.generation_tokens - sum(r.tokens for r in records)
+        overall = _replace(overall, wasted_tokens=Figure(
+            wasted, "tokens", METRICS_SOURCE,
+            "aggregate: Δ generation_tokens_total − tokens the clients received"))
+
+    ledger_aborts = sum(1 for e in entries.values() if e.get("finish_reason") == "abort") if has_ledger else None
+    counted = _metrics_aborts(metrics_delta)
+    # By base id: vLLM 0.9 logs two lines per abort with one id, 0.32 two lines with the raw and the base id.
+    log_aborts = len({e.request_id_base for e in log.aborted.values()}) if log is not None else None
+    if ledger_aborts is not None and counted is not None:
+        finding: Figure = Figure(f"{ledger_aborts} aborts, vLLM counted {counted:g}", "finding", LEDGER_SOURCE,
+                                 "ledger aborts vs Δ request_success_total{finished_reason=\"abort\"}")
+    elif log_aborts is not None and counted is not None:
+        finding = Figure(f"{log_aborts} aborts logged, vLLM counted {counted:g}", "finding", LOG_SOURCE,
+                         "aborts in vLLM's log vs Δ request_success_total{finished_reason=\"abort\"}")
+    else:
+        finding = unknown("finding")
+    seen_ids = {server_id(r) for r in records}
+    freed = overall.freed_tokens.value
+    run = RunFigures(
+        duration=Figure(duration_s, "s", CLIENT_SOURCE),
+        freed_tokens_rate=(Figure(freed / duration_s, "tokens/s", LEDGER_SOURCE)
+                           if isinstance(freed, int) and duration_s > 0 else unknown("tokens/s")),
+        ledger_aborts=(Figure(ledger_aborts, "requests", LEDGER_SOURCE, "finish_reason abort")
+                       if ledger_aborts is not None else unknown("requests")),
+        vllm_counted_aborts=(Figure(counted, "requests", METRICS_SOURCE,
+                                    "Δ request_success_total{finished_reason=\"abort\"}")
+                             if counted is not None else unknown("requests")),
+        blind_spot=finding,
+        log_aborts=(Figure(log_aborts, "requests", LOG_SOURCE, "aborts logged during the run, distinct base ids")
+                    if log_aborts is not None else unknown("requests")),
+        unmatched_requests=(Figure(sum(1 for rid in entries if rid not in seen_ids), "requests", LEDGER_SOURCE,
+                                   "in the ledger, reported by no stream")
+                            if has_ledger else unknown("requests")),
+        unjoined_streams=(Figure(sum(1 for j in joined if j.entry is None), "streams", LEDGER_SOURCE,
+                                 "reported, but not in the ledger")
+                          if has_ledger else unknown("streams")),
+    )
+    sources = [CLIENT_SOURCE]
+    if has_ledger:
+        sources.append(LEDGER_SOURCE)
+    else:
+        sources.append(CLIENT_ESTIMATE)
+    if log is not None:
+        sources.append(LOG_SOURCE)
+    if metrics_delta is not None:
+        sources.append(METRICS_SOURCE)
+    return Accounting(cells, overall, run, tuple(sources), zombie_grace_s)
+
+
+def _replace(figures: Figures, **changes: Figure) -> Figures:
+    return Figures(**{**dict(figures.items()), **changes})

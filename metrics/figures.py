@@ -1,0 +1,90 @@
+"""A figure: one number (or distribution, count table, finding) with its unit and the truth it comes from.
+
+The vocabulary the analysis computes in and every report view shows. The sources name where a figure's truth
+lives, so nobody mistakes a client's belief for the server's: see stopstorm/metrics/analysis/accounting.py for
+what each one means. A figure whose truth is missing is None with source `unavailable`, never 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+__all__ = [
+    "CLIENT_ESTIMATE",
+    "CLIENT_SOURCE",
+    "LEDGER_SOURCE",
+    "LOG_SOURCE",
+    "METRICS_SOURCE",
+    "UNAVAILABLE",
+    "Distribution",
+    "Figure",
+    "Value",
+    "distribution",
+    "unknown",
+]
+
+LEDGER_SOURCE = "simulator ledger"
+METRICS_SOURCE = "vLLM metrics"
+LOG_SOURCE = "vLLM log"
+CLIENT_SOURCE = "client records"
+CLIENT_ESTIMATE = "client estimate"
+UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """Summary of a sample, in the unit of its figure. Percentiles interpolate linearly between ranks."""
+
+    count: int
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    max: float
+    mean: float
+
+    def to_json(self) -> dict[str, float | int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+Value = int | float | str | dict[str, int] | Distribution | None
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One number (or distribution, count table, finding) with its unit and where it comes from."""
+
+    value: Value
+    unit: str
+    source: str
+    note: str | None = None  # e.g. "aggregate": not a per-stream sum
+
+    @property
+    def known(self) -> bool:
+        return self.value is not None
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def distribution(values: Iterable[float]) -> Distribution | None:
+    """Count, percentiles, max and mean; None for an empty sample."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return Distribution(len(ordered), _percentile(ordered, 0.50), _percentile(ordered, 0.90),
+                        _percentile(ordered, 0.95), _percentile(ordered, 0.99), ordered[-1],
+                        math.fsum(ordered) / len(ordered))
+
+
+def unknown(unit: str, note: str | None = None) -> Figure:
+    """A figure whose truth was not available this run."""
+    return Figure(None, unit, UNAVAILABLE, note)

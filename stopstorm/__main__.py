@@ -1,0 +1,7 @@
+"""`python -m stopstorm`: the `stopstorm` command (stopstorm/cli.py)."""
+
+import sys
+
+from stopstorm.cli import main
+
+sys.exit(main())

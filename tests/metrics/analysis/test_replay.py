@@ -1,0 +1,141 @@
+"""Counterfactual replay: exact on hand-made traces, and faithful to a real simulator run's ledger."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import ROOT
+
+from stopstorm.metrics.analysis.capacity import capacity_section, ledger_timeline
+from stopstorm.metrics.analysis.replay import ReplayRequest, StepTiming, calibrate, replay, trace_from_ledger
+from stopstorm.metrics.record import StreamRecord
+
+STEP = 0.01
+
+
+def _two_requests() -> list[ReplayRequest]:
+    # One slot. "a" arrives first, its user stops after reading 3 of 10 tokens; "b" queues behind it.
+    return [ReplayRequest("a", 0.0, 8, 10, stop_tokens=3, aborted_at_tokens=None),
+            ReplayRequest("b", 0.001, 8, 10)]
+
+
+def test_perfect_aborts_free_the_slot_one_step_after_the_stop_token() -> None:
+    perfect = replay(_two_requests(), StepTiming(STEP), max_num_seqs=1, policy="perfect")
+    full = replay(_two_requests(), StepTiming(STEP), max_num_seqs=1, policy="full")
+    # "a" holds the slot for 3 token steps plus the step whose token the abort drops; with no stop, 10 steps.
+    assert perfect.queue_wait is not None and full.queue_wait is not None
+    assert perfect.queue_wait.max == pytest.approx(4 * STEP - 0.001)
+    assert full.queue_wait.max == pytest.approx(10 * STEP - 0.001)
+    assert perfect.generated_tokens == 13 and perfect.wasted_tokens == 0
+    assert full.generated_tokens == 20 and full.wasted_tokens == 7
+    assert full.slot_seconds - perfect.slot_seconds == pytest.approx(6 * STEP)
+
+
+def test_recorded_policy_replays_the_server_s_own_aborts() -> None:
+    zombie = [ReplayRequest("a", 0.0, 8, 10, stop_tokens=3, aborted_at_tokens=7), ReplayRequest("b", 0.0, 8, 10)]
+    rec = replay(zombie, StepTiming(STEP), 1, "recorded")
+    assert rec.generated_tokens == 17 and rec.wasted_tokens == 4  # read 3, generated 7
+
+
+def test_timeline_counts_running_and_waiting() -> None:
+    r = replay(_two_requests(), StepTiming(STEP), 1, "perfect")
+    assert max(p[1] for p in r.timeline) == 1 and max(p[2] for p in r.timeline) == 1
+    assert r.timeline[-1][1:] == (0, 0)
+
+
+def test_unknown_policy_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="perfect"):
+        replay(_two_requests(), StepTiming(STEP), 1, "sometimes")
+
+
+def _ledger_doc() -> dict:
+    def e(rid, arrival, sched, first, last, n, target, disc=None, reason="length"):
+        return {"request_id": rid, "arrival": arrival, "scheduled": sched, "first_token": first, "last_token": last,
+                "freed": last + (STEP if reason == "abort" else 0), "prompt_tokens": 10, "generated_tokens": n,
+                "target_tokens": target, "disconnect_seen": disc, "generated_at_disconnect": n if disc else None,
+                "finish_reason": reason, "status_code": 200,
+                "queue_wait": sched - arrival}
+    return {"requests": [e("x", 100.0, 100.0, 100.01, 100.05, 5, 5),
+                         e("y", 100.02, 100.05, 100.06, 100.08, 3, 9, disc=100.081, reason="abort")]}
+
+
+def test_trace_and_calibration_from_a_ledger() -> None:
+    doc = _ledger_doc()
+    trace = trace_from_ledger(doc)
+    assert [(r.request_id, r.arrival, r.stop_tokens, r.aborted_at_tokens) for r in trace] == [
+        ("x", 0.0, None, None), ("y", pytest.approx(0.02), 3, 3)]
+    timing = calibrate(doc)
+    assert timing.base_s == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="three tokens"):
+        calibrate({"requests": []})
+
+
+def test_ledger_timeline_and_capacity_section() -> None:
+    doc = _ledger_doc()
+    rows = ledger_timeline(doc["requests"], 100.0)
+    assert rows[0] == [0.0, 1, 0]
+    assert [0.02, 1, 1] in rows and rows[-1][1:] == [0, 0]
+    sec = capacity_section(doc, [], 100.0, 1.0, 1)
+    assert sec is not None and sec["generated_tokens"]["value"] == 8
+    assert sec["replay"]["tokens_freed"] == 6  # y would have run 9 tokens, not 3
+    assert capacity_section(None, [], 0.0, 1.0, 1) is None
+
+
+def test_replay_reproduces_a_real_simulator_run() -> None:
+    """An open-model run with prompt aborts against the real simulator; its ledger replayed with perfect aborts
+    must give the same generated tokens and, within 10 %, the same mean queue wait and makespan."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_replay
+
+    plan = bench_replay.schedule(40, 20.0, (5, 30), 0.5, seed=3)
+    real = bench_replay.run_once(plan, stops=True, max_num_seqs=2, step_ms=5.0, grace=30.0)
+    measured = bench_replay.measured(real)
+    predicted = bench_replay.predicted(replay(trace_from_ledger(real), calibrate(real), 2, "perfect"))
+    assert predicted["generated tokens"] == measured["generated tokens"]
+    assert measured["queue wait mean s"] > 0.05  # the run did queue: the figure means something
+    for key in ("queue wait mean s", "makespan s", "slot-seconds"):
+        assert predicted[key] == pytest.approx(measured[key], rel=0.10), key
+
+
+def test_horizon_cuts_every_policy_where_the_real_run_ended() -> None:
+    # The run ended at 0.05 s: "b" was still queued then, and the run's end took it away in every policy.
+    for policy in ("perfect", "full"):
+        r = replay(_two_requests(), StepTiming(STEP), 1, policy, horizon=0.05)
+        assert r.queue_wait is not None
+        assert r.queue_wait.max == pytest.approx(min(4 * STEP if policy == "perfect" else 0.05, 0.05) - 0.001,
+                                                 abs=STEP), policy
+        assert r.makespan_s <= 0.05 + STEP
+
+
+def test_a_disconnect_at_the_run_s_end_is_not_a_stop() -> None:
+    doc = _ledger_doc()
+    trace = trace_from_ledger(doc, cut_at=100.08)  # y's disconnect came with the run's end
+    assert trace[1].stop_tokens is None and trace[1].aborted_at_tokens is None
+
+
+def test_the_run_s_cut_is_the_first_disconnect_no_user_reported() -> None:
+    from stopstorm.metrics.analysis.replay import run_cut_time
+
+    doc = _ledger_doc()  # y disconnected at 100.081 and no record reports it: a user killed at the run's end
+    reported_x = StreamRecord(stack="requests", close_mode="none", endpoint="chat", request_id="x",
+                              stop_plan="never", wall_start=0.0, sent=100.0)
+    assert run_cut_time(doc, [reported_x], run_end=100.5) == pytest.approx(100.081)
+    assert run_cut_time(doc, [], run_end=100.5) == 100.5
+
+
+def test_what_if_from_a_saved_report(tmp_path, capsys) -> None:
+    import json
+
+    from stopstorm.metrics.report.replay_table import main
+
+    doc = _ledger_doc()
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"capacity": capacity_section(doc, [], 100.0, 1.0, 1)}))
+    assert main([str(report), "--max-num-seqs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "max_num_seqs 2" in out and "| full |" in out and "| perfect |" in out
+    empty = tmp_path / "e.json"
+    empty.write_text("{}")
+    with pytest.raises(SystemExit, match=r"no capacity\.replay\.trace"):
+        main([str(empty)])

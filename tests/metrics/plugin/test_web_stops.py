@@ -1,0 +1,52 @@
+"""The Stops tab: rows joined with the ledger, and served through Locust's own web UI extension point."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from locust import User, constant
+from locust.argument_parser import parse_options
+from locust.env import Environment
+
+from stopstorm.metrics.plugin.web_stops import STOPS_KEY, install_stops_tab, stops_rows
+from stopstorm.metrics.record import StreamRecord
+
+
+def _record(rid: str, mode: str, stop: float | None, read: int) -> StreamRecord:
+    return StreamRecord(stack="requests", close_mode=mode, endpoint="chat", request_id=rid, stop_plan="tokens:5",
+                        wall_start=0.0, sent=stop - 1 if stop else 0.0, stop=stop, tokens_at_stop=read,
+                        tokens=read)
+
+
+def test_rows_join_each_stop_with_the_ledger() -> None:
+    records = [_record("a", "close", 10.0, 5), _record("b", "none", None, 9), _record("c", "hold", 11.0, 3)]
+    ledger = {"chatcmpl-a": {"generated_tokens": 5, "freed": 10.015, "finish_reason": "abort"},
+              "chatcmpl-c": {"generated_tokens": 40, "freed": None}}
+    rows = stops_rows(records, ledger, now=12.0)
+    assert [r["request"] for r in rows] == ["c", "a"]  # stopped streams only, newest first
+    assert rows[1] | {} == {"stack": "requests", "mode": "close", "request": "a", "read": 5, "generated": 5,
+                            "wasted": 0, "freed_ms": 15.0, "state": "abort", "truth": "simulator ledger"}
+    assert rows[0]["state"] == "zombie (still running)" and rows[0]["wasted"] == 37
+    client_only = stops_rows(records, None, now=12.0)
+    assert client_only[0]["truth"] == "client only" and client_only[0]["generated"] == "–"
+
+
+class _Idle(User):
+    wait_time = constant(1)
+
+
+def test_tab_is_served_by_locust_s_web_ui(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["locust"])  # the web UI parses the command line for its extra options
+    env = Environment(user_classes=[_Idle], parsed_options=parse_options(args=[]))
+    env.create_local_runner()
+    web_ui = env.create_web_ui("127.0.0.1", 0, delayed_start=True)
+    try:
+        install_stops_tab(web_ui, lambda: "", lambda: [_record("a", "close", 10.0, 5)])
+        assert {"title": "Stops", "key": STOPS_KEY} in web_ui.template_args["extendedTabs"]
+        body = web_ui.app.test_client().get("/stats/requests").get_json()
+        tab = next(s for s in body["extended_stats"] if s["key"] == STOPS_KEY)
+        assert tab["data"][0]["request"] == "a" and tab["data"][0]["truth"] == "client only"
+        assert "stats" in body  # Locust's own figures untouched
+    finally:
+        env.runner.quit()  # the web UI never started its server (delayed_start): nothing to stop

@@ -1,0 +1,155 @@
+"""Scenario comparison and the self-contained HTML report, checked as text and as a person sees it (Chromium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from stopstorm.cli import main
+from stopstorm.metrics.report.compare import format_table, load_scenarios, scenario_figures
+from stopstorm.metrics.report.html_page import render_html, write_html_report
+
+
+def _dist(p50: float, p95: float, p99: float) -> dict:
+    return {"count": 10, "p50": p50, "p90": p95, "p95": p95, "p99": p99, "max": p99, "mean": p50}
+
+
+def _report(qw50: float, goodput: float, zombie: float, scenario: str) -> dict:
+    """A report-shaped document with made-up figures (test data, not a measurement)."""
+    f = {"queue_wait": {"value": _dist(qw50, qw50 * 2, qw50 * 3), "unit": "s", "source": "simulator ledger"},
+         "goodput_rate": {"value": goodput, "unit": "tokens/s", "source": "client records"},
+         "goodput_tokens": {"value": goodput * 10, "unit": "tokens", "source": "client records"},
+         "wasted_tokens": {"value": 100 if zombie else 0, "unit": "tokens", "source": "simulator ledger"},
+         "zombie_slot_seconds": {"value": zombie, "unit": "slot-s", "source": "simulator ledger"}}
+    cells = [{"stack": s, "close_mode": m, "figures": {"abort_latency": {
+        "value": _dist(lat, lat * 1.1, lat * 1.2), "unit": "s", "source": "simulator ledger"}}}
+        for s, m, lat in (("requests", "close", 0.015), ("openai", "hold", 1.0), ("httpx", "drop", 0.016))]
+    timeline = [[t / 10, min(2, t % 5), max(0, t % 7 - 2)] for t in range(100)]
+    replay_pol = {p: {"queue_wait": _dist(qw50 * k, qw50 * 2 * k, qw50 * 3 * k), "ttft": _dist(.1, .2, .3),
+                      "generated_tokens": 1000 * k, "wasted_tokens": 0, "slot_seconds": 9.0 * k,
+                      "goodput_tok_s": goodput, "throughput_tok_s": goodput * k}
+                  for p, k in (("recorded", 1), ("perfect", 0.8), ("full", 1.5))}
+    return {"meta": {"scenario": scenario, "host": "http://127.0.0.1:1", "duration_s": 10.0},
+            "sources": ["simulator ledger"], "cells": cells, "overall": {"figures": f},
+            "capacity": {"max_num_seqs": 2, "timeline": {"columns": ["t_s", "running", "waiting"], "rows": timeline},
+                         "queue_wait_samples_s": [qw50 * (0.5 + i / 9) for i in range(10)],  # p50 = qw50
+                         "ttft": {"value": _dist(.1, .2, .3)}, "throughput": {"value": goodput * 1.2},
+                         "replay": {"policies": replay_pol, "step_timing": {"base_s": .015, "source": "test data"},
+                                    "queue_wait_saved_s": {"p50": 0.1, "p95": 0.2, "mean": 0.1}}}}
+
+
+# A made-up `gpu` section in the shape the GPU sampler writes (test data, not a measurement).
+GPU_STAND_IN = {"timeline": {"columns": ["t_s", "gpu", "util_pct", "power_w", "energy_j", "mem_used_bytes",
+                                         "sm_clock_mhz"],
+                             "rows": [[t / 2, 0, 50 + 40 * ((t // 4) % 2), 150 + 100 * ((t // 4) % 2), 200.0 * t,
+                                       1e9, 1500] for t in range(20)]},
+                "stop_marks_s": [1.0, 3.5, 6.0]}
+
+
+def test_compare_table_shows_figures_and_queue_wait_saved(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a, b = tmp_path / "zombies.json", tmp_path / "prompt.json"
+    a.write_text(json.dumps(_report(1.0, 100.0, 5.0, "zombies")))
+    b.write_text(json.dumps(_report(0.4, 120.0, 0.0, "prompt aborts")))
+    docs = load_scenarios([str(a), str(b)])
+    table = format_table(docs)
+    assert "| queue wait p50 (s) | 1.000 | 0.400 saved +0.600 (-60 %) |" in table
+    assert "| zombie slot-seconds | 5.00 | 0.00 -5.00 (-100 %) |" in table
+    assert "energy per delivered token (J) | – | – |" in table  # no gpu section: unknown, not 0
+    assert main(["compare", str(a), str(b), "--replay", "--html", str(tmp_path / "cmp.html")]) == 0
+    out = capsys.readouterr().out
+    assert "zombies (replay: perfect)" in out and "prompt aborts (replay: full)" in out
+    assert (tmp_path / "cmp.html").read_text().count("<svg") >= 3
+
+
+def test_compare_names_a_bad_report(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match=r"bad\.json is not a stopstorm report"):
+        load_scenarios([str(bad)])
+
+
+def test_energy_per_delivered_token_from_the_gpu_timeline() -> None:
+    doc = {**_report(1.0, 100.0, 0.0, "x"), "gpu": GPU_STAND_IN}
+    # Δ energy_j 3800 J over 1000 delivered tokens
+    assert scenario_figures(doc)["energy_per_delivered_token"] == pytest.approx(3.8)
+
+
+def test_energy_per_delivered_token_prefers_the_gpu_sections_energy_figure() -> None:
+    energy = {"value": 5000.0, "unit": "J", "source": "NVML", "note": "Δ total-energy counter"}
+    doc = {**_report(1.0, 100.0, 0.0, "x"), "gpu": {**GPU_STAND_IN, "energy": energy}}
+    # the section's run-window energy, 5000 J, over 1000 delivered tokens (not the timeline's 3800 J)
+    assert scenario_figures(doc)["energy_per_delivered_token"] == pytest.approx(5.0)
+
+
+def test_html_is_self_contained(tmp_path: Path) -> None:
+    doc = {**_report(1.0, 100.0, 5.0, "zombies"), "gpu": GPU_STAND_IN}
+    page = render_html([doc])
+    assert page.count("<svg") == 4  # timeline, queue-wait CDF, abort latency, GPU
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from anywhere
+    assert "What early aborts bought" in page and "GPU utilisation and power" in page
+    path = write_html_report(tmp_path / "run.json", doc)
+    assert path == tmp_path / "run.html" and path.read_text() .startswith("<!DOCTYPE html>")
+    no_gpu = render_html([_report(1.0, 100.0, 5.0, "zombies")])
+    assert "GPU utilisation" not in no_gpu and no_gpu.count("<svg") == 3
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# Matplotlib's default colours (tab:…) as the screenshot shows them: each must appear, or a plot is missing.
+_COLOURS = {"running (tab:blue)": (0x1F, 0x77, 0xB4), "waiting (tab:orange)": (0xFF, 0x7F, 0x0E),
+            "p99 / Stop marks (tab:red)": (0xD6, 0x27, 0x28), "GPU util (tab:green)": (0x2C, 0xA0, 0x2C),
+            "GPU power (tab:purple)": (0x94, 0x67, 0xBD)}
+
+
+def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from PIL import Image
+
+    doc = {**_report(1.0, 100.0, 5.0, "zombies"), "gpu": GPU_STAND_IN}
+    page = write_html_report(tmp_path / "run.json", doc)
+    shot = tmp_path / "run.png"
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1200,3200",
+             page.as_uri()], capture_output=True, text=True, timeout=90, check=False)
+    assert shot.exists(), proc.stderr[-2000:]
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1200, 3200)
+    counts: dict[tuple[int, int, int], int] = {}
+    for n, px in img.getcolors(maxcolors=1 << 24) or []:
+        counts[px] = n
+    non_white = sum(n for px, n in counts.items() if px != (255, 255, 255))
+    assert non_white > 0.02 * img.size[0] * img.size[1]  # not a blank page
+
+    def seen(rgb: tuple[int, int, int]) -> int:
+        return sum(n for px, n in counts.items() if all(abs(a - b) <= 12 for a, b in zip(px, rgb, strict=True)))
+
+    missing = [name for name, rgb in _COLOURS.items() if seen(rgb) < 50]
+    assert not missing, f"plots missing from the rendered page: {missing}"
+    # Keep the screenshot for a person to look at when asked (STOPSTORM_KEEP_SCREENSHOT=DIR).
+    keep = os.environ.get("STOPSTORM_KEEP_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, Path(keep) / "html-report.png")
+
+
+def test_the_page_never_overwrites_locust_s_own_html(tmp_path: Path) -> None:
+    from stopstorm.metrics.report.html_page import html_path_for
+
+    assert html_path_for(tmp_path / "r.json") == tmp_path / "r.html"
+    assert html_path_for(tmp_path / "r.json", taken=tmp_path / "r.html") == tmp_path / "r.stopstorm.html"
+    assert html_path_for(tmp_path / "r.json", taken=tmp_path / "locust.html") == tmp_path / "r.html"
