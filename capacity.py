@@ -88,15 +88,14 @@ class SloStepShape(LoadTestShape):
         else:
             client = LedgerClient(self.runner.environment.host or "")  # type: ignore[union-attr]
             try:
-                doc = client.ledger()
+                ledger = client.ledger()
             finally:
                 client.close()
-            if doc is None:
+            if ledger is None:
                 raise SystemExit("--slo queue_wait_… needs the simulator's ledger; against real vLLM use ttft_pNN")
-            now = doc.get("now", end)
             # A request still waiting has waited at least until now: counted so, or a growing queue would hide.
-            values = [e["queue_wait"] if e.get("queue_wait") is not None else now - e["arrival"]
-                      for e in doc.get("requests", []) if start <= e["arrival"] < end]
+            values = [e.queue_wait if e.queue_wait is not None else ledger.now - e.arrival
+                      for e in ledger.entries if start <= e.arrival < end]
         value = _quantile(values, slo.quantile)
         return StepResult(users, len(values), value, value is not None and value < slo.limit_s)
 

@@ -32,9 +32,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stopstorm.metrics.analysis.accounting import served_entries
 from stopstorm.metrics.analysis.replay import ReplayResult, calibrate, replay, trace_from_ledger
 from stopstorm.metrics.figures import distribution
+from stopstorm.metrics.truth.ledger import LedgerSnapshot
 from stopstorm.simulator.launcher import EmbeddedSimulator
 
 _USAGE = re.compile(rb'"completion_tokens":(\d+)')
@@ -93,7 +93,7 @@ async def _drive(url: str, plan: list[Planned], stops: bool, limit_s: float) -> 
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=limit_s)
 
 
-def run_once(plan: list[Planned], stops: bool, max_num_seqs: int, step_ms: float, grace: float) -> dict[str, Any]:
+def run_once(plan: list[Planned], stops: bool, max_num_seqs: int, step_ms: float, grace: float) -> LedgerSnapshot:
     """One real run against a fresh simulator; its ledger once every request has left the engine."""
     with EmbeddedSimulator(["--max-num-seqs", str(max_num_seqs), "--step-base-ms", str(step_ms)]) as sim:
         url = sim.url or ""
@@ -107,20 +107,20 @@ def run_once(plan: list[Planned], stops: bool, max_num_seqs: int, step_ms: float
             with urllib.request.urlopen(f"{url}/stopstorm/ledger", timeout=5) as resp:
                 doc: dict[str, Any] = json.loads(resp.read())
             if all(e.get("freed") is not None for e in doc["requests"]) or time.monotonic() > deadline:
-                return doc
+                return LedgerSnapshot.from_json(doc)
 
 
-def measured(doc: dict[str, Any]) -> dict[str, float]:
+def measured(ledger: LedgerSnapshot) -> dict[str, float]:
     """The same figures as a replay gives, from a real run's ledger (server truth)."""
-    es = served_entries(doc)
-    t0 = min(e["arrival"] for e in es)
-    qw = distribution(e["queue_wait"] for e in es if e["queue_wait"] is not None)
-    ttft = distribution(e["first_token"] - e["arrival"] for e in es if e["first_token"] is not None)
+    es = ledger.served
+    t0 = min(e.arrival for e in es)
+    qw = distribution(e.queue_wait for e in es if e.queue_wait is not None)
+    ttft = distribution(e.first_token - e.arrival for e in es if e.first_token is not None)
     assert qw is not None and ttft is not None
     return {"queue wait p50 s": qw.p50, "queue wait p95 s": qw.p95, "queue wait mean s": qw.mean,
-            "TTFT p50 s": ttft.p50, "generated tokens": sum(e["generated_tokens"] for e in es),
-            "slot-seconds": sum(e["freed"] - e["scheduled"] for e in es if e["scheduled"] and e["freed"]),
-            "makespan s": max(e["freed"] for e in es if e["freed"]) - t0}
+            "TTFT p50 s": ttft.p50, "generated tokens": sum(e.generated_tokens for e in es),
+            "slot-seconds": sum(e.freed - e.scheduled for e in es if e.scheduled and e.freed),
+            "makespan s": max(e.freed for e in es if e.freed) - t0}
 
 
 def predicted(r: ReplayResult) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = ["LEDGER_SCHEMA_VERSION", "Ledger", "LedgerEntry"]
@@ -58,6 +58,12 @@ class LedgerEntry:
         out["queue_wait"] = self.queue_wait
         return out
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LedgerEntry:
+        """An entry as `to_json` wrote it (over HTTP, in a saved report); keys it does not know are skipped,
+        so a reader keeps working against a newer simulator that adds some."""
+        return cls(**{name: data[name] for name in _ENTRY_FIELDS if name in data})
+
 
 @dataclass(slots=True)
 class Ledger:
@@ -94,3 +100,6 @@ class Ledger:
             "now": time.monotonic(),
             "requests": [e.to_json() for e in self.entries.values()],
         }
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(LedgerEntry))

@@ -27,7 +27,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stopstorm.metrics.analysis.accounting import ledger_by_id
 from stopstorm.simulator.config import SimulatorConfig, build_parser, config_from_args
 from stopstorm.simulator.launcher import EmbeddedSimulator
 
@@ -41,7 +40,12 @@ DISCONNECT_TOL_S = 0.005
 # Every simulator in the tests runs 5 ms steps, so a token every ~5 ms.
 FAST = ("--step-base-ms", "5")
 
-Entry = dict[str, Any]
+Entry = dict[str, Any]  # a ledger entry as the simulator's HTTP API sends it (the wire, which tests check)
+
+
+def ledger_by_id(doc: dict[str, Any]) -> dict[str, Entry]:
+    """`GET /stopstorm/ledger`'s document as entries by request id."""
+    return {e["request_id"]: e for e in doc.get("requests", [])}
 
 
 # --- waiting without sleeping blind -------------------------------------------------------------------------

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import ROOT, pid_gone, wait_until
+from conftest import ROOT, ledger_by_id, pid_gone, wait_until
 
-from stopstorm.metrics.analysis.accounting import ledger_by_id
 from stopstorm.simulator.launcher import READY_PREFIX
 
 

@@ -86,7 +86,7 @@ class StopProbeUser(User):
                             vllm.before_stream()
                         record = runner.run(mode, plan)
                         sid = server_id(record)
-                        entry: dict[str, Any] | None
+                        entry: dict[str, Any] | None  # the server's truth about the stream, as the JSON keeps it
                         if vllm is not None:
                             entry = vllm.settle(sid, settle)
                             if not entry["log_added"] and not PROBE.streams:
@@ -94,7 +94,8 @@ class StopProbeUser(User):
                                              "--enable-log-requests? Aborts cannot be confirmed without it.",
                                              vllm.log.path, sid)
                         else:
-                            entry = ledger.wait_freed(sid, settle)
+                            found = ledger.wait_freed(sid, settle)
+                            entry = found.to_json() if found is not None else None
                         PROBE.add(record, entry)
                         if opts.probe_gap > 0:
                             gevent.sleep(opts.probe_gap)

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Protocol
 
 from stopstorm.metrics.figures import (
     CLIENT_ESTIMATE,
@@ -41,25 +41,29 @@ from stopstorm.metrics.figures import (
     unknown,
 )
 from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.ledger import LedgerSnapshot
 from stopstorm.metrics.truth.vllm_log import LogEvent, base_request_id
 from stopstorm.metrics.truth.vllm_metrics import MetricsDelta
+from stopstorm.simulator.ledger import LedgerEntry
 
 __all__ = [
+    "RUN_QUEUE_WAIT_NOTE",
     "ZOMBIE_GRACE_S",
     "Accounting",
     "Cell",
     "Figures",
     "LogLookup",
     "RunFigures",
+    "StopRow",
     "account",
-    "ledger_by_id",
     "ledger_occupancy",
-    "served_entries",
     "server_id",
+    "stop_rows",
     "wasted_tokens",
 ]
 
 ZOMBIE_GRACE_S = 0.1
+RUN_QUEUE_WAIT_NOTE = "arrival → scheduled, every request the server served"
 
 
 class LogLookup(Protocol):
@@ -138,17 +142,7 @@ def server_id(record: StreamRecord) -> str:
     return ("chatcmpl-" if record.endpoint == "chat" else "cmpl-") + record.request_id
 
 
-def ledger_by_id(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The ledger document (`GET /stopstorm/ledger`) as entries by request id."""
-    return {e["request_id"]: e for e in doc.get("requests", [])}
-
-
-def served_entries(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The ledger's requests the server served (status 200); the ones it refused never took a slot."""
-    return [e for e in doc.get("requests", []) if e.get("status_code", 200) == 200]
-
-
-def ledger_occupancy(entries: Iterable[Mapping[str, Any]]) -> list[tuple[float, int, int]]:
+def ledger_occupancy(entries: Iterable[LedgerEntry]) -> list[tuple[float, int, int]]:
     """(t, running, waiting) just after each moment either changes, on the ledger's clock, from every entry's
     arrival, scheduled and freed marks: the one running count the capacity timeline and the replay's
     calibration share. A request not yet freed is still running (or waiting) at the end."""
@@ -162,7 +156,7 @@ def ledger_occupancy(entries: Iterable[Mapping[str, Any]]) -> list[tuple[float, 
         d[1] += waiting
 
     for e in entries:
-        arrival, scheduled, freed = e.get("arrival"), e.get("scheduled"), e.get("freed")
+        arrival, scheduled, freed = e.arrival, e.scheduled, e.freed
         bump(arrival, 0, 1)
         if scheduled is not None:
             bump(scheduled, 1, -1)
@@ -178,15 +172,14 @@ def ledger_occupancy(entries: Iterable[Mapping[str, Any]]) -> list[tuple[float, 
     return out
 
 
-def wasted_tokens(entry: Mapping[str, Any], record: StreamRecord) -> int:
+def wasted_tokens(entry: LedgerEntry, record: StreamRecord) -> int:
     """Tokens the server generated for this stream that its user never read (per-request truth)."""
-    return max(0, int(entry.get("generated_tokens") or 0) - record.tokens_read)
+    return max(0, entry.generated_tokens - record.tokens_read)
 
 
-def _itl(entry: Mapping[str, Any]) -> float | None:
+def _itl(entry: LedgerEntry) -> float | None:
     """Mean inter-token time of one request, from its first and last token; None under two tokens."""
-    n = entry.get("generated_tokens") or 0
-    first, last = entry.get("first_token"), entry.get("last_token")
+    n, first, last = entry.generated_tokens, entry.first_token, entry.last_token
     if n < 2 or first is None or last is None:
         return None
     return float(last - first) / (n - 1)
@@ -195,7 +188,7 @@ def _itl(entry: Mapping[str, Any]) -> float | None:
 @dataclass(slots=True)
 class _Joined:
     record: StreamRecord
-    entry: dict[str, Any] | None
+    entry: LedgerEntry | None
 
 
 def _zombie_time(j: _Joined, grace: float, run_end: float | None) -> float | None:
@@ -206,14 +199,14 @@ def _zombie_time(j: _Joined, grace: float, run_end: float | None) -> float | Non
     time runs from Stop (or its scheduling, if later) to freed (or the run's end).
     """
     r, e = j.record, j.entry
-    if r.stop is None or e is None or e.get("scheduled") is None:
+    if r.stop is None or e is None or e.scheduled is None:
         return None
-    end = e.get("freed")
+    end = e.freed
     if end is None:
         end = run_end
     if end is None or end - r.stop <= grace:
         return None
-    held = end - max(r.stop, e["scheduled"])
+    held = end - max(r.stop, e.scheduled)
     return held if held > 0 else None
 
 
@@ -279,26 +272,17 @@ def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: f
             freed_tokens=unknown("tokens"), freed_slot_seconds=unknown("slot-s"),
         )
 
-    aborted = [j for j in stopped if j.entry is not None and j.entry.get("finish_reason") == "abort"]
-    latencies = [j.entry["freed"] - j.record.stop for j in aborted
-                 if j.entry is not None and j.entry.get("freed") is not None and j.record.stop is not None]
-    wasted = sum(wasted_tokens(j.entry or {}, j.record) for j in joined)
+    aborted = [(j.record, j.entry) for j in stopped if j.entry is not None and j.entry.finish_reason == "abort"]
+    latencies = [e.freed - r.stop for r, e in aborted if e.freed is not None and r.stop is not None]
+    wasted = sum(wasted_tokens(j.entry, j.record) for j in joined if j.entry is not None)
     zombie_times = [t for j in stopped if (t := _zombie_time(j, grace, run_end)) is not None]
-    waits = []
-    for j in joined:
-        e = j.entry or {}
-        w = e.get("queue_wait")
-        if w is None and e.get("scheduled") is not None:
-            w = e["scheduled"] - e["arrival"]
-        if w is not None:
-            waits.append(w)
+    waits = [w for j in joined if j.entry is not None and (w := j.entry.queue_wait) is not None]
     freed_tokens = 0
     freed_slot_s = 0.0
     slot_s_known = 0
     slot_s_wanted = 0
-    for j in aborted:
-        e = j.entry or {}
-        rest = max(0, e.get("target_tokens", 0) - e.get("generated_tokens", 0))
+    for _r, e in aborted:
+        rest = max(0, e.target_tokens - e.generated_tokens)
         freed_tokens += rest
         if rest:
             slot_s_wanted += 1
@@ -334,22 +318,20 @@ def _metrics_aborts(delta: MetricsDelta | None) -> float | None:
 # --- the accounting --------------------------------------------------------------------------------------------
 
 
-def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | None,
+def account(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None,
             metrics_delta: MetricsDelta | None, duration_s: float, *, zombie_grace_s: float = ZOMBIE_GRACE_S,
             run_end: float | None = None, log: LogLookup | None = None) -> Accounting:
     """Account for every stream: per stack × close mode, overall, and run-wide findings.
 
-    `ledger`: the simulator's entries by request id (`ledger_by_id`), None without a simulator.
-    `metrics_delta`: vLLM `/metrics` over the run, None if not scraped. `duration_s`: the run's length, for
-    rates. `run_end`: monotonic time a request still in flight is counted to (the ledger's `now`); by default
-    the latest mark in the ledger. `log`: vLLM's request log (`LogFollower` or `LogIndex`), None if not read.
+    `ledger`: the simulator's ledger, None without a simulator. `metrics_delta`: vLLM `/metrics` over the run,
+    None if not scraped. `duration_s`: the run's length, for rates. `run_end`: monotonic time a request still in
+    flight is counted to; by default the ledger's `now`. `log`: vLLM's request log (`LogFollower` or
+    `LogIndex`), None if not read.
     """
     has_ledger = ledger is not None
-    entries = ledger or {}
-    if run_end is None and entries:
-        marks = [m for e in entries.values() for k in ("arrival", "scheduled", "first_token", "last_token",
-                                                      "disconnect_seen", "freed") if (m := e.get(k)) is not None]
-        run_end = max(marks) if marks else None
+    entries = ledger.by_id if ledger is not None else {}
+    if run_end is None and ledger is not None:
+        run_end = ledger.now
     joined = [_Joined(r, entries.get(server_id(r))) for r in records]
     aborts = _abort_index(log) if log is not None else None
     groups: dict[tuple[str, str], list[_Joined]] = {}
@@ -359,6 +341,12 @@ def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | Non
                                              aborts))
                   for stack, mode in sorted(groups))
     overall = _figures(joined, has_ledger, duration_s, zombie_grace_s, run_end, aborts)
+    if ledger is not None:
+        # The run's queue wait is every request the server served, whether a stream reported it or not (a user
+        # killed at the run's end): the population the capacity section's CDF and the replay see too.
+        qw = distribution(w for e in ledger.served if (w := e.queue_wait) is not None)
+        overall = _replace(overall, queue_wait=Figure(qw, "s", LEDGER_SOURCE, RUN_QUEUE_WAIT_NOTE) if qw is not None
+                           else unknown("s"))
 
     if not has_ledger and metrics_delta is not None and metrics_delta.total.generation_tokens is not None:
         wasted = metrics_delta.total.generation_tokens - sum(r.tokens for r in records)
@@ -366,7 +354,7 @@ def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | Non
             wasted, "tokens", METRICS_SOURCE,
             "aggregate: Δ generation_tokens_total − tokens the clients received"))
 
-    ledger_aborts = sum(1 for e in entries.values() if e.get("finish_reason") == "abort") if has_ledger else None
+    ledger_aborts = sum(1 for e in entries.values() if e.finish_reason == "abort") if has_ledger else None
     counted = _metrics_aborts(metrics_delta)
     # By base id: vLLM 0.9 logs two lines per abort with one id, 0.32 two lines with the raw and the base id.
     log_aborts = len({e.request_id_base for e in log.aborted.values()}) if log is not None else None
@@ -413,3 +401,53 @@ def account(records: list[StreamRecord], ledger: dict[str, dict[str, Any]] | Non
 
 def _replace(figures: Figures, **changes: Figure) -> Figures:
     return Figures(**{**dict(figures.items()), **changes})
+
+
+# --- each Stop, as the web UI's Stops tab lists them ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StopRow:
+    """One stopped stream and what the server did about it (the newest are in the report's `stops`)."""
+
+    stack: str
+    close_mode: str
+    request_id: str
+    tokens_read: int
+    generated: int | None  # None without per-request truth
+    wasted: int | None
+    stop_to_freed_s: float | None
+    state: str  # the server's finish reason, "zombie (still running)", "aborting", or "unknown"
+    truth: str
+
+
+def stop_rows(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None, *, limit: int = 50,
+              zombie_grace_s: float = ZOMBIE_GRACE_S) -> tuple[StopRow, ...]:
+    """The latest `limit` stopped streams, newest first, each with its server truth (the same rules as the
+    accounting's: wasted tokens per stream, Stop → slot freed, a zombie still running `zombie_grace_s` after
+    Stop)."""
+    stopped: list[StreamRecord] = []
+    for r in reversed(records):  # newest last in the run's list
+        if r.stop is not None:
+            stopped.append(r)
+            if len(stopped) >= limit:
+                break
+    entries = ledger.by_id if ledger is not None else None
+    rows = []
+    for r in stopped:
+        assert r.stop is not None
+        e = entries.get(server_id(r)) if entries is not None else None
+        if e is None:
+            rows.append(StopRow(r.stack, r.close_mode, r.request_id, r.tokens_read, None, None, None, "unknown",
+                                CLIENT_SOURCE))
+            continue
+        assert ledger is not None
+        if e.freed is not None:
+            freed: float | None = round(max(0.0, e.freed - r.stop), 6)
+            state = e.finish_reason or "left"
+        else:
+            freed = None
+            state = "zombie (still running)" if ledger.now - r.stop > zombie_grace_s else "aborting"
+        rows.append(StopRow(r.stack, r.close_mode, r.request_id, r.tokens_read, e.generated_tokens,
+                            wasted_tokens(e, r), freed, state, LEDGER_SOURCE))
+    return tuple(rows)

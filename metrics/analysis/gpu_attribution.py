@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from stopstorm.metrics.figures import CLIENT_SOURCE, UNAVAILABLE, Distribution, Figure, distribution
+from stopstorm.metrics.analysis.accounting import Accounting, Cell
+from stopstorm.metrics.figures import CLIENT_SOURCE, UNAVAILABLE, Distribution, Figure, Table, distribution
 from stopstorm.metrics.record import StreamRecord
-from stopstorm.metrics.truth.gpu import GpuSample, UtilSample
+from stopstorm.metrics.truth.gpu import GpuReadings, GpuSample, UtilSample
 
-__all__ = ["IDLE_PCT", "STOP_WINDOW_S", "TIMELINE_COLUMNS", "GpuFigures", "attribute", "stop_marks", "timeline_rows",
-           "waste_share"]
+__all__ = ["GPU_FIGURES", "IDLE_PCT", "STOPS_COLUMNS", "STOP_WINDOW_S", "TIMELINE_COLUMNS", "GpuCell", "GpuFigures",
+           "GpuSection", "attribute", "gpu_section", "stop_marks", "timeline_rows", "waste_share"]
 
 IDLE_PCT = 5.0
 STOP_WINDOW_S = 10.0
@@ -266,3 +268,113 @@ def timeline_rows(samples: Sequence[GpuSample], start: float) -> list[list[float
             energy = round(s.energy_j - base, 3)
         rows.append([round(s.t - start, 4), s.gpu, s.util_pct, s.power_w, energy, s.mem_used_bytes, s.sm_clock_mhz])
     return rows
+
+
+@dataclass(frozen=True, slots=True)
+class GpuCell:
+    """One stack × close mode's GPU time and energy on wasted tokens, and its Stop → idle."""
+
+    stack: str
+    close_mode: str
+    wasted_gpu_seconds: Figure
+    wasted_energy: Figure
+    idle_stops: Figure
+    stop_to_idle: Figure
+
+
+_CELL_FIGURES = ("wasted_gpu_seconds", "wasted_energy", "idle_stops", "stop_to_idle")
+GPU_FIGURES = ("gpu_busy_seconds", "energy", "mean_power", "energy_per_delivered_token", "wasted_gpu_seconds",
+               "wasted_energy", "idle_stops", "stop_to_idle")
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSection:
+    """What the GPU spent over the run and on tokens nobody read, and its timeline."""
+
+    source: str  # "nvml" or "dcgm"
+    devices: tuple[Mapping[str, Any], ...]
+    interval_s: float
+    idle_pct: float
+    errors: int
+    last_error: str | None
+    timeline: Table
+    util_samples: Table
+    stop_marks_s: tuple[float, ...]
+    stops: Table  # every Stop: t_s, stack, close_mode, request_id, stop_to_idle_s
+    files: Mapping[str, str | None]  # timeline_csv, stops_csv, plot_png (None: matplotlib missing)
+    figures: Mapping[str, Figure]  # GPU_FIGURES
+    cells: tuple[GpuCell, ...]
+
+    def figure(self, name: str) -> Figure:
+        return self.figures.get(name) or Figure(None, "", UNAVAILABLE)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "source": self.source, "devices": [dict(d) for d in self.devices], "interval_s": self.interval_s,
+            "idle_pct": self.idle_pct, "errors": self.errors, "last_error": self.last_error,
+            "timeline": self.timeline.to_json(), "util_samples": self.util_samples.to_json(),
+            "stop_marks_s": list(self.stop_marks_s), "stops": self.stops.to_json(), "files": dict(self.files)}
+        for name in GPU_FIGURES:
+            out[name] = self.figure(name).to_json()
+        out["cells"] = [{"stack": c.stack, "close_mode": c.close_mode,
+                         **{n: getattr(c, n).to_json() for n in _CELL_FIGURES}} for c in self.cells]
+        return out
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> GpuSection:
+        return cls(
+            source=str(doc.get("source", "")), devices=tuple(doc.get("devices") or ()),
+            interval_s=float(doc.get("interval_s") or 0), idle_pct=float(doc.get("idle_pct") or 0),
+            errors=int(doc.get("errors") or 0), last_error=doc.get("last_error"),
+            timeline=Table.from_json(doc.get("timeline")), util_samples=Table.from_json(doc.get("util_samples")),
+            stop_marks_s=tuple(doc.get("stop_marks_s") or ()), stops=Table.from_json(doc.get("stops")),
+            files=dict(doc.get("files") or {}), figures={n: Figure.from_json(doc.get(n)) for n in GPU_FIGURES},
+            cells=tuple(GpuCell(str(c.get("stack")), str(c.get("close_mode")),
+                                *(Figure.from_json(c.get(n)) for n in _CELL_FIGURES))
+                        for c in doc.get("cells") or ()),
+        )
+
+
+STOPS_COLUMNS = ("t_s", "stack", "close_mode", "request_id", "stop_to_idle_s")
+
+
+def _gpu_cells(g: GpuFigures, cells: Sequence[Cell], delivered: float | None,
+               wasted: float | None) -> tuple[GpuCell, ...]:
+    """Per stack × close mode: the GPU time and energy its wasted tokens are charged, and its Stop → idle."""
+    idle = {(stack, mode): (n, d) for stack, mode, n, d in g.cells}
+    out = []
+    for c in cells:
+        cw = c.figures.wasted_tokens.value
+        w_busy, w_energy = waste_share(g, cw if isinstance(cw, int | float) else None, delivered, wasted)
+        n, d = idle.get((c.stack, c.close_mode), (None, None))
+        if n is None or d is None:  # no stop of this cell left the GPU idle (or no utilisation at all)
+            known = g.idle_stops.known
+            n = Figure(0 if known else None, "stops", g.idle_stops.source, g.idle_stops.note)
+            d = Figure(None, "s", UNAVAILABLE, "no stop of this cell left the GPU idle" if known else
+                       g.stop_to_idle.note)
+        out.append(GpuCell(c.stack, c.close_mode, w_busy, w_energy, n, d))
+    return tuple(out)
+
+
+def gpu_section(readings: GpuReadings, accounting: Accounting, records: Sequence[StreamRecord], start: float,
+                end: float, files: Mapping[str, str | None], idle_pct: float = IDLE_PCT) -> GpuSection:
+    """The report's `gpu` section: the run's GPU figures, per cell, and the timeline, from one source's readings.
+    `files` names the CSV and plot files written beside the report (the report's GPU writer writes them)."""
+    o = accounting.overall
+    delivered = o.goodput_tokens.value if isinstance(o.goodput_tokens.value, int | float) else None
+    wasted = o.wasted_tokens.value if isinstance(o.wasted_tokens.value, int | float) else None
+    g = attribute(readings.samples, readings.util_samples, start, end, records, delivered, wasted, readings.source,
+                  o.wasted_tokens.source, idle_pct=idle_pct, delivered_source=o.goodput_tokens.source)
+    stops = [[round((r.stop or 0.0) - start, 4), r.stack, r.close_mode, r.request_id,
+              None if (x := g.stop_to_idle_by_request.get(r.request_id)) is None else round(x, 4)]
+             for r in sorted((r for r in records if r.stop is not None), key=lambda r: r.stop or 0.0)]
+    return GpuSection(
+        source=readings.name, devices=tuple(d.to_json() for d in readings.devices), interval_s=readings.interval,
+        idle_pct=idle_pct, errors=readings.errors, last_error=readings.last_error,
+        timeline=Table(TIMELINE_COLUMNS, timeline_rows(readings.samples, start)),
+        util_samples=Table(("t_s", "gpu", "util_pct"),
+                           [[round(u.t - start, 4), u.gpu, u.util_pct] for u in readings.util_samples]),
+        stop_marks_s=tuple(round(m, 4) for m in stop_marks(records, start)),
+        stops=Table(STOPS_COLUMNS, stops), files=dict(files), figures=dict(g.items()),
+        cells=_gpu_cells(g, accounting.cells, delivered, wasted),
+    )

@@ -28,9 +28,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stopstorm.metrics.analysis.accounting import ledger_occupancy, served_entries, server_id
+from stopstorm.metrics.analysis.accounting import ledger_occupancy, server_id
 from stopstorm.metrics.figures import Distribution, distribution
 from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.ledger import LedgerSnapshot
 from stopstorm.simulator.config import SimulatorConfig
 from stopstorm.simulator.engine import Scheduler, StepPlan
 from stopstorm.simulator.engine import Sequence as EngineSequence
@@ -117,11 +118,19 @@ class ReplayResult:
             "ttft": self.ttft.to_json() if self.ttft else None,
         }
 
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ReplayResult:
+        """A result as `to_json` wrote it (in a saved report); the timeline is not kept there."""
+        return cls(str(doc.get("policy", "")), int(doc.get("requests") or 0), float(doc.get("makespan_s") or 0),
+                   int(doc.get("generated_tokens") or 0), int(doc.get("delivered_tokens") or 0),
+                   int(doc.get("wasted_tokens") or 0), float(doc.get("slot_seconds") or 0),
+                   Distribution.from_json(doc.get("queue_wait")), Distribution.from_json(doc.get("ttft")))
+
 
 # --- the trace and the step model, from one run -----------------------------------------------------------------
 
 
-def trace_from_ledger(ledger_doc: Mapping[str, Any], records: Iterable[StreamRecord] = (),
+def trace_from_ledger(ledger: LedgerSnapshot, records: Iterable[StreamRecord] = (),
                       cut_at: float | None = None) -> list[ReplayRequest]:
     """The run's requests in arrival order, from the simulator's ledger (`GET /stopstorm/ledger`).
 
@@ -131,28 +140,29 @@ def trace_from_ledger(ledger_doc: Mapping[str, Any], records: Iterable[StreamRec
     `cut_at` (the run's end, ledger clock) is the run stopping its users, not a user's Stop: not a stop point.
     """
     stops = {server_id(r): r.tokens_at_stop for r in records if r.stop is not None}
-    entries = served_entries(ledger_doc)
+    entries = ledger.served
     if not entries:
         return []
-    t0 = min(e["arrival"] for e in entries)
+    t0 = min(e.arrival for e in entries)
     out = []
-    for e in sorted(entries, key=lambda e: e["arrival"]):
-        rid = e["request_id"]
+    for e in sorted(entries, key=lambda e: e.arrival):
+        rid = e.request_id
+        stop: int | None
         if rid in stops:
             stop = stops[rid]
-        elif (e.get("disconnect_seen") is not None and e.get("generated_at_disconnect") is not None
-              and (cut_at is None or e["disconnect_seen"] < cut_at)):
-            stop = e["generated_at_disconnect"]
+        elif (e.disconnect_seen is not None and e.generated_at_disconnect is not None
+              and (cut_at is None or e.disconnect_seen < cut_at)):
+            stop = e.generated_at_disconnect
         else:
             stop = None
-        cut = cut_at is not None and e.get("freed") is not None and e["freed"] >= cut_at
-        aborted = e["generated_tokens"] if e.get("finish_reason") == "abort" and not cut else None
-        out.append(ReplayRequest(rid, e["arrival"] - t0, int(e["prompt_tokens"]), int(e["target_tokens"]),
+        cut = cut_at is not None and e.freed is not None and e.freed >= cut_at
+        aborted = e.generated_tokens if e.finish_reason == "abort" and not cut else None
+        out.append(ReplayRequest(rid, e.arrival - t0, int(e.prompt_tokens), int(e.target_tokens),
                                  None if stop is None else int(stop), aborted))
     return out
 
 
-def _running_integral(entries: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float], list[int]]:
+def _running_integral(entries: Sequence[LedgerEntry]) -> tuple[list[float], list[float], list[int]]:
     """Event times, ∫ running dt up to each, and running just after each (`ledger_occupancy`'s count)."""
     times: list[float] = []
     area: list[float] = []
@@ -176,7 +186,7 @@ def _mean_running(times: list[float], area: list[float], level: list[int], a: fl
     return (integral(b) - integral(a)) / (b - a)
 
 
-def run_cut_time(ledger_doc: Mapping[str, Any], records: Sequence[StreamRecord],
+def run_cut_time(ledger: LedgerSnapshot, records: Sequence[StreamRecord],
                  run_end: float | None) -> float | None:
     """When the run began stopping its users (ledger clock): they are killed just before the run's end is
     stamped, and a killed user reports no record, so the first disconnect of a request no record reports marks
@@ -184,15 +194,15 @@ def run_cut_time(ledger_doc: Mapping[str, Any], records: Sequence[StreamRecord],
     if not records:
         return run_end
     reported = {server_id(r) for r in records}
-    unreported = [e["disconnect_seen"] for e in ledger_doc.get("requests", [])
-                  if e.get("disconnect_seen") is not None and e["request_id"] not in reported]
+    unreported = [e.disconnect_seen for e in ledger.entries
+                  if e.disconnect_seen is not None and e.request_id not in reported]
     first = min(unreported, default=None)
     if first is None:
         return run_end
     return first if run_end is None else min(first, run_end)
 
 
-def calibrate(ledger_doc: Mapping[str, Any]) -> StepTiming:
+def calibrate(ledger: LedgerSnapshot) -> StepTiming:
     """The step time the run's server really had, from its ledger: base + per running sequence + per prefill token.
 
     Each request's own inter-token time, (last_token − first_token) / (tokens − 1), is one sample of the step
@@ -202,17 +212,18 @@ def calibrate(ledger_doc: Mapping[str, Any]) -> StepTiming:
     costs more; (first_token − scheduled) − step, over prompt tokens, median. Raises ValueError when the
     ledger has no request with three tokens.
     """
-    entries = ledger_doc.get("requests", [])
-    decoding = [e for e in entries if e.get("first_token") is not None and e.get("last_token") is not None
-                and (e.get("generated_tokens") or 0) >= 3 and e["last_token"] > e["first_token"]]
+    entries = ledger.entries
+    decoding = [(e, e.first_token, e.last_token) for e in entries
+                if e.first_token is not None and e.last_token is not None and e.generated_tokens >= 3
+                and e.last_token > e.first_token]
     if not decoding:
         raise ValueError("cannot calibrate the replay: no request in the ledger generated three tokens")
     times, area, level = _running_integral(entries)
     xs, ys, ws = [], [], []
-    for e in decoding:
-        gaps = e["generated_tokens"] - 1
-        xs.append(_mean_running(times, area, level, e["first_token"], e["last_token"]))
-        ys.append((e["last_token"] - e["first_token"]) / gaps)
+    for e, first, last in decoding:
+        gaps = e.generated_tokens - 1
+        xs.append(_mean_running(times, area, level, first, last))
+        ys.append((last - first) / gaps)
         ws.append(float(gaps))
     sw = math.fsum(ws)
     mx = math.fsum(w * x for w, x in zip(ws, xs, strict=True)) / sw
@@ -224,8 +235,8 @@ def calibrate(ledger_doc: Mapping[str, Any]) -> StepTiming:
     if base <= 0:  # a fit that would make an idle step free is noise: fall back to the mean
         base, per_seq = my, 0.0
     step = base + per_seq * mx
-    prefill = [((e["first_token"] - e["scheduled"]) - step) / e["prompt_tokens"] for e in entries
-               if e.get("first_token") is not None and e.get("scheduled") is not None and e.get("prompt_tokens")]
+    prefill = [((e.first_token - e.scheduled) - step) / e.prompt_tokens for e in entries
+               if e.first_token is not None and e.scheduled is not None and e.prompt_tokens]
     per_token = max(0.0, statistics.median(prefill)) if prefill else 0.0
     return StepTiming(base, per_seq, per_token,
                       source=f"measured: inter-token gaps of {len(decoding)} requests against their mean running "
@@ -382,7 +393,7 @@ def trace_from_rows(rows: Sequence[Sequence[Any]]) -> list[ReplayRequest]:
     return [ReplayRequest(str(k), float(t), int(p), int(n), s, a) for k, (t, p, n, s, a) in enumerate(rows)]
 
 
-def replay_counterfactuals(ledger_doc: Mapping[str, Any], max_num_seqs: int, records: Iterable[StreamRecord] = (),
+def replay_counterfactuals(ledger: LedgerSnapshot, max_num_seqs: int, records: Iterable[StreamRecord] = (),
                            timing: StepTiming | None = None, policies: Sequence[str] = POLICIES,
                            run_end: float | None = None) -> Counterfactuals:
     """One run's ledger (and records) replayed under each policy, with the step time calibrated from it.
@@ -390,12 +401,13 @@ def replay_counterfactuals(ledger_doc: Mapping[str, Any], max_num_seqs: int, rec
     `run_end` (ledger clock) is when the run stopped its users; the replay ends there too (see `replay`).
     """
     records = list(records)
-    cut_at = run_cut_time(ledger_doc, records, run_end)
-    trace = trace_from_ledger(ledger_doc, records, cut_at=cut_at)
+    cut_at = run_cut_time(ledger, records, run_end)
+    trace = trace_from_ledger(ledger, records, cut_at=cut_at)
     if not trace:
         raise ValueError("cannot replay: the ledger holds no served request")
-    timing = timing or calibrate(ledger_doc)
-    t0 = min(e["arrival"] for e in served_entries(ledger_doc))
+    timing = timing or calibrate(ledger)
+    t0 = min(e.arrival for e in ledger.served)
     horizon = None if cut_at is None else cut_at - t0
     return Counterfactuals(timing, trace, horizon,
-                           {p: replay(trace, timing, max_num_seqs, p, horizon=horizon) for p in policies})
+                           {p: replay(trace, timing, max_num_seqs, p, horizon=horizon, keep_timeline=False)
+                            for p in policies})

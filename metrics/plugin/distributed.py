@@ -33,6 +33,7 @@ from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 
 from stopstorm.metrics.plugin import options
 from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.report.model import DistributedInfo, WorkerInfo
 
 __all__ = ["BATCH_CHUNKS", "BATCH_RECORDS", "SEND_INTERVAL_S", "RecordCollector", "RecordShipper", "install",
            "workers_meta"]
@@ -201,20 +202,16 @@ class RecordCollector:
         _log.warning("stopstorm: no final batch from worker(s) %s after %.0f s; the report goes on without",
                      ", ".join(w for w in live if not self.workers[w].final), timeout_s)
 
-    def meta(self, runner: MasterRunner | None) -> dict[str, Any]:
+    def meta(self, runner: MasterRunner | None) -> DistributedInfo:
         """Per worker what arrived, for the report: a worker without `final` died or never answered."""
-        out: dict[str, Any] = {}
+        out: dict[str, WorkerInfo] = {}
         for worker_id, t in sorted(self.workers.items()):
             # "gone": it quit, or was removed after going missing
             state = runner.clients[worker_id].state if runner is not None and worker_id in runner.clients else "gone"
-            out[worker_id] = {"records": t.records, "batches": t.batches, "claimed_sent": t.claimed_sent,
-                              "final": t.final, "state": state, "clock_shift_s": t.shift_s,
-                              "drained": t.drained}
-        return {"records": sum(t.records for t in self.workers.values()),
-                "bad_records": self.bad_records,
-                "incomplete": sorted(w for w, t in self.workers.items()
-                                     if not t.final or t.records < t.claimed_sent),
-                "workers": out}
+            out[worker_id] = WorkerInfo(t.records, t.batches, t.claimed_sent, t.final, state, t.shift_s, t.drained)
+        return DistributedInfo(sum(t.records for t in self.workers.values()), self.bad_records,
+                               tuple(sorted(w for w, t in self.workers.items()
+                                            if not t.final or t.records < t.claimed_sent)), out)
 
 
 def _add_arguments(parser: LocustArgumentParser) -> None:
@@ -290,7 +287,7 @@ def _install_master(environment: Environment, runner: MasterRunner, sink: Callab
     environment.events.test_stopping.add_listener(on_test_stopping)
 
 
-def workers_meta(environment: Environment | None) -> dict[str, Any] | None:
+def workers_meta(environment: Environment | None) -> DistributedInfo | None:
     """What each worker sent, for the report's meta; None outside master/worker mode."""
     collector = _ROLE.collector
     if collector is None:

@@ -8,8 +8,9 @@
 - test_start opens the source (NVML here, or the DCGM exporter at `--dcgm-url`) and starts its greenlet;
   test_stop stops it with a last reading. With no GPU, one line says GPU figures are off and why, and the run
   goes on.
-- `extend_report` (called by metrics/plugin/hooks.py as it writes the run report) adds the `gpu` section,
-  writes the timeline as CSV and a plot beside the report, and returns the console lines (metrics/report/gpu_files.py).
+- `readings()` (called by metrics/plugin/hooks.py as it builds the run's report) hands over what was read;
+  the report's `gpu` section is built from it (metrics/analysis/gpu_attribution.py) and its files written
+  from that (metrics/report/gpu_files.py).
   The Stop marks come from the stream records' Stop times.
 
 A worker that samples writes its own timeline CSV and plot at quit, with its own users' Stops marked (the run's
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from locust import events
@@ -28,21 +30,16 @@ from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
-from stopstorm.metrics.analysis.accounting import Accounting
-from stopstorm.metrics.analysis.gpu_attribution import IDLE_PCT, stop_marks, timeline_rows
+from stopstorm.metrics.analysis.gpu_attribution import IDLE_PCT, TIMELINE_COLUMNS, stop_marks, timeline_rows
+from stopstorm.metrics.figures import Table
 from stopstorm.metrics.plugin import options
 from stopstorm.metrics.record import StreamRecord
-from stopstorm.metrics.report.gpu_files import (
-    add_gpu_section,
-    side_paths,
-    source_name,
-    write_timeline_csv,
-    write_timeline_plot,
-)
+from stopstorm.metrics.report.gpu_files import gpu_file_names, write_table_csv, write_timeline_plot
+from stopstorm.metrics.report.model import GPU_ON_WORKER
 from stopstorm.metrics.truth.dcgm import DcgmSampler
-from stopstorm.metrics.truth.gpu import GpuSource, GpuUnavailable, NvmlSampler
+from stopstorm.metrics.truth.gpu import GpuReadings, GpuSource, GpuUnavailable, NvmlSampler, readings_of
 
-__all__ = ["extend_report", "gpu_sampler", "parse_indices"]
+__all__ = ["gpu_sampler", "parse_indices", "readings"]
 
 _log = logging.getLogger("stopstorm")
 
@@ -150,7 +147,7 @@ def _choose_where_to_sample(environment: Environment, **_kwargs: Any) -> None:
             _log.info("stopstorm: GPU sampled on the master (give --gpu-host-worker to the worker on the GPU host "
                       "and to the master to sample there instead)")
     if not _gpu.sample:
-        _gpu.off = "sampled by the worker on the GPU host (--gpu-host-worker)"
+        _gpu.off = GPU_ON_WORKER
     _gpu.opts = opts
 
 
@@ -191,21 +188,14 @@ def _stop_sampling(**_kwargs: Any) -> None:
             _log.warning("stopstorm: stopping the GPU sampler failed: %s", exc)
 
 
-def extend_report(doc: dict[str, Any], accounting: Accounting, records: list[StreamRecord], start: float,
-                  end: float, report_path: str) -> list[str]:
-    """Add the `gpu` section (or `meta.gpu.off`) to the report document, write the timeline CSV and plot beside
-    the report, and return the console lines (metrics/report/gpu_files.py). Never raises."""
-    sampler = _gpu.sampler
-    if sampler is None:
-        reason = _gpu.off
-        if reason:  # a failure was said once, at test start; kept in the report
-            doc.setdefault("meta", {})["gpu"] = {"off": reason}
-        if _gpu.sample is False and _gpu.opts is not None:  # left to the worker on the GPU host
-            return [f"GPU: {reason}; its timeline is written on that host"]
-        return []
-    _stop_sampling()
+def readings() -> tuple[GpuReadings | None, float, str | None]:
+    """This process's GPU readings for the report (its sampler stopped first), the idle threshold, and why there
+    are none (said once at test start; kept in the report)."""
     idle = _gpu.settings[2] if _gpu.settings is not None else IDLE_PCT
-    return add_gpu_section(doc, sampler, accounting, records, start, end, report_path, idle)
+    if _gpu.sampler is None:
+        return None, idle, _gpu.off
+    _stop_sampling()
+    return readings_of(_gpu.sampler), idle, None
 
 
 @events.request.add_listener
@@ -228,13 +218,14 @@ def _worker_writes_its_timeline(**_kwargs: Any) -> None:
     _stop_sampling()
     start = _gpu.started or 0.0
     path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
-    csv_path, png_path = side_paths(path, "gpu-timeline-worker")
+    files = gpu_file_names(path, "gpu-timeline-worker")
     try:
-        rows = timeline_rows(sampler.samples, start)
-        write_timeline_csv(csv_path, rows)
-        marks = stop_marks(_gpu.worker_stops, start)
-        write_timeline_plot(png_path, rows, marks, f"stopstorm GPU timeline, worker ({source_name(sampler)}; "
-                            "red: this worker's Stops)")
-        _log.info("stopstorm: this worker's GPU timeline: %s", csv_path)
+        timeline = Table(TIMELINE_COLUMNS, timeline_rows(sampler.samples, start))
+        write_table_csv(Path(str(files["timeline_csv"])), timeline)
+        if files["plot_png"]:
+            write_timeline_plot(Path(files["plot_png"]), timeline.rows, stop_marks(_gpu.worker_stops, start),
+                                f"stopstorm GPU timeline, worker ({readings_of(sampler).source}; red: this worker's "
+                                "Stops)")
+        _log.info("stopstorm: this worker's GPU timeline: %s", files["timeline_csv"])
     except Exception as exc:
         _log.warning("stopstorm: writing this worker's GPU timeline failed: %s", exc)

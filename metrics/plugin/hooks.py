@@ -26,18 +26,19 @@ from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from stopstorm.metrics.analysis.accounting import account, ledger_by_id
-from stopstorm.metrics.analysis.capacity import capacity_section
 from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.plugin.signals import install_stop_signals, stop_reason
 from stopstorm.metrics.plugin.state import RUN
-from stopstorm.metrics.plugin.web_stops import install_stops_tab
+from stopstorm.metrics.plugin.web_stops import LiveReport, install_stops_tab
 from stopstorm.metrics.record import StreamRecord
-from stopstorm.metrics.report.console import format_summary
-from stopstorm.metrics.report.document import to_json, write_report
+from stopstorm.metrics.report.build import RunInputs, build_report
+from stopstorm.metrics.report.console import format_report
+from stopstorm.metrics.report.gpu_files import gpu_file_names, write_gpu_files
 from stopstorm.metrics.report.html_page import write_html_report
-from stopstorm.metrics.truth.ledger import LedgerClient, server_max_num_seqs
+from stopstorm.metrics.report.json_file import write_report
+from stopstorm.metrics.report.model import LogInfo, OpenModelInfo, RecordsInfo, Report, RunMeta, ScrapeInfo
+from stopstorm.metrics.truth.ledger import LedgerClient, LedgerSnapshot, server_max_num_seqs
 from stopstorm.metrics.truth.vllm_log import LogFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper
 
@@ -107,7 +108,7 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
             RUN.sink = RecordSink(path)
     distributed.install(environment, lambda record: _collect_record(context={"record": record}))
     if getattr(environment, "web_ui", None) is not None:
-        install_stops_tab(environment.web_ui, lambda: environment.host or "", lambda: RUN.records)
+        install_stops_tab(environment.web_ui, _tab_report)
 
 
 @events.request.add_listener
@@ -173,23 +174,45 @@ def _stop_log() -> LogFollower | None:
     return follower
 
 
-def _fetch_ledger(host: str, settle_s: float = 1.0) -> dict[str, Any] | None:
-    """The whole ledger, once every request has left the engine (users killed at the end are closing theirs),
-    or as it is after `settle_s`; None when the server has no ledger (real vLLM)."""
+def _fetch_ledger(host: str, settle_s: float = 1.0) -> LedgerSnapshot | None:
+    """The simulator's ledger once every request has left the engine (users killed at the end are closing
+    theirs), or as it is after `settle_s`; None when the server has no ledger (real vLLM)."""
     client = LedgerClient(host)
     try:
         if not client.available():
             return None
-        deadline = time.monotonic() + settle_s
-        while True:
-            doc = client.ledger()
-            if doc is None:
-                raise RuntimeError(f"cannot read the simulator ledger at {host}/stopstorm/ledger")
-            if all(e.get("freed") is not None for e in doc.get("requests", [])) or time.monotonic() > deadline:
-                return doc
-            time.sleep(0.02)
+        snapshot = client.wait_settled(settle_s)
+        if snapshot is None:
+            raise RuntimeError(f"cannot read the simulator ledger at {host}/stopstorm/ledger")
+        return snapshot
     finally:
         client.close()
+
+
+def _meta(env: Environment, duration: float, ledger: LedgerSnapshot | None, scraper: MetricsScraper | None,
+          delta: Any, follower: LogFollower | None, gpu_off: str | None) -> RunMeta:
+    """The run's facts for its report, from what this process's listeners kept."""
+    opts = env.parsed_options
+    clock = RUN.arrivals
+    if clock is not None and clock.late:  # open model: too few users made the arrivals late
+        _log.warning("stopstorm: %d of %d open-model arrivals went out late (no free user): raise -u",
+                     clock.late, clock.arrivals)
+    reason = stop_reason()
+    return RunMeta(
+        host=env.host or "", locust_version=locust.__version__, started_at=RUN.started_wall, duration_s=duration,
+        ledger_schema_version=ledger.schema_version if ledger is not None else None,
+        options={k: getattr(opts, k) for k in _META_OPTIONS if hasattr(opts, k)},
+        partial=reason is not None, partial_reason=reason,
+        metrics=(ScrapeInfo(scraper.url, scraper.interval, scraper.scrapes, scraper.errors, scraper.last_error,
+                            delta.duration if delta is not None else None) if scraper is not None else None),
+        server_log=(LogInfo(follower.path, follower.lines, follower.events, follower.errors, follower.last_error)
+                    if follower is not None else None),
+        open_model=(OpenModelInfo(clock.rate, clock.arrivals, clock.late, clock.late_s) if clock is not None
+                    else None),
+        records=RecordsInfo(str(RUN.sink.path), RUN.sink.written) if RUN.sink is not None else None,
+        distributed=distributed.workers_meta(env),
+        gpu_off=gpu_off,
+    )
 
 
 @events.quit.add_listener
@@ -204,7 +227,7 @@ def _write_run_report(**_kwargs: Any) -> None:
         opts = env.parsed_options
         path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
         host = env.host or ""
-        ledger_doc = _fetch_ledger(host) if host else None  # also lets the users' last aborts reach the log
+        ledger = _fetch_ledger(host) if host else None  # also lets the users' last aborts reach the log
         follower = _stop_log()
         _stop_scraper()
         scraper, RUN.scraper = RUN.scraper, None
@@ -213,51 +236,19 @@ def _write_run_report(**_kwargs: Any) -> None:
             delta = scraper.delta()
             scraper.close()
         end = RUN.stopped if RUN.stopped is not None else time.monotonic()
-        duration = end - RUN.started
-        records = list(RUN.records)
-        accounting = account(records, ledger_by_id(ledger_doc) if ledger_doc is not None else None, delta,
-                             duration, run_end=ledger_doc.get("now") if ledger_doc is not None else None,
-                             log=follower)
-        meta: dict[str, Any] = {
-            "host": host, "locust_version": locust.__version__, "started_at": RUN.started_wall,
-            "duration_s": duration, "ledger_schema_version": (ledger_doc or {}).get("schema_version"),
-            "options": {k: getattr(opts, k) for k in _META_OPTIONS if hasattr(opts, k)}}
-        if scraper is not None:
-            meta["metrics"] = {"url": scraper.url, "interval_s": scraper.interval, "scrapes": scraper.scrapes,
-                               "errors": scraper.errors, "last_error": scraper.last_error,
-                               "window_s": delta.duration if delta is not None else None}
-        if (workers := distributed.workers_meta(env)) is not None:
-            meta["distributed"] = workers
-        if follower is not None:
-            meta["server_log"] = {"path": follower.path, "lines": follower.lines, "events": follower.events,
-                                  "errors": follower.errors, "last_error": follower.last_error}
-        clock = RUN.arrivals
-        if clock is not None:  # open model: were the arrivals on time, or did too few users make them late?
-            meta["open_model"] = {"arrival_rate": clock.rate, "arrivals": clock.arrivals, "late": clock.late,
-                                  "late_s": clock.late_s}
-            if clock.late:
-                _log.warning("stopstorm: %d of %d open-model arrivals went out late (no free user): raise -u",
-                             clock.late, clock.arrivals)
-        reason = stop_reason()
-        meta["partial"] = reason is not None
-        if reason is not None:
-            meta["partial_reason"] = reason
-        if RUN.sink is not None:
-            meta["records"] = {"path": str(RUN.sink.path), "written": RUN.sink.written}
-        doc = to_json(accounting, meta)
-        doc["self_monitor"] = self_monitor.summaries()
-        gpu_lines = gpu.extend_report(doc, accounting, records, RUN.started, end, path)
-        capacity = capacity_section(ledger_doc, records, RUN.started, duration, server_max_num_seqs(host))
-        if capacity is not None:
-            doc["capacity"] = capacity
-        write_report(path, doc)
-        html_path = write_html_report(path, doc, taken=getattr(opts, "html_file", None))  # never over Locust's
-        if reason is not None:
-            print(f"\nstopstorm: PARTIAL report ({reason}): the figures cover the run until then", flush=True)
-        summary = "\n".join([format_summary(accounting), *gpu_lines])
-        print(f"\nstopstorm abort accounting (JSON: {path}; HTML: {html_path})\n{summary}\n", flush=True)
-        for line in self_monitor.warnings_for(doc["self_monitor"]):
-            print(f"stopstorm self-monitor: {line}", flush=True)
+        readings, idle_pct, gpu_off = gpu.readings()
+        report = build_report(RunInputs(
+            records=list(RUN.records), meta=_meta(env, end - RUN.started, ledger, scraper, delta, follower, gpu_off),
+            started=RUN.started, ended=end, ledger=ledger, metrics=delta, log=follower,
+            max_num_seqs=server_max_num_seqs(host) if ledger is not None else None,
+            self_monitor=self_monitor.summaries(), gpu=readings, gpu_idle_pct=idle_pct,
+            gpu_files=gpu_file_names(path)))
+        RUN.report = report
+        write_report(path, report)
+        if report.gpu is not None:
+            write_gpu_files(report.gpu)
+        html_path = write_html_report(path, report, taken=getattr(opts, "html_file", None))  # never over Locust's
+        print(f"\n{format_report(report, path, str(html_path))}\n", flush=True)
     except Exception:
         _log.exception("stopstorm: the abort accounting failed; Locust's own results stand")
     finally:
@@ -265,6 +256,32 @@ def _write_run_report(**_kwargs: Any) -> None:
         sink, RUN.sink = RUN.sink, None
         if sink is not None:
             sink.close()
+
+
+def _report_so_far() -> Report:
+    """A Report of the run until now, from its records and the simulator's ledger (no replay: it is live)."""
+    env = RUN.environment
+    host = (env.host if env is not None else "") or ""
+    started = RUN.started if RUN.started is not None else time.monotonic()
+    ledger = None
+    if host:
+        client = LedgerClient(host, timeout=2.0)
+        try:
+            ledger = client.ledger()
+        finally:
+            client.close()
+    return build_report(RunInputs(records=list(RUN.records), meta=RunMeta(host=host), started=started,
+                                  ended=RUN.stopped or time.monotonic(), ledger=ledger, counterfactuals=False))
+
+
+_LIVE = LiveReport(_report_so_far)
+
+
+def _tab_report() -> Report | None:
+    """What the web UI's Stops tab shows: the run's Report once written, else the run so far."""
+    if RUN.report is not None:
+        return RUN.report
+    return _LIVE.get() if RUN.started is not None else None
 
 
 # Last: the run report above reads the simulator's ledger before this stops it.

@@ -52,7 +52,6 @@ __all__ = [
     "from_options",
     "process_key",
     "summaries",
-    "warnings_for",
     "watch_loop",
 ]
 
@@ -363,28 +362,6 @@ class SelfMonitor:
             "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged},
             "gc": self.gc.stats(),
         }
-
-
-def warnings_for(summaries: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per process whose loop lagged beyond its bound or whose CPU was near one core."""
-    lines = []
-    for key, s in summaries.items():
-        bad = []
-        for name in ("hub_lag", "bridge_lag"):
-            st = s.get(name)
-            if st and st.get("lagged"):
-                bad.append(f"{name.replace('_', ' ')} > {s['max_loop_lag_ms']:g} ms {st['lagged']} times "
-                           f"(max {st['max_ms']:g} ms)")
-        gc_stats = s.get("gc") or {}
-        if bad and gc_stats.get("pause_max_ms", 0) > s["max_loop_lag_ms"]:
-            bad.append(f"GC pauses up to {gc_stats['pause_max_ms']:g} ms ({gc_stats['pause_total_s']:g} s in all)")
-        if s.get("cpu_pct") is not None and s["cpu_pct"] >= 90:
-            bad.append(f"CPU {s['cpu_pct']:g} % of a core")
-        if bad:
-            ttft, itl = s["ttft"], s["itl"]
-            lines.append(f"{key}: {'; '.join(bad)}: flagged TTFT {ttft['flagged']}/{ttft['checked']}, "
-                         f"ITL {itl['flagged']}/{itl['checked']} (timings that may hold this tool's own delay)")
-    return lines
 
 
 def add_arguments(parser: LocustArgumentParser) -> None:

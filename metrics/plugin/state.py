@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.report.model import Report
 from stopstorm.metrics.truth.vllm_log import LogFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper
 from stopstorm.simulator.launcher import EmbeddedSimulator
@@ -43,6 +44,7 @@ class RunState:
     log: LogFollower | None = None  # --server-log
     arrivals: ArrivalStats | None = None  # --arrival-rate's clock, once a user made it
     reported: bool = False  # the report was written (Locust's shutdown can run twice after SIGTERM)
+    report: Report | None = None  # the run's Report, once built
 
 
 RUN = RunState()

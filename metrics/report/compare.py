@@ -2,22 +2,25 @@
 
 A capacity planner's question is a difference ("what do prompt aborts save against zombies, or against no
 stops?"), so each figure is shown per scenario with its delta against the first (the baseline), and queue wait
-as "saved" (baseline minus scenario: positive is better). Inputs are stopstorm report JSONs
-(metrics/report/document.py). With `--replay`, a report's `capacity.replay` counterfactuals (perfect aborts, no
-stops) join as scenarios of their own, so one run answers the question without a second run.
+as "saved" (baseline minus scenario: positive is better). Inputs are saved Reports (their JSON layout is in
+metrics/report/model.py). With `--replay`, a report's replay counterfactuals (perfect aborts, no stops) join
+as scenarios of their own, so one run answers the question without a second run. Every figure here is read
+from a Report; none is computed again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import orjson
+from stopstorm.metrics.analysis.replay import ReplayResult
+from stopstorm.metrics.figures import Distribution, Figure
+from stopstorm.metrics.report.json_file import read_report
+from stopstorm.metrics.report.model import Report
 
-from stopstorm.metrics.figures import distribution
-
-__all__ = ["FIGURES", "format_table", "load_scenarios", "scenario_figures"]
+__all__ = ["FIGURES", "Scenario", "format_table", "load_scenarios", "replay_scenario", "run_scenario",
+           "scenario_figures"]
 
 # (key, label, digits) in the order shown; smaller-is-better figures are named in _LOWER_IS_BETTER.
 FIGURES: tuple[tuple[str, str, int], ...] = (
@@ -36,93 +39,72 @@ _LOWER_IS_BETTER = {"queue_wait_p50", "queue_wait_p95", "queue_wait_p99", "ttft_
                     "wasted_tokens", "zombie_slot_seconds", "energy_per_delivered_token"}
 
 
-def _fig(doc: Mapping[str, Any], name: str, key: str | None = None) -> float | None:
-    f = ((doc.get("overall") or {}).get("figures") or {}).get(name) or {}
-    v = f.get("value")
-    if key is not None:
-        v = v.get(key) if isinstance(v, dict) else None
-    return float(v) if isinstance(v, int | float) else None
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One column of a comparison: a run's Report, or one of its replay counterfactuals (no run of its own)."""
+
+    label: str
+    figures: Mapping[str, float | None]  # FIGURES' keys
+    report: Report | None = None  # the run itself (plots need it); None for a replay policy
 
 
-def _energy_j(doc: Mapping[str, Any]) -> float | None:
-    """Energy the GPUs used over the run: the `gpu` section's `energy` FIGURE (Δ of the driver's counter over
-    the run, metrics/analysis/gpu_attribution.py), else Δ energy_j per GPU over its timeline."""
-    gpu = doc.get("gpu") or {}
-    total = gpu.get("energy")
-    if isinstance(total, dict):
-        total = total.get("value")
-    if isinstance(total, int | float):
-        return float(total)
-    tl = gpu.get("timeline") or {}
-    cols, rows = tl.get("columns") or [], tl.get("rows") or []
-    if "energy_j" not in cols or not rows:
-        return None
-    ie, ig = cols.index("energy_j"), cols.index("gpu") if "gpu" in cols else None
-    per_gpu: dict[Any, list[float]] = {}
-    for r in rows:
-        if r[ie] is not None:
-            per_gpu.setdefault(r[ig] if ig is not None else 0, []).append(float(r[ie]))
-    return sum(max(v) - min(v) for v in per_gpu.values()) if per_gpu else None
+def _num(f: Figure) -> float | None:
+    return float(f.value) if isinstance(f.value, int | float) else None
 
 
-def scenario_figures(doc: Mapping[str, Any]) -> dict[str, float | None]:
-    """The compared figures of one report (None where the report lacks the truth for one)."""
-    cap = doc.get("capacity") or {}
-    ttft = (cap.get("ttft") or {}).get("value") or {}
-    tput = (cap.get("throughput") or {}).get("value")
-    delivered = _fig(doc, "goodput_tokens")
-    energy = _energy_j(doc)
-    # Every request the server queued (the ledger's samples, the replay's population too), not only the
-    # streams whose users reported before the run ended; the accounting's figure where there are no samples.
-    qw = distribution(cap.get("queue_wait_samples_s") or [])
+def _q(d: Distribution | None, q: str) -> float | None:
+    return None if d is None else float(getattr(d, q))
+
+
+def scenario_figures(report: Report) -> dict[str, float | None]:
+    """The compared figures of one run (None where the report lacks the truth for one)."""
+    cap, o, gpu = report.capacity, report.accounting.overall, report.gpu
+    # The run's queue wait: with a ledger, every request the server served (the replay's population too)
+    qw = o.queue_wait.value if isinstance(o.queue_wait.value, Distribution) else None
+    ttft = cap.ttft.value if cap is not None and isinstance(cap.ttft.value, Distribution) else None
+    energy = _num(gpu.figure("energy")) if gpu is not None else None
+    delivered = _num(o.goodput_tokens)
     return {
-        "queue_wait_p50": qw.p50 if qw else _fig(doc, "queue_wait", "p50"),
-        "queue_wait_p95": qw.p95 if qw else _fig(doc, "queue_wait", "p95"),
-        "queue_wait_p99": qw.p99 if qw else _fig(doc, "queue_wait", "p99"),
-        "ttft_p50": ttft.get("p50"),
-        "ttft_p95": ttft.get("p95"),
-        "throughput": float(tput) if isinstance(tput, int | float) else None,
-        "goodput": _fig(doc, "goodput_rate"),
-        "wasted_tokens": _fig(doc, "wasted_tokens"),
-        "zombie_slot_seconds": _fig(doc, "zombie_slot_seconds"),
+        "queue_wait_p50": _q(qw, "p50"), "queue_wait_p95": _q(qw, "p95"), "queue_wait_p99": _q(qw, "p99"),
+        "ttft_p50": _q(ttft, "p50"), "ttft_p95": _q(ttft, "p95"),
+        "throughput": _num(cap.throughput) if cap is not None else None,
+        "goodput": _num(o.goodput_rate),
+        "wasted_tokens": _num(o.wasted_tokens),
+        "zombie_slot_seconds": _num(o.zombie_slot_seconds),
         "energy_per_delivered_token": energy / delivered if energy is not None and delivered else None,
     }
 
 
-def _replay_scenario(doc: Mapping[str, Any], label: str, policy: str) -> dict[str, Any] | None:
-    """A report-shaped document for one replay policy, so it compares like a run."""
-    r = (((doc.get("capacity") or {}).get("replay") or {}).get("policies") or {}).get(policy)
-    if not r:
-        return None
-    qw = r.get("queue_wait") or {}
-    return {
-        "_label": f"{label} (replay: {policy})",
-        "meta": doc.get("meta") or {},
-        "sources": ["replay of the simulator ledger"],
-        "overall": {"figures": {
-            "queue_wait": {"value": qw}, "goodput_rate": {"value": r.get("goodput_tok_s")},
-            "wasted_tokens": {"value": r.get("wasted_tokens")},
-            "zombie_slot_seconds": {"value": 0.0 if policy == "perfect" else None}}},
-        "capacity": {"ttft": {"value": r.get("ttft")}, "throughput": {"value": r.get("throughput_tok_s")}},
-    }
+def run_scenario(report: Report, label: str | None = None) -> Scenario:
+    return Scenario(label or report.label, scenario_figures(report), report)
 
 
-def load_scenarios(paths: Sequence[str], with_replay: bool = False) -> list[dict[str, Any]]:
-    """The reports, each labelled by its file name (or `meta.scenario`); with replay scenarios if asked."""
-    docs: list[dict[str, Any]] = []
+def replay_scenario(label: str, policy: str, r: ReplayResult) -> Scenario:
+    """A replay policy's result as a column: what the replay says, and nothing it does not."""
+    qw, ttft = r.queue_wait, r.ttft
+    return Scenario(f"{label} (replay: {policy})", {
+        "queue_wait_p50": _q(qw, "p50"), "queue_wait_p95": _q(qw, "p95"), "queue_wait_p99": _q(qw, "p99"),
+        "ttft_p50": _q(ttft, "p50"), "ttft_p95": _q(ttft, "p95"),
+        "throughput": r.throughput, "goodput": r.goodput, "wasted_tokens": float(r.wasted_tokens),
+        "zombie_slot_seconds": 0.0 if policy == "perfect" else None, "energy_per_delivered_token": None,
+    })
+
+
+def load_scenarios(paths: Sequence[str], with_replay: bool = False) -> list[Scenario]:
+    """The reports, each labelled by its scenario name (else its file name); with replay scenarios if asked."""
+    out: list[Scenario] = []
     for p in paths:
         try:
-            doc = orjson.loads(Path(p).read_bytes())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise SystemExit(f"stopstorm compare: cannot read report {p}: {exc}") from None
-        if not isinstance(doc, dict) or "overall" not in doc:
-            raise SystemExit(f"stopstorm compare: {p} is not a stopstorm report (no 'overall' section)")
-        label = str((doc.get("meta") or {}).get("scenario") or Path(p).stem)
-        doc["_label"] = label
-        docs.append(doc)
-        if with_replay:
-            docs += [s for pol in ("perfect", "full") if (s := _replay_scenario(doc, label, pol))]
-    return docs
+            report = read_report(p)
+        except ValueError as exc:
+            raise SystemExit(f"stopstorm compare: {exc}") from None
+        label = report.meta.scenario or Path(p).stem
+        out.append(run_scenario(report, label))
+        replay = report.capacity.replay if report.capacity is not None else None
+        if with_replay and replay is not None:
+            out += [replay_scenario(label, pol, replay.policies[pol]) for pol in ("perfect", "full")
+                    if pol in replay.policies]
+    return out
 
 
 def _delta(key: str, base: float | None, v: float | None, digits: int) -> str:
@@ -135,17 +117,16 @@ def _delta(key: str, base: float | None, v: float | None, digits: int) -> str:
     return text
 
 
-def format_table(docs: Sequence[Mapping[str, Any]]) -> str:
+def format_table(scenarios: Sequence[Scenario]) -> str:
     """A Markdown table: one row per figure, one column per scenario, deltas against the first."""
-    values = [scenario_figures(d) for d in docs]
-    labels = [str(d.get("_label") or f"run {i + 1}") for i, d in enumerate(docs)]
+    labels = [s.label for s in scenarios]
     head = ["figure", f"{labels[0]} (baseline)", *labels[1:]]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(labels)]
     for key, label, digits in FIGURES:
-        base = values[0].get(key)
+        base = scenarios[0].figures.get(key)
         cells = ["–" if base is None else f"{base:,.{digits}f}"]
-        for v in values[1:]:
-            x = v.get(key)
+        for s in scenarios[1:]:
+            x = s.figures.get(key)
             cells.append("–" if x is None else f"{x:,.{digits}f} {_delta(key, base, x, digits)}".strip())
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")

@@ -1,12 +1,18 @@
-"""The run's abort accounting as the console table a capacity planner reads, after Locust's own summary."""
+"""The run's report as the console text a capacity planner reads, after Locust's own summary: the abort
+accounting per stack × close mode, the run-wide figures with their sources, the GPU's, and the self-monitor's
+caveats. A writer over the Report: it computes nothing the Report does not hold."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from stopstorm.metrics.analysis.accounting import Accounting, Figures
+from stopstorm.metrics.analysis.gpu_attribution import GpuSection
 from stopstorm.metrics.figures import Distribution, Figure
 from stopstorm.metrics.record import INTERRUPTED
+from stopstorm.metrics.report.model import GPU_ON_WORKER, MonitorSummary, Report
 
-__all__ = ["format_summary"]
+__all__ = ["format_accounting", "format_gpu", "format_report", "self_monitor_warnings"]
 
 
 def _num(f: Figure, scale: float = 1.0, digits: int = 0) -> str:
@@ -32,7 +38,7 @@ def _row(stack: str, mode: str, f: Figures) -> tuple[str, ...]:
             _num(f.zombie_slot_seconds, digits=2))
 
 
-def format_summary(accounting: Accounting) -> str:
+def format_accounting(accounting: Accounting) -> str:
     """Per stack × close mode what Stop cost the server, then the run-wide figures, with their sources."""
     rows = [_COLUMNS] + [_row(c.stack, c.close_mode, c.figures) for c in accounting.cells]
     rows.append(_row("all", "all", accounting.overall))
@@ -84,4 +90,71 @@ def format_summary(accounting: Accounting) -> str:
         lat = o.log_abort_latency
         out.append(f"vLLM log:               {_num(o.log_aborted)} stopped streams' aborts logged; Stop → abort "
                    f"logged p50 / p99 {_pct(lat, 'p50')} / {_pct(lat, 'p99')} ms  [{o.log_aborted.source}]")
+    return "\n".join(out)
+
+
+def format_gpu(g: GpuSection) -> list[str]:
+    """The GPU's lines: busy time and energy, what went on wasted tokens, Stop → idle per cell, its files."""
+    def num(f: Figure, digits: int = 1) -> str:
+        return f"{f.value:,.{digits}f}" if isinstance(f.value, int | float) else "–"
+
+    source = "DCGM exporter" if g.source == "dcgm" else "NVML"
+    n = len(g.devices)
+    f = g.figure
+    lines = [f"GPU ({source}, {n} GPU{'s' if n != 1 else ''}):",
+             f"  busy:                 {num(f('gpu_busy_seconds'), 2)} GPU-s; energy {num(f('energy'))} J "
+             f"(mean {num(f('mean_power'))} W)",
+             f"  per delivered token:  {num(f('energy_per_delivered_token'), 3)} J",
+             f"  on wasted tokens:     {num(f('wasted_gpu_seconds'), 2)} GPU-s, {num(f('wasted_energy'))} J  "
+             f"[{f('wasted_energy').source}; by share of generated tokens]"]
+    d = f("stop_to_idle").value
+    if isinstance(d, Distribution):
+        lines.append(f"  Stop → GPU idle:      p50 {d.p50 * 1e3:,.0f} ms, max {d.max * 1e3:,.0f} ms "
+                     f"over {num(f('idle_stops'), 0)} stops that left it idle")
+    else:
+        lines.append(f"  Stop → GPU idle:      – ({f('stop_to_idle').note})")
+    for c in g.cells:
+        v = c.stop_to_idle.value
+        if isinstance(v, Distribution):
+            lines.append(f"    {c.stack:<13} {c.close_mode:<6} p50 {v.p50 * 1e3:,.0f} ms, max {v.max * 1e3:,.0f} ms "
+                         f"({num(c.idle_stops, 0)} stops)")
+    files = g.files
+    plot = files.get("plot_png")
+    lines.append(f"  timeline: {files.get('timeline_csv')}, stops: {files.get('stops_csv')}"
+                 + (f", plot: {plot}" if plot else " (no plot: matplotlib cannot be imported)"))
+    return lines
+
+
+def self_monitor_warnings(summaries: Mapping[str, MonitorSummary]) -> list[str]:
+    """One line per process whose loop lagged beyond its bound or whose CPU was near one core."""
+    lines = []
+    for key, s in summaries.items():
+        bad = []
+        for name, st in (("hub lag", s.hub_lag), ("bridge lag", s.bridge_lag)):
+            if st is not None and st.lagged:
+                bad.append(f"{name} > {s.max_loop_lag_ms:g} ms {st.lagged} times (max {st.max_ms:g} ms)")
+        if bad and s.gc_pause_max_ms > s.max_loop_lag_ms:
+            bad.append(f"GC pauses up to {s.gc_pause_max_ms:g} ms ({s.gc_pause_total_s:g} s in all)")
+        if s.cpu_pct is not None and s.cpu_pct >= 90:
+            bad.append(f"CPU {s.cpu_pct:g} % of a core")
+        if bad:
+            lines.append(f"{key}: {'; '.join(bad)}: flagged TTFT {s.ttft_flagged}/{s.ttft_checked}, "
+                         f"ITL {s.itl_flagged}/{s.itl_checked} (timings that may hold this tool's own delay)")
+    return lines
+
+
+def format_report(report: Report, json_path: str | None = None, html_path: str | None = None) -> str:
+    """Everything the console shows of a run, in order: a partial run says so first."""
+    out = []
+    m = report.meta
+    if m.partial:
+        out.append(f"stopstorm: PARTIAL report ({m.partial_reason}): the figures cover the run until then\n")
+    where = "; ".join(f"{k}: {v}" for k, v in (("JSON", json_path), ("HTML", html_path)) if v)
+    out.append(f"stopstorm abort accounting{f' ({where})' if where else ''}")
+    out.append(format_accounting(report.accounting))
+    if report.gpu is not None:
+        out += format_gpu(report.gpu)
+    elif m.gpu_off == GPU_ON_WORKER:
+        out.append(f"GPU: {m.gpu_off}; its timeline is written on that host")
+    out += [f"stopstorm self-monitor: {line}" for line in self_monitor_warnings(report.self_monitor)]
     return "\n".join(out)

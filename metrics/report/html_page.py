@@ -10,7 +10,8 @@ plain HTML, nothing is fetched. What it shows, where the report has it:
 - GPU utilisation and power over time with every Stop marked (the optional `gpu` section);
 - the replay's counterfactual (queue wait saved by early aborts) and the accounting figures as tables.
 
-`render_html(docs)` is pure; `write_html_report(json_path, doc)` writes `<json stem>.html` beside the JSON.
+`render_html(scenarios)` is pure (a run is one scenario: `run_scenario(report)`); `write_html_report(json_path,
+report)` writes `<json stem>.html` beside the JSON. A writer over Reports: it computes nothing they do not hold.
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ from __future__ import annotations
 import html
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import matplotlib.ticker
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure as PlotFigure
+
+from stopstorm.metrics.analysis.replay import ReplayResult
+from stopstorm.metrics.figures import Distribution
+from stopstorm.metrics.report.compare import FIGURES, Scenario, run_scenario
+from stopstorm.metrics.report.model import Report
 
 __all__ = ["html_path_for", "render_html", "write_html_report"]
 
@@ -42,7 +47,7 @@ th { background: #f0f0f0; } .note { color: #666; font-size: .85em; } figure { ma
 """
 
 
-def _svg(fig: Figure) -> str:
+def _svg(fig: PlotFigure) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
@@ -54,43 +59,35 @@ def _figure_html(svg: str, caption: str) -> str:
     return f'<figure class="plot">{svg}<figcaption class="note">{html.escape(caption)}</figcaption></figure>'
 
 
-def _label(doc: Mapping[str, Any], i: int) -> str:
-    return str(doc.get("_label") or (doc.get("meta") or {}).get("scenario") or f"run {i + 1}")
-
-
-def _value(fig: Mapping[str, Any] | None, key: str | None = None) -> float | None:
-    if not fig:
-        return None
-    v = fig.get("value")
-    if key is not None:
-        v = v.get(key) if isinstance(v, dict) else None
-    return float(v) if isinstance(v, int | float) else None
-
-
 def _fmt(v: float | None, digits: int = 3) -> str:
     if v is None:
         return "–"
     return f"{v:,}" if isinstance(v, int) else f"{v:,.{digits}f}"
 
 
+def _runs(scenarios: Sequence[Scenario]) -> list[tuple[str, Report]]:
+    """The scenarios that are runs of their own (a replay policy has no timeline, cells or GPU)."""
+    return [(s.label, s.report) for s in scenarios if s.report is not None]
+
+
 # --- plots ---------------------------------------------------------------------------------------------------
 
 
-def _timeline_plot(docs: Sequence[Mapping[str, Any]]) -> str | None:
-    runs = [(i, d) for i, d in enumerate(docs) if ((d.get("capacity") or {}).get("timeline") or {}).get("rows")]
+def _timeline_plot(scenarios: Sequence[Scenario]) -> str | None:
+    runs = [(label, r.capacity) for label, r in _runs(scenarios)
+            if r.capacity is not None and r.capacity.timeline.rows]
     if not runs:
         return None
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.6 * len(runs)), squeeze=False)
-    for ax, (i, d) in zip(axes[:, 0], runs, strict=True):
-        cap = d["capacity"]
-        rows = cap["timeline"]["rows"]
+    for ax, (label, cap) in zip(axes[:, 0], runs, strict=True):
+        rows = cap.timeline.rows
         t = [r[0] for r in rows]
         many = len(rows) > 5000  # hours of traffic: draw the lines as an inline bitmap, not 10⁵ SVG vertices
         ax.step(t, [r[1] for r in rows], where="post", label="running", color="tab:blue", rasterized=many)
         ax.step(t, [r[2] for r in rows], where="post", label="waiting", color="tab:orange", rasterized=many)
-        if cap.get("max_num_seqs"):
-            ax.axhline(cap["max_num_seqs"], color="grey", ls=":", lw=1, label="max_num_seqs")
-        ax.set_title(_label(d, i), fontsize=10, loc="left")
+        if cap.max_num_seqs:
+            ax.axhline(cap.max_num_seqs, color="grey", ls=":", lw=1, label="max_num_seqs")
+        ax.set_title(label, fontsize=10, loc="left")
         ax.set_ylabel("requests")
         ax.legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("seconds since run start")
@@ -98,9 +95,9 @@ def _timeline_plot(docs: Sequence[Mapping[str, Any]]) -> str | None:
     return _figure_html(_svg(fig), "Running and waiting requests over time (server truth: the simulator ledger).")
 
 
-def _cdf_plot(docs: Sequence[Mapping[str, Any]]) -> str | None:
-    series = [(_label(d, i), (d.get("capacity") or {}).get("queue_wait_samples_s") or []) for i, d in enumerate(docs)]
-    series = [(n, s) for n, s in series if s]
+def _cdf_plot(scenarios: Sequence[Scenario]) -> str | None:
+    series = [(label, r.capacity.queue_wait_samples_s) for label, r in _runs(scenarios)
+              if r.capacity is not None and r.capacity.queue_wait_samples_s]
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(10, 3.6))
@@ -117,15 +114,15 @@ def _cdf_plot(docs: Sequence[Mapping[str, Any]]) -> str | None:
     return _figure_html(_svg(fig), "Queue wait CDF per scenario: arrival to admission into a running slot.")
 
 
-def _abort_latency_plot(docs: Sequence[Mapping[str, Any]]) -> str | None:
+def _abort_latency_plot(scenarios: Sequence[Scenario]) -> str | None:
     bars: list[tuple[str, float, float]] = []
-    for i, d in enumerate(docs):
-        prefix = f"{_label(d, i)}: " if len(docs) > 1 else ""
-        for cell in d.get("cells") or []:
-            lat = (cell.get("figures") or {}).get("abort_latency")
-            p50, p99 = _value(lat, "p50"), _value(lat, "p99")
-            if p50 is not None and p99 is not None:
-                bars.append((f"{prefix}{cell['stack']} × {cell['close_mode']}", p50 * 1e3, p99 * 1e3))
+    runs = _runs(scenarios)
+    for label, r in runs:
+        prefix = f"{label}: " if len(runs) > 1 else ""
+        for cell in r.accounting.cells:
+            lat = cell.figures.abort_latency.value
+            if isinstance(lat, Distribution):
+                bars.append((f"{prefix}{cell.stack} × {cell.close_mode}", lat.p50 * 1e3, lat.p99 * 1e3))
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(bars) + 1.2))
@@ -147,13 +144,12 @@ def _abort_latency_plot(docs: Sequence[Mapping[str, Any]]) -> str | None:
     return _figure_html(_svg(fig), "Abort latency per client stack × close mode (server truth).")
 
 
-def _gpu_plot(doc: Mapping[str, Any], i: int) -> str | None:
-    gpu = doc.get("gpu") or {}
-    tl = gpu.get("timeline") or {}
-    cols, rows = tl.get("columns") or [], tl.get("rows") or []
-    if not rows or "t_s" not in cols:
+def _gpu_plot(label: str, report: Report) -> str | None:
+    gpu = report.gpu
+    if gpu is None or not gpu.timeline.rows or "t_s" not in gpu.timeline.columns:
         return None
-    ix = {c: k for k, c in enumerate(cols)}
+    rows = gpu.timeline.rows
+    ix = {c: k for k, c in enumerate(gpu.timeline.columns)}
     fig, ax = plt.subplots(figsize=(10, 3.2))
     ax2 = ax.twinx()
     for g in sorted({r[ix["gpu"]] for r in rows} if "gpu" in ix else {0}):
@@ -163,7 +159,7 @@ def _gpu_plot(doc: Mapping[str, Any], i: int) -> str | None:
             ax.plot(t, [r[ix["util_pct"]] for r in mine], color="tab:green", label=f"GPU {g} utilisation %")
         if "power_w" in ix:
             ax2.plot(t, [r[ix["power_w"]] for r in mine], color="tab:purple", label=f"GPU {g} power W")
-    for k, s in enumerate(gpu.get("stop_marks_s") or []):
+    for k, s in enumerate(gpu.stop_marks_s):
         ax.axvline(s, color="tab:red", lw=1.2, ls="--", label="Stop" if k == 0 else None)
     ax.set_xlabel("seconds since run start")
     ax.set_ylabel("utilisation %")
@@ -172,7 +168,7 @@ def _gpu_plot(doc: Mapping[str, Any], i: int) -> str | None:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
-    ax.set_title(_label(doc, i), fontsize=10, loc="left")
+    ax.set_title(label, fontsize=10, loc="left")
     fig.tight_layout()
     return _figure_html(_svg(fig), "GPU utilisation and power over time; red lines: users' Stops.")
 
@@ -186,60 +182,58 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
-def _summary_table(docs: Sequence[Mapping[str, Any]]) -> str:
-    from stopstorm.metrics.report.compare import (  # one place for the figures a comparison shows
-        FIGURES,
-        scenario_figures,
-    )
-
-    values = [scenario_figures(d) for d in docs]
-    rows = [[label] + [_fmt(v.get(key), digits) for v in values] for key, label, digits in FIGURES]
-    return _table(["figure"] + [_label(d, i) for i, d in enumerate(docs)], rows)
+def _summary_table(scenarios: Sequence[Scenario]) -> str:
+    rows = [[label] + [_fmt(s.figures.get(key), digits) for s in scenarios] for key, label, digits in FIGURES]
+    return _table(["figure"] + [s.label for s in scenarios], rows)
 
 
-def _replay_table(doc: Mapping[str, Any]) -> str | None:
-    rep = (doc.get("capacity") or {}).get("replay") or {}
-    pol = rep.get("policies") or {}
-    if not pol:
+def _replay_table(report: Report) -> str | None:
+    rep = report.capacity.replay if report.capacity is not None else None
+    if rep is None or not rep.policies:
         return None
+    pol = rep.policies
     names = [p for p in ("recorded", "perfect", "full") if p in pol]
-    keys = [("queue wait p50 (s)", lambda r: (r.get("queue_wait") or {}).get("p50")),
-            ("queue wait p95 (s)", lambda r: (r.get("queue_wait") or {}).get("p95")),
-            ("queue wait mean (s)", lambda r: (r.get("queue_wait") or {}).get("mean")),
-            ("TTFT p50 (s)", lambda r: (r.get("ttft") or {}).get("p50")),
-            ("generated tokens", lambda r: r.get("generated_tokens")),
-            ("wasted tokens", lambda r: r.get("wasted_tokens")),
-            ("slot-seconds", lambda r: r.get("slot_seconds")),
-            ("goodput (tok/s)", lambda r: r.get("goodput_tok_s"))]
+
+    def q(d: Distribution | None, which: str) -> float | None:
+        return None if d is None else float(getattr(d, which))
+
+    keys: list[tuple[str, Callable[[ReplayResult], float | None]]] = [
+        ("queue wait p50 (s)", lambda r: q(r.queue_wait, "p50")),
+        ("queue wait p95 (s)", lambda r: q(r.queue_wait, "p95")),
+        ("queue wait mean (s)", lambda r: q(r.queue_wait, "mean")),
+        ("TTFT p50 (s)", lambda r: q(r.ttft, "p50")),
+        ("generated tokens", lambda r: r.generated_tokens),
+        ("wasted tokens", lambda r: r.wasted_tokens),
+        ("slot-seconds", lambda r: r.slot_seconds),
+        ("goodput (tok/s)", lambda r: r.goodput)]
     rows = [[k] + [_fmt(f(pol[n])) for n in names] for k, f in keys]
-    t = rep.get("step_timing") or {}
-    saved = rep.get("queue_wait_saved_s") or {}
-    note = (f"Replay of this run's ledger in virtual time, step {_fmt((t.get('base_s') or 0) * 1e3, 2)} ms "
-            f"({t.get('source', '')}). recorded: aborts where the server really aborted; perfect: every Stop "
+    t = rep.step_timing
+    saved = rep.queue_wait_saved_s or {}
+    note = (f"Replay of this run's ledger in virtual time, step {_fmt((t.base_s if t else 0.0) * 1e3, 2)} ms "
+            f"({t.source if t else ''}). recorded: aborts where the server really aborted; perfect: every Stop "
             f"aborted at once; full: nobody's stream stopped. Queue wait saved by perfect aborts vs none: "
             f"p50 {_fmt(saved.get('p50'))} s, p95 {_fmt(saved.get('p95'))} s, mean {_fmt(saved.get('mean'))} s.")
-    return _table(["figure", *names], rows) + f'<p class="note">{html.escape(note)}</p>'
+    return _table(["figure", *(f"replay: {n}" for n in names)], rows) + f'<p class="note">{html.escape(note)}</p>'
 
 
-def render_html(docs: Sequence[Mapping[str, Any]], title: str = "stopstorm report") -> str:
-    """The page for one report, or for several side by side (a comparison)."""
+def render_html(scenarios: Sequence[Scenario], title: str = "stopstorm report") -> str:
+    """The page for one run, or for several scenarios side by side (a comparison)."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
-    metas = [d.get("meta") or {} for d in docs]
     parts.append('<p class="note">' + "<br>".join(
-        html.escape(f"{_label(d, i)}: host {m.get('host', '?')}, {_fmt(m.get('duration_s'), 1)} s, "
-                    f"truth: {', '.join(d.get('sources') or [])}")
-        for i, (d, m) in enumerate(zip(docs, metas, strict=True))) + "</p>")
-    parts += ["<h2>Summary</h2>", _summary_table(docs)]
-    sections = [("Running and waiting over time", _timeline_plot(docs)),
-                ("Queue wait", _cdf_plot(docs)),
-                ("Abort latency", _abort_latency_plot(docs))]
-    gpu = [p for i, d in enumerate(docs) if (p := _gpu_plot(d, i))]
+        html.escape(f"{label}: host {r.meta.host or '?'}, {_fmt(r.meta.duration_s, 1)} s, "
+                    f"truth: {', '.join(r.accounting.sources)}")
+        for label, r in _runs(scenarios)) + "</p>")
+    parts += ["<h2>Summary</h2>", _summary_table(scenarios)]
+    sections = [("Running and waiting over time", _timeline_plot(scenarios)),
+                ("Queue wait", _cdf_plot(scenarios)),
+                ("Abort latency", _abort_latency_plot(scenarios))]
+    gpu = [p for label, r in _runs(scenarios) if (p := _gpu_plot(label, r))]
     if gpu:
         sections.append(("GPU utilisation and power", "".join(gpu)))
-    for i, d in enumerate(docs):
-        rt = _replay_table(d)
+    for label, r in _runs(scenarios):
+        rt = _replay_table(r)
         if rt:
-            sections.append((f"What early aborts bought: {_label(d, i)}", rt))
+            sections.append((f"What early aborts bought: {label}", rt))
     for name, body in sections:
         if body:
             parts += [f"<h2>{html.escape(name)}</h2>", body]
@@ -255,12 +249,12 @@ def html_path_for(json_path: str | os.PathLike[str], taken: str | os.PathLike[st
     return path
 
 
-def write_html_report(json_path: str | os.PathLike[str], doc: Mapping[str, Any],
+def write_html_report(json_path: str | os.PathLike[str], report: Report,
                       taken: str | os.PathLike[str] | None = None) -> Path:
-    """Write the page for `doc` beside its JSON (same name, .html; never over `taken`), atomically."""
+    """Write the page for `report` beside its JSON (same name, .html; never over `taken`), atomically."""
     target = html_path_for(json_path, taken)
     tmp = target.with_name(f".{target.name}.tmp")
-    labelled = {"_label": (doc.get("meta") or {}).get("scenario") or Path(json_path).stem, **doc}
-    tmp.write_text(render_html([labelled], title=f"stopstorm report: {Path(json_path).name}"), encoding="utf-8")
+    scenario = run_scenario(report, report.meta.scenario or Path(json_path).stem)
+    tmp.write_text(render_html([scenario], title=f"stopstorm report: {Path(json_path).name}"), encoding="utf-8")
     os.replace(tmp, target)
     return target

@@ -24,12 +24,14 @@ from stopstorm.metrics.truth.poller import Poller
 
 __all__ = [
     "GpuDevice",
+    "GpuReadings",
     "GpuSample",
     "GpuSource",
     "GpuUnavailable",
     "NvmlSampler",
     "PolledSampler",
     "UtilSample",
+    "readings_of",
 ]
 
 
@@ -67,6 +69,30 @@ class UtilSample:
     t: float
     gpu: int
     util_pct: float
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReadings:
+    """What a GPU source read over a run: the snapshot the report is built from."""
+
+    name: str  # "nvml" or "dcgm"
+    interval: float
+    devices: tuple[GpuDevice, ...]
+    samples: tuple[GpuSample, ...]
+    util_samples: tuple[UtilSample, ...]
+    errors: int
+    last_error: str | None
+
+    @property
+    def source(self) -> str:
+        """The source in words, as figures name it."""
+        return "DCGM exporter" if self.name == "dcgm" else "NVML"
+
+
+def readings_of(source: GpuSource) -> GpuReadings:
+    """A snapshot of what `source` has read so far."""
+    return GpuReadings(source.name, source.interval, tuple(source.devices), tuple(source.samples),
+                       tuple(source.util_samples), source.errors, source.last_error)
 
 
 class GpuSource(Protocol):

@@ -29,7 +29,7 @@ import pytest
 from conftest import FAST, ROOT, SimHandle, SimPool
 from stream_tools import Streams, make_settings
 
-from stopstorm.metrics.analysis.accounting import Accounting, Figures, account, ledger_by_id, server_id
+from stopstorm.metrics.analysis.accounting import Accounting, Figures, account, server_id
 from stopstorm.metrics.figures import (
     CLIENT_ESTIMATE,
     CLIENT_SOURCE,
@@ -40,8 +40,10 @@ from stopstorm.metrics.figures import (
     distribution,
 )
 from stopstorm.metrics.record import INTERRUPTED, StreamRecord
-from stopstorm.metrics.report.console import format_summary
-from stopstorm.metrics.report.document import REPORT_SCHEMA_VERSION, to_json, write_report
+from stopstorm.metrics.report.console import format_accounting
+from stopstorm.metrics.report.json_file import read_report, write_report
+from stopstorm.metrics.report.model import REPORT_SCHEMA_VERSION, Report, RunMeta, report_to_json
+from stopstorm.metrics.truth.ledger import LedgerSnapshot
 from stopstorm.metrics.truth.vllm_metrics import EngineDelta, MetricsDelta
 from stopstorm.users.policy import StopPlan
 
@@ -60,14 +62,15 @@ def rec(rid: str, mode: str = "close", stack: str = "requests", *, stop: float |
 def entry(rid: str, *, arrival: float = 0.0, scheduled: float | None = 0.02, first: float | None = 0.05,
           last: float | None = 1.0, freed: float | None = 1.002, generated: int = 12, target: int = 100,
           reason: str | None = "abort", prefix: str = "chatcmpl-") -> dict[str, Any]:
-    return {"request_id": prefix + rid, "arrival": arrival, "scheduled": scheduled, "first_token": first,
-            "last_token": last, "disconnect_seen": None, "freed": freed, "generated_tokens": generated,
-            "target_tokens": target, "finish_reason": reason,
-            "queue_wait": None if scheduled is None else scheduled - arrival}
+    return {"request_id": prefix + rid, "endpoint": "chat", "stream": True, "prompt_tokens": 10,
+            "max_tokens": target, "target_tokens": target, "arrival": arrival, "scheduled": scheduled,
+            "first_token": first, "last_token": last, "disconnect_seen": None, "freed": freed,
+            "generated_tokens": generated, "finish_reason": reason}
 
 
-def ledger(*entries: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return ledger_by_id({"requests": list(entries)})
+def ledger(*entries: dict[str, Any]) -> LedgerSnapshot:
+    """A ledger as the simulator's HTTP API would send it, read the way a run reads it."""
+    return LedgerSnapshot.from_json({"requests": list(entries)})
 
 
 def cell(acc: Accounting, stack: str, mode: str) -> Figures:
@@ -136,9 +139,11 @@ def test_abort_latency_wasted_and_counts() -> None:
     assert acc.overall.goodput_rate.value == pytest.approx(68 / 10.0)
     assert acc.run.ledger_aborts.value == 5 and acc.run.unmatched_requests.value == 1
     assert acc.run.vllm_counted_aborts.value is None and acc.run.blind_spot.value is None
-    # Queue wait from the ledger (f was never scheduled: its entry has no queue_wait)
+    # The run's queue wait is every request the ledger served, the ghost no stream reported included; f was
+    # never scheduled, so it waited until it left the queue (0.1 s). A cell's is its own streams' only.
     qw = dist(acc.overall.queue_wait)
-    assert qw.count == 5 and qw.p50 == pytest.approx(0.02)
+    assert qw.count == 7 and qw.p50 == pytest.approx(0.02) and qw.max == pytest.approx(0.1)
+    assert dist(close.queue_wait).count == 5
 
 
 def test_zombie_definition() -> None:
@@ -251,26 +256,28 @@ def test_report_json_and_summary(tmp_path: Path) -> None:
     records = [rec("a"), rec("b", mode="hold", stop=1.0), rec("c", stop=None, error="HTTP 500: x")]
     led = ledger(entry("a"), entry("b", freed=1.6), entry("c", reason="abort"))
     acc = account(records, led, delta(50.0, {}), 2.0)
-    doc = to_json(acc, {"host": "http://x"})
-    assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["meta"] == {"host": "http://x"}
+    report = Report(RunMeta(host="http://x"), acc)
+    doc = report_to_json(report)
+    assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["meta"]["host"] == "http://x"
     figs = every_figure(doc)
     assert len(figs) == 3 * 16 + 8
     for name, fig in figs:
         assert {"value", "unit", "source"} <= fig.keys(), name
     assert doc["overall"]["figures"]["abort_latency"]["value"]["count"] == 2
     path = tmp_path / "sub" / "r.json"
-    write_report(path, doc)
+    write_report(path, report)
     assert json.loads(path.read_text()) == json.loads(json.dumps(doc))
     assert os.listdir(path.parent) == ["r.json"]  # no temp file left behind
-    text = format_summary(acc)
+    assert read_report(path) == report  # the file reads back as the same Report, figure for figure
+    text = format_accounting(acc)
     assert "requests  close" in text and "requests  hold" in text
     assert "3 aborts, vLLM counted 0" in text and "HTTP 500: x" in text
     assert "queue wait p50 / p95" in text and "goodput" in text
     # Nothing known: dashes, not zeros
-    bare = format_summary(account([rec("z")], None, None, 0.0))
+    bare = format_accounting(account([rec("z")], None, None, 0.0))
     assert "–" in bare and "unknown" in bare
     # Streams the run's end cut are counted apart from failures
-    cut = format_summary(account([rec("c1", error=INTERRUPTED), rec("c2", error=INTERRUPTED),
+    cut = format_accounting(account([rec("c1", error=INTERRUPTED), rec("c2", error=INTERRUPTED),
                                   rec("f1", error="HTTP 503: y")], None, None, 1.0))
     assert "cut by the run's end:   2 streams (recorded, not failures)" in cut
     assert "failed streams:" in cut and "HTTP 503: y" in cut and INTERRUPTED not in cut
@@ -306,7 +313,7 @@ def run_mode(sim_pool: SimPool, streams: Streams, stack: str, mode: str, plan: S
         assert r is not None and r.error is None and r.stopped, r
     entries = sim.wait_idle()
     doc = sim.ledger()
-    acc = account(records, ledger_by_id(doc), None, time.monotonic() - began, run_end=doc["now"])
+    acc = account(records, LedgerSnapshot.from_json(doc), None, time.monotonic() - began)
     assert len(entries) == N and acc.run.unjoined_streams.value == 0
     return sim, records, entries, acc
 

@@ -10,6 +10,7 @@ from conftest import ROOT
 from stopstorm.metrics.analysis.capacity import capacity_section, ledger_timeline
 from stopstorm.metrics.analysis.replay import ReplayRequest, StepTiming, calibrate, replay, trace_from_ledger
 from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.ledger import LedgerSnapshot
 
 STEP = 0.01
 
@@ -49,36 +50,37 @@ def test_unknown_policy_is_refused_by_name() -> None:
         replay(_two_requests(), StepTiming(STEP), 1, "sometimes")
 
 
-def _ledger_doc() -> dict:
+def _ledger() -> LedgerSnapshot:
     def e(rid, arrival, sched, first, last, n, target, disc=None, reason="length"):
-        return {"request_id": rid, "arrival": arrival, "scheduled": sched, "first_token": first, "last_token": last,
+        return {"request_id": rid, "endpoint": "chat", "stream": True, "max_tokens": target, "arrival": arrival,
+                "scheduled": sched, "first_token": first, "last_token": last,
                 "freed": last + (STEP if reason == "abort" else 0), "prompt_tokens": 10, "generated_tokens": n,
                 "target_tokens": target, "disconnect_seen": disc, "generated_at_disconnect": n if disc else None,
-                "finish_reason": reason, "status_code": 200,
-                "queue_wait": sched - arrival}
-    return {"requests": [e("x", 100.0, 100.0, 100.01, 100.05, 5, 5),
-                         e("y", 100.02, 100.05, 100.06, 100.08, 3, 9, disc=100.081, reason="abort")]}
+                "finish_reason": reason, "status_code": 200}
+    return LedgerSnapshot.from_json({"requests": [e("x", 100.0, 100.0, 100.01, 100.05, 5, 5),
+                                                  e("y", 100.02, 100.05, 100.06, 100.08, 3, 9, disc=100.081,
+                                                    reason="abort")]})
 
 
 def test_trace_and_calibration_from_a_ledger() -> None:
-    doc = _ledger_doc()
+    doc = _ledger()
     trace = trace_from_ledger(doc)
     assert [(r.request_id, r.arrival, r.stop_tokens, r.aborted_at_tokens) for r in trace] == [
         ("x", 0.0, None, None), ("y", pytest.approx(0.02), 3, 3)]
     timing = calibrate(doc)
     assert timing.base_s == pytest.approx(0.01)
     with pytest.raises(ValueError, match="three tokens"):
-        calibrate({"requests": []})
+        calibrate(LedgerSnapshot.from_json({"requests": []}))
 
 
 def test_ledger_timeline_and_capacity_section() -> None:
-    doc = _ledger_doc()
-    rows = ledger_timeline(doc["requests"], 100.0)
+    doc = _ledger()
+    rows = ledger_timeline(doc.entries, 100.0)
     assert rows[0] == [0.0, 1, 0]
     assert [0.02, 1, 1] in rows and rows[-1][1:] == [0, 0]
     sec = capacity_section(doc, [], 100.0, 1.0, 1)
-    assert sec is not None and sec["generated_tokens"]["value"] == 8
-    assert sec["replay"]["tokens_freed"] == 6  # y would have run 9 tokens, not 3
+    assert sec is not None and sec.generated_tokens.value == 8
+    assert sec.replay is not None and sec.replay.tokens_freed == 6  # y would have run 9 tokens, not 3
     assert capacity_section(None, [], 0.0, 1.0, 1) is None
 
 
@@ -109,7 +111,7 @@ def test_horizon_cuts_every_policy_where_the_real_run_ended() -> None:
 
 
 def test_a_disconnect_at_the_run_s_end_is_not_a_stop() -> None:
-    doc = _ledger_doc()
+    doc = _ledger()
     trace = trace_from_ledger(doc, cut_at=100.08)  # y's disconnect came with the run's end
     assert trace[1].stop_tokens is None and trace[1].aborted_at_tokens is None
 
@@ -117,7 +119,7 @@ def test_a_disconnect_at_the_run_s_end_is_not_a_stop() -> None:
 def test_the_run_s_cut_is_the_first_disconnect_no_user_reported() -> None:
     from stopstorm.metrics.analysis.replay import run_cut_time
 
-    doc = _ledger_doc()  # y disconnected at 100.081 and no record reports it: a user killed at the run's end
+    doc = _ledger()  # y disconnected at 100.081 and no record reports it: a user killed at the run's end
     reported_x = StreamRecord(stack="requests", close_mode="none", endpoint="chat", request_id="x",
                               stop_plan="never", wall_start=0.0, sent=100.0)
     assert run_cut_time(doc, [reported_x], run_end=100.5) == pytest.approx(100.081)
@@ -129,9 +131,11 @@ def test_what_if_from_a_saved_report(tmp_path, capsys) -> None:
 
     from stopstorm.metrics.report.replay_table import main
 
-    doc = _ledger_doc()
+    doc = _ledger()
     report = tmp_path / "r.json"
-    report.write_text(json.dumps({"capacity": capacity_section(doc, [], 100.0, 1.0, 1)}))
+    sec = capacity_section(doc, [], 100.0, 1.0, 1)
+    assert sec is not None
+    report.write_text(json.dumps({"capacity": sec.to_json()}))
     assert main([str(report), "--max-num-seqs", "2"]) == 0
     out = capsys.readouterr().out
     assert "max_num_seqs 2" in out and "| full |" in out and "| perfect |" in out

@@ -234,7 +234,7 @@ def test_batches_are_bounded_and_a_final_flush_delivers_everything():
     for batch in sent:
         collector.receive("w1", batch)
     assert [r.request_id for r in got] == [f"r{i}" for i in range(10)]
-    meta = collector.meta(None)
+    meta = collector.meta(None).to_json()
     assert meta["incomplete"] == [] and meta["workers"]["w1"]["records"] == 10
 
 
@@ -287,7 +287,7 @@ def test_a_worker_without_its_final_batch_is_incomplete():
     collector.receive("w1", {"records": [_record(0).to_wire()], "sent": 1, "final": False})
     collector.receive("w2", {"records": [_record(1).to_wire()], "sent": 2, "final": True})  # one went missing
     collector.receive("w2", {"records": [{"bogus": 1}], "sent": 3, "final": True})
-    meta = collector.meta(None)
+    meta = collector.meta(None).to_json()
     assert meta["incomplete"] == ["w1", "w2"] and meta["bad_records"] == 1
     assert meta["workers"]["w2"] == {"records": 1, "batches": 2, "claimed_sent": 3, "final": True, "state": "gone",
                                      "clock_shift_s": 0.0, "drained": 0}

@@ -323,7 +323,10 @@ def test_dcgm_sampler_over_http(exporter):
 
 def test_report_section_follows_the_contract_and_writes_csv_and_plot(tmp_path):
     from stopstorm.metrics.analysis.accounting import account
-    from stopstorm.metrics.report.gpu_files import add_gpu_section
+    from stopstorm.metrics.analysis.gpu_attribution import gpu_section
+    from stopstorm.metrics.report.console import format_gpu
+    from stopstorm.metrics.report.gpu_files import gpu_file_names, write_gpu_files
+    from stopstorm.metrics.truth.gpu import readings_of
 
     clock = FakeClock(T0 - 0.5)
     s = run_sampler(StandinNvml([step_gpu()], wall=clock.wall, driver_rate_s=DRIVER_RATE_S), clock, 3.0)
@@ -332,9 +335,10 @@ def test_report_section_follows_the_contract_and_writes_csv_and_plot(tmp_path):
     rec = record(start + 0.1, stop, stop + 0.001)
     rec.tokens, rec.tokens_at_stop = 40, 40
     acc = account([rec], None, None, end - start)
-    doc: dict = {"meta": {}}
-    lines = add_gpu_section(doc, s, acc, [rec], start, end, str(tmp_path / "rep.json"))
-    g = doc["gpu"]
+    section = gpu_section(readings_of(s), acc, [rec], start, end, gpu_file_names(str(tmp_path / "rep.json")))
+    write_gpu_files(section)
+    lines = format_gpu(section)
+    g = section.to_json()
     assert g["source"] == "nvml" and g["devices"] == [{"index": 0, "name": "Stand-in GPU", "uuid": "GPU-standin-0"}]
     assert g["timeline"]["columns"] == ["t_s", "gpu", "util_pct", "power_w", "energy_j", "mem_used_bytes",
                                         "sm_clock_mhz"]

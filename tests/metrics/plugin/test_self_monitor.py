@@ -25,9 +25,10 @@ from stopstorm.metrics.plugin.self_monitor import (
     SelfMonitor,
     check_options,
     from_options,
-    warnings_for,
 )
 from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.report.console import self_monitor_warnings
+from stopstorm.metrics.report.model import MonitorSummary
 from stopstorm.users import bridge as bridge_module
 
 # A real, blocking sleep even when another test module has monkey-patched time (importing locust does).
@@ -93,7 +94,7 @@ def test_a_real_hub_stall_flags_the_timings_taken_in_it():
     assert summary["itl"] == {"checked": 3, "flagged": 2}
     if bridge_module._bridge is None:  # the monitor never starts a bridge; it samples one another test started
         assert summary["bridge_lag"] is None
-    assert any("hub lag" in line for line in warnings_for({"local": summary}))
+    assert any("hub lag" in line for line in self_monitor_warnings({"local": MonitorSummary.from_json(summary)}))
     # It travels: JSON-safe and picklable (a worker ships it to the master).
     assert orjson.loads(orjson.dumps(summary)) == summary
     assert pickle.loads(pickle.dumps(summary)) == summary

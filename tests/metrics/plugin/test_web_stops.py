@@ -9,8 +9,11 @@ from locust import User, constant
 from locust.argument_parser import parse_options
 from locust.env import Environment
 
-from stopstorm.metrics.plugin.web_stops import STOPS_KEY, install_stops_tab, stops_rows
+from stopstorm.metrics.analysis.accounting import account, stop_rows
+from stopstorm.metrics.plugin.web_stops import STOPS_KEY, LiveReport, install_stops_tab, tab_rows
 from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.report.model import Report, RunMeta
+from stopstorm.metrics.truth.ledger import LedgerSnapshot
 
 
 def _record(rid: str, mode: str, stop: float | None, read: int) -> StreamRecord:
@@ -19,16 +22,22 @@ def _record(rid: str, mode: str, stop: float | None, read: int) -> StreamRecord:
                         tokens=read)
 
 
+def _entry(rid: str, generated: int, freed: float | None, reason: str | None) -> dict[str, object]:
+    return {"request_id": rid, "endpoint": "chat", "stream": True, "prompt_tokens": 5, "max_tokens": 100,
+            "target_tokens": 100, "arrival": 9.0, "scheduled": 9.0, "generated_tokens": generated, "freed": freed,
+            "finish_reason": reason}
+
+
 def test_rows_join_each_stop_with_the_ledger() -> None:
     records = [_record("a", "close", 10.0, 5), _record("b", "none", None, 9), _record("c", "hold", 11.0, 3)]
-    ledger = {"chatcmpl-a": {"generated_tokens": 5, "freed": 10.015, "finish_reason": "abort"},
-              "chatcmpl-c": {"generated_tokens": 40, "freed": None}}
-    rows = stops_rows(records, ledger, now=12.0)
+    ledger = LedgerSnapshot.from_json({"now": 12.0, "requests": [_entry("chatcmpl-a", 5, 10.015, "abort"),
+                                                                 _entry("chatcmpl-c", 40, None, None)]})
+    rows = tab_rows(stop_rows(records, ledger))
     assert [r["request"] for r in rows] == ["c", "a"]  # stopped streams only, newest first
     assert rows[1] | {} == {"stack": "requests", "mode": "close", "request": "a", "read": 5, "generated": 5,
                             "wasted": 0, "freed_ms": 15.0, "state": "abort", "truth": "simulator ledger"}
     assert rows[0]["state"] == "zombie (still running)" and rows[0]["wasted"] == 37
-    client_only = stops_rows(records, None, now=12.0)
+    client_only = tab_rows(stop_rows(records, None))
     assert client_only[0]["truth"] == "client only" and client_only[0]["generated"] == "–"
 
 
@@ -42,11 +51,21 @@ def test_tab_is_served_by_locust_s_web_ui(monkeypatch: pytest.MonkeyPatch) -> No
     env.create_local_runner()
     web_ui = env.create_web_ui("127.0.0.1", 0, delayed_start=True)
     try:
-        install_stops_tab(web_ui, lambda: "", lambda: [_record("a", "close", 10.0, 5)])
+        records = [_record("a", "close", 10.0, 5)]
+        builds: list[float] = []
+
+        def build() -> Report:  # as the plugin's live view builds it: the run so far, client side only here
+            builds.append(0.0)
+            return Report(RunMeta(), account(records, None, None, 1.0), stop_rows(records, None))
+
+        live = LiveReport(build, refresh_s=60.0)
+        install_stops_tab(web_ui, live.get)
         assert {"title": "Stops", "key": STOPS_KEY} in web_ui.template_args["extendedTabs"]
         body = web_ui.app.test_client().get("/stats/requests").get_json()
         tab = next(s for s in body["extended_stats"] if s["key"] == STOPS_KEY)
         assert tab["data"][0]["request"] == "a" and tab["data"][0]["truth"] == "client only"
         assert "stats" in body  # Locust's own figures untouched
+        web_ui.app.test_client().get("/stats/requests")
+        assert len(builds) == 1  # polled again within refresh_s: the same Report, not a rebuild
     finally:
         env.runner.quit()  # the web UI never started its server (delayed_start): nothing to stop

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from stopstorm.cli import main
-from stopstorm.metrics.report.compare import format_table, load_scenarios, scenario_figures
+from stopstorm.metrics.report.compare import format_table, load_scenarios, run_scenario, scenario_figures
 from stopstorm.metrics.report.html_page import render_html, write_html_report
+from stopstorm.metrics.report.model import Report, report_from_json
 
 
 def _dist(p50: float, p95: float, p99: float) -> dict:
@@ -75,28 +76,29 @@ def test_compare_names_a_bad_report(tmp_path: Path) -> None:
         load_scenarios([str(bad)])
 
 
-def test_energy_per_delivered_token_from_the_gpu_timeline() -> None:
-    doc = {**_report(1.0, 100.0, 0.0, "x"), "gpu": GPU_STAND_IN}
-    # Δ energy_j 3800 J over 1000 delivered tokens
-    assert scenario_figures(doc)["energy_per_delivered_token"] == pytest.approx(3.8)
+def _read(doc: dict) -> Report:
+    return report_from_json(doc)
 
 
-def test_energy_per_delivered_token_prefers_the_gpu_sections_energy_figure() -> None:
+def test_energy_per_delivered_token_is_the_gpu_sections_energy_figure() -> None:
     energy = {"value": 5000.0, "unit": "J", "source": "NVML", "note": "Δ total-energy counter"}
-    doc = {**_report(1.0, 100.0, 0.0, "x"), "gpu": {**GPU_STAND_IN, "energy": energy}}
+    report = _read({**_report(1.0, 100.0, 0.0, "x"), "gpu": {**GPU_STAND_IN, "energy": energy}})
     # the section's run-window energy, 5000 J, over 1000 delivered tokens (not the timeline's 3800 J)
-    assert scenario_figures(doc)["energy_per_delivered_token"] == pytest.approx(5.0)
+    assert scenario_figures(report)["energy_per_delivered_token"] == pytest.approx(5.0)
+    # One place for the energy figure: without it the comparison says unknown, it does not derive its own
+    assert scenario_figures(_read({**_report(1.0, 100.0, 0.0, "x"), "gpu": GPU_STAND_IN}))[
+        "energy_per_delivered_token"] is None
 
 
 def test_html_is_self_contained(tmp_path: Path) -> None:
-    doc = {**_report(1.0, 100.0, 5.0, "zombies"), "gpu": GPU_STAND_IN}
-    page = render_html([doc])
+    report = _read({**_report(1.0, 100.0, 5.0, "zombies"), "gpu": GPU_STAND_IN})
+    page = render_html([run_scenario(report)])
     assert page.count("<svg") == 4  # timeline, queue-wait CDF, abort latency, GPU
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from anywhere
     assert "What early aborts bought" in page and "GPU utilisation and power" in page
-    path = write_html_report(tmp_path / "run.json", doc)
-    assert path == tmp_path / "run.html" and path.read_text() .startswith("<!DOCTYPE html>")
-    no_gpu = render_html([_report(1.0, 100.0, 5.0, "zombies")])
+    path = write_html_report(tmp_path / "run.json", report)
+    assert path == tmp_path / "run.html" and path.read_text().startswith("<!DOCTYPE html>")
+    no_gpu = render_html([run_scenario(_read(_report(1.0, 100.0, 5.0, "zombies")))])
     assert "GPU utilisation" not in no_gpu and no_gpu.count("<svg") == 3
 
 
@@ -118,8 +120,7 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         pytest.skip("chromium not installed (apt-get install chromium)")
     from PIL import Image
 
-    doc = {**_report(1.0, 100.0, 5.0, "zombies"), "gpu": GPU_STAND_IN}
-    page = write_html_report(tmp_path / "run.json", doc)
+    page = write_html_report(tmp_path / "run.json", _read({**_report(1.0, 100.0, 5.0, "zombies"), "gpu": GPU_STAND_IN}))
     shot = tmp_path / "run.png"
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(

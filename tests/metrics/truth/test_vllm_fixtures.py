@@ -23,8 +23,8 @@ from conftest import FIXTURES_DIR
 from stopstorm.metrics.analysis.accounting import account
 from stopstorm.metrics.figures import LOG_SOURCE, METRICS_SOURCE, UNAVAILABLE
 from stopstorm.metrics.record import StreamRecord
-from stopstorm.metrics.report.console import format_summary
-from stopstorm.metrics.report.document import to_json
+from stopstorm.metrics.report.console import format_accounting
+from stopstorm.metrics.report.model import Report, RunMeta, report_to_json
 from stopstorm.metrics.truth.vllm_log import LogEvent, LogIndex, parse_events
 from stopstorm.metrics.truth.vllm_metrics import diff, parse_snapshot
 
@@ -180,9 +180,9 @@ def test_account_on_the_recording_with_log_and_metrics():
     assert run.ledger_aborts.source == UNAVAILABLE
     cells = {(c.stack, c.close_mode): c.figures for c in acc.cells}
     assert cells[("http.client", "close")].aborted.value == 2 and cells[("http.client", "none")].aborted.value == 0
-    text = format_summary(acc)
+    text = format_accounting(acc)
     assert "2 aborts logged, vLLM counted 0" in text and "abort logged" in text
-    doc = to_json(acc, {})
+    doc = report_to_json(Report(RunMeta(), acc))
     assert doc["run"]["figures"]["log_aborts"]["value"] == 2
 
 
