@@ -61,9 +61,14 @@ def _provenance(doc: dict[str, Any], item: dict[str, Any]) -> dict[str, str]:
     return {**doc.get("provenance", {}), **item.get("provenance", {})}
 
 
+def _short(commit: str) -> str:
+    """A commit as people quote it: 7 hex digits (and what follows, e.g. "with uncommitted changes")."""
+    m = re.match(r"([0-9a-f]{40})(.*)", commit)
+    return m.group(1)[:7] + m.group(2) if m else commit
+
+
 def _source_line(p: dict[str, str]) -> str:
-    commit = p.get("commit", "")
-    short = commit[:7] if re.fullmatch(r"[0-9a-f]{40}", commit) else commit
+    short = _short(p.get("commit", ""))
     bits = [f"measured {p['measured']}" if p.get("measured") else "", f"commit `{short}`" if short else "",
             p.get("machine", "")]
     line = "; ".join(b for b in bits if b)
@@ -90,9 +95,9 @@ def render_figures(doc: dict[str, Any]) -> str:
         value = _value(f["value"], f.get("format", "{}"))
         unit = f" {f['unit']}" if f.get("unit") else ""
         label = f["label"] + (f" ({f['note']})" if f.get("note") else "")
-        commit = p.get("commit", "")[:7]
+        commit = _short(p.get("commit", ""))
         out.append(f"| {label} | {value}{unit} | {p.get('measured', '')} | {p.get('source', '')}"
-                   f"{f', commit `{commit}`' if commit and commit not in p.get('source', '') else ''} |")
+                   f"{f', commit `{commit}`' if commit and commit[:7] not in p.get('source', '') else ''} |")
     return "\n".join(out)
 
 

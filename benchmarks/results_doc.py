@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["document", "dumps", "provenance"]
+__all__ = ["document", "dumps", "provenance", "table"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,11 +62,25 @@ def provenance(argv: list[str] | None = None) -> dict[str, str]:
     }
 
 
-def document(benchmark: str, tables: dict[str, dict[str, Any]], figures: list[dict[str, Any]] | None = None,
-             **raw: Any) -> dict[str, Any]:
-    """A run's results file: the tables (and figures) with this run's provenance, then the script's raw data."""
-    doc: dict[str, Any] = {"benchmark": benchmark, "script": f"benchmarks/{benchmark}.py",
-                           "provenance": provenance(), "tables": tables}
+def table(columns: list[dict[str, Any]], rows: list[dict[str, Any]], title: str | None = None) -> dict[str, Any]:
+    """One table of a results file (its provenance is the file's unless it gets its own)."""
+    out: dict[str, Any] = {"columns": columns, "rows": rows}
+    if title:
+        out = {"title": title, **out}
+    return out
+
+
+def document(benchmark: str, tables: dict[str, dict[str, Any]], figures: list[dict[str, Any]] | None = None, *,
+             command: str | None = None, source: str | None = None, **raw: Any) -> dict[str, Any]:
+    """A run's results file: the tables (and figures) with this run's provenance, then the script's raw data.
+    `command` and `source` replace what sys.argv would say (for a locustfile run through Locust)."""
+    prov = provenance()
+    if command is not None:
+        prov["command"] = command
+    if source is not None:
+        prov["source"] = source
+    doc: dict[str, Any] = {"benchmark": benchmark, "script": f"benchmarks/{benchmark}.py", "provenance": prov,
+                           "tables": tables}
     if figures:
         doc["figures"] = figures
     for key, value in raw.items():
@@ -83,8 +97,9 @@ def dumps(doc: Any, indent: int = 0) -> str:
         items = [f"{inner}{json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in doc.items()]
         return "{\n" + ",\n".join(items) + f"\n{pad}}}"
     if isinstance(doc, list) and doc and all(isinstance(v, dict) for v in doc):
-        return "[\n" + ",\n".join(f"{inner}{json.dumps(v, ensure_ascii=False)}" for v in doc) + f"\n{pad}]"
-    return json.dumps(doc, ensure_ascii=False)
+        return "[\n" + ",\n".join(f"{inner}{json.dumps(v, ensure_ascii=False, default=str)}" for v in doc) \
+            + f"\n{pad}]"
+    return json.dumps(doc, ensure_ascii=False, default=str)
 
 
 def _flat_list(v: Any) -> bool:
