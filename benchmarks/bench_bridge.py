@@ -414,7 +414,43 @@ def main() -> None:
     _print_table(rows)
     print(f"\n{time.monotonic() - t_start:.0f} s in all; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        from results_doc import document, dumps  # beside this script
+        from results_doc import table as results_table
+
+        def pick(setup: str, n: int) -> dict[str, Any]:
+            return next((r for r in rows if r["setup"] == setup and r["users"] == n), {})
+
+        delay = [{"users": n, "asyncio_p50_ms": pick("asyncio", n).get("ft_delay_p50_ms"),
+                  "asyncio_p99_ms": pick("asyncio", n).get("ft_delay_p99_ms"),
+                  "bridge_p50_ms": pick("bridge", n).get("ft_delay_p50_ms"),
+                  "bridge_p99_ms": pick("bridge", n).get("ft_delay_p99_ms"),
+                  "start_p50_us": pick("bridge", n).get("start_p50_us"),
+                  "resume_p50_us": pick("bridge", n).get("resume_p50_us")} for n in args.users]
+        figures = [{"id": "empty_round_trip", "label": "an empty bridge.run() round trip, one greenlet, sequential",
+                    "value": round(r["floor"]["p50"] * 1e6, 1), "unit": "µs"} for r in rows if r["floor"]][:1]
+        chunk = pick("bridge/chunk", max(args.users))
+        if chunk.get("ft_delay_p50_ms") is not None:
+            figures.append({"id": f"bridge_chunk_p50_{max(args.users)}", "label": "first-token delay p50 at N = "
+                            f"{max(args.users)} pulling each chunk through its own bridge call (bridge/chunk)",
+                            "value": chunk["ft_delay_p50_ms"], "unit": "ms"})
+        title = (f"httpx.AsyncClient streams from N greenlets through the bridge vs the same code on plain asyncio "
+                 f"({args.loop}, {args.repeats} runs pooled): client-minus-server first-token delay (server truth: "
+                 "the ledger's first_token)")
+        doc = document("bench_bridge", {"first_token_delay": results_table(RESULTS_COLUMNS, delay, title)}, figures,
+                       rows=rows)
+        Path(args.json).write_text(dumps(doc) + "\n")
+
+
+# The results table's columns (benchmarks/results/bench_bridge.json; rendered by benchmarks/render_tables.py).
+RESULTS_COLUMNS = [
+    {"label": "N", "key": "users", "format": "{:,}", "align": "right"},
+    {"label": "plain asyncio p50 / p99 ms", "keys": ["asyncio_p50_ms", "asyncio_p99_ms"], "sep": " / ",
+     "align": "right"},
+    {"label": "through the bridge p50 / p99 ms", "keys": ["bridge_p50_ms", "bridge_p99_ms"], "sep": " / ",
+     "align": "right"},
+    {"label": "bridge call→start p50 µs", "key": "start_p50_us", "format": "{:,g}", "align": "right"},
+    {"label": "bridge end→resume p50 µs", "key": "resume_p50_us", "format": "{:,g}", "align": "right"},
+]
 
 
 if __name__ == "__main__":

@@ -197,10 +197,39 @@ def main() -> None:
         print(f"| {r['run']} | {r['figure']} | {r['real']:,.3f} | {r['replay']:,.3f} | {err} |")
     print(f"\nqueue wait saved by prompt aborts (mean): real A/B {saved_real:.3f} s, replay {saved_pred:.3f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "saved_real_s": saved_real, "saved_replay_s": saved_pred,
-                                            "timing": {"base_s": timing.base_s, "per_seq_s": timing.per_seq_s,
-                                                       "prefill_per_token_s": timing.prefill_per_token_s}},
-                                           indent=2))
+        from results_doc import document, dumps  # beside this script
+        from results_doc import table as results_table
+
+        table_rows = [{**r, "_format": {"real": "{:,.0f}", "replay": "{:,.0f}"}} if r["figure"] == "generated tokens"
+                      else r for r in rows]
+        title = (f"One open-model schedule ({a.requests} requests, Poisson {a.rate:g}/s, lengths uniform "
+                 f"{a.lengths[0]}-{a.lengths[1]}, stop probability {a.stop_probability:g}) run twice against fresh "
+                 f"simulators (--max-num-seqs {a.max_num_seqs}, {a.step_ms:g} ms steps): A closes at Stop, B reads "
+                 "every stream to its end; run A's ledger alone, replayed, predicts A (perfect) and B (full)")
+        figures = [
+            {"id": "saved_real", "label": "queue wait saved by prompt aborts (mean), real A/B",
+             "value": round(saved_real, 3), "unit": "s"},
+            {"id": "saved_replay", "label": "queue wait saved by prompt aborts (mean), replay",
+             "value": round(saved_pred, 3), "unit": "s"},
+            {"id": "replay_cpu", "label": "CPU for both replays", "value": round(cpu * 1e3), "unit": "ms"},
+            {"id": "calibrated_step_base", "label": "calibrated step: base, per running request",
+             "value": f"{timing.base_s * 1e3:.3f} + {timing.per_seq_s * 1e3:.3f}", "unit": "ms"},
+        ]
+        doc = document("bench_replay", {"ab": results_table(RESULTS_COLUMNS, table_rows, title)}, figures,
+                       rows=rows, saved_real_s=saved_real, saved_replay_s=saved_pred,
+                       timing={"base_s": timing.base_s, "per_seq_s": timing.per_seq_s,
+                               "prefill_per_token_s": timing.prefill_per_token_s})
+        Path(a.json).write_text(dumps(doc) + "\n")
+
+
+# The results table's columns (benchmarks/results/bench_replay.json; rendered by benchmarks/render_tables.py).
+RESULTS_COLUMNS = [
+    {"label": "run", "key": "run"},
+    {"label": "figure", "key": "figure"},
+    {"label": "real (ledger)", "key": "real", "format": "{:,.3f}", "align": "right"},
+    {"label": "replay from run A", "key": "replay", "format": "{:,.3f}", "align": "right"},
+    {"label": "error", "key": "error_pct", "format": "{:+.1f} %", "align": "right"},
+]
 
 
 if __name__ == "__main__":

@@ -347,6 +347,18 @@ def run_one(n: int, args: argparse.Namespace) -> Result:
     return result
 
 
+# The results table's columns (benchmarks/results/bench_simulator.json; rendered by benchmarks/render_tables.py).
+RESULTS_COLUMNS = [
+    {"label": "streams", "key": "streams", "format": "{:,}", "align": "right"},
+    {"label": "model tok/s", "key": "model_tokens_per_s", "format": "{:,.0f}", "align": "right"},
+    {"label": "achieved tok/s", "key": "achieved_tokens_per_s", "format": "{:,.0f}", "align": "right"},
+    {"label": "step lag %", "key": "step_lag_pct", "format": "{:.1f}", "align": "right"},
+    {"label": "steps behind %", "key": "steps_behind_pct", "format": "{:.1f}", "align": "right"},
+    {"label": "sim CPU %", "key": "sim_cpu_pct", "format": "{:.0f}", "align": "right"},
+    {"label": "client CPU %", "key": "client_cpu_pct", "format": "{:.0f}", "align": "right"},
+]
+
+
 def _table(results: list[Result]) -> str:
     rows = ["| streams | model tok/s | achieved tok/s | step lag % | steps behind % | sim CPU % | client CPU % |",
             "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -406,8 +418,20 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": [asdict(r) for r in results]},
-                                              indent=2) + "\n")
+        from results_doc import document, dumps  # beside this script
+        from results_doc import table as results_table
+
+        title = (f"Simulator capacity: N streams kept open, step model {args.step_base_ms:g} ms + "
+                 f"{args.step_per_seq_ms:g} ms per stream, {args.seconds:g} s window after {args.warmup:g} s warm-up")
+        rows = [{"streams": r.streams, "model_tokens_per_s": r.model_tokens_per_s,
+                 "achieved_tokens_per_s": r.achieved_tokens_per_s, "step_lag_pct": r.step_lag_fraction * 100,
+                 "steps_behind_pct": r.steps_behind_fraction * 100, "sim_cpu_pct": r.sim_cpu * 100,
+                 "client_cpu_pct": r.client_cpu * 100} for r in results]
+        figures = [{"id": f"sim_cpu_us_per_token_{r.streams}", "label": f"simulator CPU per token at {r.streams:,} "
+                    "streams", "value": round(r.sim_cpu_us_per_token, 2), "unit": "µs"} for r in results]
+        doc = document("bench_simulator", {"capacity": results_table(RESULTS_COLUMNS, rows, title)}, figures,
+                       args=vars(args), results=[asdict(r) for r in results])
+        Path(args.json).write_text(dumps(doc) + "\n")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,33 @@ def main() -> None:
                              "growth_mb_per_min": (b - a) / minutes, "bytes_per_stream": (b - a) * 2**20 / streams}
     print(json.dumps(summary, indent=2), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "samples": samples}, indent=2))
+        from results_doc import document, dumps  # beside this script
+        from results_doc import table as results_table
+
+        # KB = 1000 bytes, as the README's soak table had it.
+        rows = [{"process": name, "rss_mb_at_1min": summary[name]["rss_mb_at_1min"],
+                 "rss_mb_at_end": summary[name]["rss_mb_at_end"],
+                 "growth_mb_per_min": round(summary[name]["growth_mb_per_min"], 2),
+                 "kb_per_stream": round(summary[name]["bytes_per_stream"] / 1000, 2)}
+                for name in ("locust", "simulator") if name in summary]
+        title = (f"{args.duration_s / 60:g} minutes at {args.users} concurrent streams ({args.users} users of every "
+                 "stack, no think time, the default Stop mix): RSS from 1 min to the end")
+        figures = [{"id": k, "label": label, "value": summary[k], "format": "{:,}"} for k, label in (
+            ("streams", f"streams in the {args.duration_s / 60:g}-minute soak"),
+            ("ledger_requests", "ledger requests"), ("unmatched_requests", "unmatched_requests"))]
+        doc = document("bench_soak", {"rss": results_table(RESULTS_COLUMNS, rows, title)}, figures,
+                       summary=summary, samples=samples)
+        Path(args.json).write_text(dumps(doc) + "\n")
+
+
+# The results table's columns (benchmarks/results/bench_soak.json; rendered by benchmarks/render_tables.py).
+RESULTS_COLUMNS = [
+    {"label": "process", "key": "process"},
+    {"label": "RSS at 1 min", "key": "rss_mb_at_1min", "format": "{:.0f} MB", "align": "right"},
+    {"label": "RSS at the end", "key": "rss_mb_at_end", "format": "{:.0f} MB", "align": "right"},
+    {"label": "growth", "key": "growth_mb_per_min", "format": "{:g} MB/min", "align": "right"},
+    {"label": "per stream ended", "key": "kb_per_stream", "format": "{:g} KB", "align": "right"},
+]
 
 
 if __name__ == "__main__":

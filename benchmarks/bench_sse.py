@@ -1,4 +1,4 @@
-"""CPU cost per event of metrics.sse on a realistic vLLM chat chunk: ``python benchmarks/bench_sse.py``.
+"""CPU cost per event of metrics.sse on a realistic vLLM chat chunk: ``python benchmarks/bench_sse.py [--json F]``.
 
 Also the whole per-chunk work of stopstorm's core on the raw-line path (`StreamReader.feed`: SSE rules,
 orjson, the record's stamps and counts) against the least a bare loop does with the same lines (`startswith`,
@@ -7,6 +7,7 @@ orjson, the content check): the transport-free part of stopstorm's overhead, mea
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -122,6 +123,9 @@ def _best(fn: Callable[[], int]) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also write the results here (benchmarks/results/ shape)")
+    args = parser.parse_args()
     print(f"event: {len(EVENT)} bytes, {N} events x best of {REPEATS}, Python {sys.version.split()[0]}")
     cases = [
         ("SSEDecoder.decode, one event per chunk", _whole),
@@ -133,9 +137,20 @@ def main() -> None:
         ("StreamReader.feed: a chunk into the record", _reader),
         ("bare loop: startswith + orjson + content", _bare_lines),
     ]
+    rows = []
     for name, fn in cases:
         s = _best(fn)
+        rows.append({"case": name, "us_per_event": s * 1e6})
         print(f"{name:<46} {s * 1e6:6.3f} us/event  {1 / s:12,.0f} events/s")
+    if args.json:
+        from results_doc import document, dumps  # beside this script
+        from results_doc import table as results_table
+
+        columns = [{"label": "case", "key": "case"},
+                   {"label": "µs per event", "key": "us_per_event", "format": "{:.2f}", "align": "right"}]
+        title = f"A {len(EVENT)}-byte vLLM chat chunk, {N // 1000}k events, best of {REPEATS}"
+        doc = document("bench_sse", {"parse": results_table(columns, rows, title)})
+        Path(args.json).write_text(dumps(doc) + "\n")
 
 
 if __name__ == "__main__":

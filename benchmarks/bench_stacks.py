@@ -516,6 +516,18 @@ def summarise(row: dict[str, Any]) -> None:
     row["busy_pct"] = statistics.median(r["cpu_s"] / r["wall_s"] * 100 for r in row["runs"]["stopstorm"])
 
 
+# The results tables' columns (benchmarks/results/bench_stacks.json; rendered by benchmarks/render_tables.py).
+RESULTS_COLUMNS = [
+    {"label": "stack", "key": "stack"},
+    {"label": "library", "key": "library"},
+    {"label": "bare µs/chunk", "key": "bare_us", "format": "{:.1f}", "align": "right"},
+    {"label": "stopstorm µs/chunk", "key": "stopstorm_us", "format": "{:.1f}", "align": "right"},
+    {"label": "overhead", "key": "overhead_pct", "format": "{:+.1f} %", "align": "right"},
+    {"label": "chunks/s per core", "key": "chunks_per_s_per_core", "format": "{:,.0f}", "align": "right"},
+    {"label": "client busy", "key": "busy_pct", "format": "{:.0f} %", "align": "right"},
+]
+
+
 def table(rows: list[dict[str, Any]], shape: str) -> str:
     lines = ["| stack | library version | bare µs/chunk | stopstorm µs/chunk | overhead % | chunks/s per core "
              "(stopstorm) | client busy |",
@@ -608,9 +620,24 @@ def main() -> None:
         print(profile_text)
     print(f"total {time.monotonic() - started:.0f} s")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"simulator_args": SIM_ARGS, "pinned": pinned, "async_bare": args.async_bare,
-                       "python": sys.version.split()[0], "results": results}, f, indent=2)
+        from results_doc import document, dumps  # beside this script
+        from results_doc import table as results_table
+
+        tables = {}
+        for shape, workers, per_worker, max_tokens in shapes(args):
+            what = "one stream at a time" if workers == 1 else f"{workers} concurrent streams"
+            rows = [{k: r[k] for k in ("stack", "library", "bare_us", "stopstorm_us", "overhead_pct",
+                                       "chunks_per_s_per_core", "busy_pct")} for r in results if r["shape"] == shape]
+            columns = RESULTS_COLUMNS if shape == "concurrent" else [
+                c for c in RESULTS_COLUMNS if c["key"] in ("stack", "bare_us", "stopstorm_us", "overhead_pct")]
+            if shape != "concurrent":
+                rows = [{k: r[k] for k in ("stack", "bare_us", "stopstorm_us", "overhead_pct")} for r in rows]
+            tables[shape] = results_table(columns, rows, f"{what}: CPU per chunk, bare library loop vs stopstorm, "
+                                  f"{workers * per_worker} streams x {max_tokens} chunks per run, median of "
+                                  f"{args.repeats}")
+        doc = document("bench_stacks", tables, simulator_args=SIM_ARGS, pinned=pinned, async_bare=args.async_bare,
+                       python=sys.version.split()[0], results=results)
+        Path(args.json).write_text(dumps(doc) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -278,7 +278,56 @@ def main() -> None:
                   f"/{len(t['ttft_err'])} | {ms(pct(t['ttft_err_unflagged'], .99))} |")
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+        from results_doc import document, dumps  # beside this script
+        from results_doc import table as results_table
+
+        def p_ms(values: list[float], p: float) -> float | None:
+            v = pct(values, p)
+            return None if v is None else v * 1e3
+
+        table_rows = []
+        for stack in args.stacks:
+            for n in args.streams:
+                t = next(r for r in rows if r["stack"] == stack and r["streams"] == n and not r["stop"])
+                s = next(r for r in rows if r["stack"] == stack and r["streams"] == n and r["stop"])
+                lag = t["self_monitor"]["bridge_lag" if is_async(stack) else "hub_lag"] or {}
+                table_rows.append({
+                    "stack": stack, "streams": n, "ttft_err_p50_ms": p_ms(t["ttft_err"], .5),
+                    "ttft_err_p99_ms": p_ms(t["ttft_err"], .99), "ttft_err_max_ms": p_ms(t["ttft_err"], 1),
+                    "chunk_err_p99_ms": p_ms(t["chunk_err"], .99), "itl_err_p99_ms": p_ms(t["itl_err"], .99),
+                    "stop_to_close_p50_ms": p_ms(s["stop_to_close"], .5),
+                    "stop_to_close_p99_ms": p_ms(s["stop_to_close"], .99),
+                    "stop_to_server_p50_ms": p_ms(s["stop_to_disconnect_seen"], .5),
+                    "stop_to_server_p99_ms": p_ms(s["stop_to_disconnect_seen"], .99),
+                    "client_cpu_pct": t["cpu_pct"], "loop_lag_p99_ms": lag.get("p99_ms"),
+                    "ttft_flagged": len(t["ttft_err"]) - len(t["ttft_err_unflagged"]),
+                    "ttft_measured": len(t["ttft_err"]),
+                    "ttft_err_p99_unflagged_ms": p_ms(t["ttft_err_unflagged"], .99)})
+        title = (f"N users at once (started over {args.spread_s:g} s), one {args.tokens}-token stream each through "
+                 f"stopstorm's core, against the simulator with --ledger-send-times ({args.step_base_ms:g} ms steps); "
+                 f"errors against the ledger's send times; self-monitor bound {args.max_loop_lag_ms:g} ms"
+                 + ("; gc.freeze() after the clients were built" if args.gc_freeze else ""))
+        doc = document("bench_timing", {"timing": results_table(RESULTS_COLUMNS, table_rows, title)}, rows=rows)
+        Path(args.json).write_text(dumps(doc) + "\n")
+
+
+# The results table's columns (benchmarks/results/bench_timing.json; rendered by benchmarks/render_tables.py).
+RESULTS_COLUMNS = [
+    {"label": "stack", "key": "stack"},
+    {"label": "streams", "key": "streams", "format": "{:,}", "align": "right"},
+    {"label": "TTFT err p50 / p99 / max ms", "keys": ["ttft_err_p50_ms", "ttft_err_p99_ms", "ttft_err_max_ms"],
+     "sep": " / ", "format": "{:.2f}"},
+    {"label": "chunk err p99 ms", "key": "chunk_err_p99_ms", "format": "{:.2f}", "align": "right"},
+    {"label": "ITL err p99 ms", "key": "itl_err_p99_ms", "format": "{:.2f}", "align": "right"},
+    {"label": "stop→close p50 / p99 ms", "keys": ["stop_to_close_p50_ms", "stop_to_close_p99_ms"], "sep": " / ",
+     "format": "{:.2f}"},
+    {"label": "stop→server saw p50 / p99 ms", "keys": ["stop_to_server_p50_ms", "stop_to_server_p99_ms"],
+     "sep": " / ", "format": "{:.2f}"},
+    {"label": "client CPU %", "key": "client_cpu_pct", "format": "{:.0f}", "align": "right"},
+    {"label": "loop lag p99 ms", "key": "loop_lag_p99_ms", "align": "right"},
+    {"label": "TTFT flagged", "keys": ["ttft_flagged", "ttft_measured"], "sep": "/", "align": "right"},
+    {"label": "TTFT err p99 unflagged ms", "key": "ttft_err_p99_unflagged_ms", "format": "{:.2f}", "align": "right"},
+]
 
 
 if __name__ == "__main__":

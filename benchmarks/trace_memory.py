@@ -1,7 +1,8 @@
 """Where a run's memory goes per finished stream: tracemalloc snapshots taken during a real run, compared.
 
     locust -f benchmarks/trace_memory.py --headless -u 60 -r 60 -t 100s --think-time 0 --max-tokens 100 \\
-        --sim-args "--max-num-seqs 60 --step-base-ms 20" [--trace-after 30] [--trace-window 60] [--trace-top 10]
+        --sim-args "--max-num-seqs 60 --step-base-ms 20" [--trace-after 30] [--trace-window 60] [--trace-top 10] \\
+        [--trace-json out.json]
 
 This is locustfile.py (every stack, every hook) with tracemalloc started before anything else is imported.
 `--trace-after` seconds into the run it takes a snapshot (after a full GC), `--trace-window` seconds later a
@@ -45,6 +46,8 @@ def _options(parser: Any, **_kw: Any) -> None:
     g.add_argument("--trace-after", type=float, default=30.0, help="seconds into the run of the first snapshot")
     g.add_argument("--trace-window", type=float, default=60.0, help="seconds between the two snapshots")
     g.add_argument("--trace-top", type=int, default=10, help="allocation sites to print")
+    g.add_argument("--trace-json", default="", help="also write the result here (benchmarks/results/ shape; "
+                   "Locust owns --json)")
 
 
 def _snapshot() -> tuple[tracemalloc.Snapshot, int]:
@@ -73,7 +76,8 @@ def _short(filename: str) -> str:
     return filename
 
 
-def report(first: tuple[tracemalloc.Snapshot, int], second: tuple[tracemalloc.Snapshot, int], top: int) -> None:
+def report(first: tuple[tracemalloc.Snapshot, int], second: tuple[tracemalloc.Snapshot, int], top: int,
+           json_path: str = "") -> None:
     (a, n_a), (b, n_b) = first, second
     streams = n_b - n_a
     # Not the first snapshot itself (tracemalloc's own module allocated it).
@@ -85,6 +89,24 @@ def report(first: tuple[tracemalloc.Snapshot, int], second: tuple[tracemalloc.Sn
           f"{total / 1024:.0f} KiB, {total / per:.0f} B per stream", flush=True)
     for s in stats[:top]:
         print(f"  {s.size_diff / per:7.0f} B/stream  {s.count_diff:+7d} blocks  {_site(s.traceback)}")
+    if json_path:
+        from results_doc import document, dumps  # beside this file
+        from results_doc import table as results_table
+
+        columns = [{"label": "B per stream", "key": "bytes_per_stream", "format": "{:,.0f}", "align": "right"},
+                   {"label": "blocks", "key": "blocks", "format": "{:+,}", "align": "right"},
+                   {"label": "allocation site", "key": "site"}]
+        rows = [{"bytes_per_stream": st.size_diff / per, "blocks": st.count_diff, "site": _site(st.traceback)}
+                for st in stats[:top]]
+        figures = [{"id": "streams_between_snapshots", "label": "streams collected between the snapshots",
+                    "value": streams},
+                   {"id": "growth_per_stream", "label": "Python's allocations grew, per stream",
+                    "value": round(total / per / 1000, 2), "unit": "KB"}]
+        doc = document("trace_memory", {"sites": results_table(columns, rows, "What grew between the two "
+                                                               "snapshots per stream, by allocation site")},
+                       figures, command=" ".join(["locust", *sys.argv[1:]]),
+                       source="written by benchmarks/trace_memory.py --trace-json")
+        Path(json_path).write_text(dumps(doc) + "\n")
 
 
 _snapshots: list[tuple[tracemalloc.Snapshot, int]] = []
@@ -108,7 +130,7 @@ def _start(environment: Any, **_kw: Any) -> None:
 def _stop(environment: Any, **_kw: Any) -> None:
     """Compared after the users stop: the comparison holds the loop for seconds, which would stall streams."""
     if len(_snapshots) == 2:
-        report(*_snapshots, environment.parsed_options.trace_top)
+        report(*_snapshots, environment.parsed_options.trace_top, environment.parsed_options.trace_json)
     else:
         print(f"trace_memory: the run ended before the second snapshot ({len(_snapshots)} taken): make -t longer "
               "than --trace-after + --trace-window", flush=True)
