@@ -883,8 +883,8 @@ def _run_steps(args: argparse.Namespace, folder: Path, out: Path, manifest: dict
         argv = [*argv, "--stopstorm-report", str(report), "--sim-log", str(out / f"{name}-simulator.log")]
         if name == "probe":
             argv += ["--probe-json", str(out / "probe.json")]
-        if sim:
-            argv += ["--sim-args", sim]
+        if sim:  # with "=": a lone "--gpu-work" after "--sim-args" is read by argparse as an option of its own
+            argv.append(f"--sim-args={sim}")
         left = budget - steps.elapsed()
         limit = max(60.0, left - LOAD_RESERVE_S) if name == "probe" else max(30.0, left - 10.0)
         label = ("a short " if args.dry_run else "the ") + ("probe" if name == "probe" else "load run") + \
