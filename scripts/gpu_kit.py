@@ -395,7 +395,7 @@ def _manifest(dest: Path, resolved: dict[str, Node], plan: KitPlan, roots: list[
     wb, sb = sum(w["bytes"] for w in wheels), sum(s["bytes"] for s in spares)
     return {"kit_schema": KIT_SCHEMA, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "python_version": python_version, "glibc": list(GLIBC), "platforms": manylinux_platforms(),
-            "made_with": {"python": platform.python_version(), "pip": _pip_version()},
+            "made_with": {"python": platform.python_version(), "pip": _pip_version(), "checkout": _git_rev()},
             "stopstorm_requirements": roots, "image": list(IMAGE), "image_note": IMAGE_TORCH_NOTE,
             "wheels": wheels, "spares": spares, "excluded": excluded,
             "sizes": {"wheels_bytes": wb, "spares_bytes": sb, "total_bytes": wb + sb}}
@@ -792,7 +792,8 @@ def cmd_run(args: argparse.Namespace) -> int:
              f"{steps.elapsed():.1f} s to check)")
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"kit": str(folder), "dry_run": args.dry_run, "python": platform.python_version(),
-                              "kit_python": kit_py, "checkout": _git_rev(), "gpu": info, "steps": steps.done,
+                              "kit_python": kit_py, "checkout": _checkout_rev(manifest), "gpu": info,
+                              "steps": steps.done,
                               "not_proven": []}
     target = Path(tempfile.mkdtemp(prefix="stopstorm-gpu-kit-"))
     try:
@@ -924,6 +925,13 @@ def _finish(out: Path, probe: Path | None, load: Path | None, record: dict[str, 
     return 0
 
 
+def _checkout_rev(manifest: dict[str, Any]) -> str:
+    """This checkout's revision; a copy carried without .git says the one the kit was downloaded in."""
+    rev = _git_rev()
+    made = manifest.get("made_with", {}).get("checkout")
+    return rev if rev != "unknown" or not made else f"{made} (when the kit was downloaded; no git here)"
+
+
 def _git_rev() -> str:
     try:
         proc = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
@@ -1031,14 +1039,20 @@ def summary_page(probe: dict[str, Any] | None, load: dict[str, Any] | None, reco
     lines.append("")
     with_gpu = [(name, d["gpu"]) for name, d in runs if d and d.get("gpu")]
     if with_gpu:
+        def source(key: str) -> str:
+            known = [g[key]["source"] for _, g in with_gpu if isinstance(g.get(key), dict) and _val(g[key]) is not None]
+            return known[0] if known else "unavailable"
+
         g0 = with_gpu[0][1]
-        src = "; ".join(f"{k.replace('_', ' ')}: {g0[k].get('source')}" for k in ("energy", "wasted_energy",
-                        "stop_to_idle") if isinstance(g0.get(k), dict))
-        lines.append(f"Sources: {src}. Idle = utilisation ≤ {g0.get('idle_pct')} % on every GPU read, read every "
-                     f"{g0.get('interval_s')} s. Wasted = the run's energy × wasted ÷ generated tokens (an "
-                     "attribution, idle power included).")
-        notes = sorted({f["note"] for _, g in with_gpu for f in g.values() if isinstance(f, dict) and f.get("note")})
-        lines += [f"- note: {n}" for n in notes]
+        lines.append(f"Sources: energy {source('energy')}; wasted energy {source('wasted_energy')}; Stop → GPU idle "
+                     f"{source('stop_to_idle')}. Idle = utilisation ≤ {g0.get('idle_pct')} % on every GPU read, read "
+                     f"every {g0.get('interval_s')} s. Wasted = energy × wasted ÷ generated tokens (an attribution, "
+                     "idle power included).")
+        for name, g in with_gpu:  # why a figure is "–": its note, once per run
+            why = sorted({f"{k.replace('_', ' ')}: {f['note']}" for k, f in g.items()
+                          if isinstance(f, dict) and f.get("note") and _val(f) is None})
+            if why:
+                lines.append(f"- {name}, no value for " + "; ".join(why))
         lines += [f"- {name}: {g['errors']} GPU read errors (last: {g.get('last_error')})"
                   for name, g in with_gpu if g.get("errors")]
         lines.append("")
