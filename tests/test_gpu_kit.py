@@ -263,6 +263,7 @@ def report(streams: int, cells: list[tuple[str, str, float | None]], with_gpu: b
                   "energy_per_delivered_token": fig(12.5, "J/token"), "wasted_gpu_seconds": fig(8.1, "GPU-s"),
                   "wasted_energy": fig(1000.0), "idle_stops": fig(3, "stops"),
                   "stop_to_idle": fig(dist(0.112, 0.2), "s", note="driver samples"),
+                  "wasted_gpu_seconds_x": fig(None, "GPU-s", "unavailable", note="needs wasted tokens"),
                   "cells": [{"stack": s, "close_mode": m, "wasted_gpu_seconds": fig(1.0, "GPU-s"),
                              "wasted_energy": fig(120.0), "idle_stops": fig(1 if v is not None else 0, "stops"),
                              "stop_to_idle": fig(dist(v, v, 1) if v is not None else None, "s")}
@@ -285,7 +286,8 @@ def test_summary_puts_stop_to_idle_per_cell_and_energy_per_token_on_one_page():
     assert "| energy per delivered token J | 12.5000 | 12.5000 |" in page
     assert "| wasted energy J | 1,000.0 | 1,000.0 |" in page
     assert "| Stop → GPU idle p50 / max ms | 112 / 200 (3 stops) |" in page
-    assert "- note: driver samples" in page and "not in its report" not in page
+    assert "- probe, no value for wasted gpu seconds x: needs wasted tokens" in page
+    assert "driver samples" not in page and "not in its report" not in page
     assert len(page.splitlines()) < 60  # one page
 
 
@@ -327,25 +329,37 @@ def test_download_resolves_every_wheel_for_312(kit312):
     assert on_disk == m["sizes"]["total_bytes"] < 48 * 2**20
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_dry_run_from_a_standin_of_the_image(kit312, tmp_path):
-    """An image stand-in (a venv with only the image's packages, anyio, typing-extensions and requests older
-    than the kit needs), the same versions for this Python, then `run --dry-run`: spares fill the gaps, every
-    module imports, the short runs write their reports and the summary."""
-    local = tmp_path / "local"
+@pytest.fixture(scope="module")
+def local_kit(kit312, tmp_path_factory) -> Path:
+    """The same versions as kit312, built for this Python."""
+    local = tmp_path_factory.mktemp("local") / "wheels"
     proc = kit("download", str(local), "--python-version", HERE, "--same-as", str(kit312), timeout=900)
     assert proc.returncode == 0, proc.stderr
-    image = tmp_path / "image"
+    return local
+
+
+@pytest.fixture(scope="module")
+def image_python(tmp_path_factory) -> str:
+    """A stand-in for the GPU image: a venv with only its packages, anyio, typing-extensions and requests older
+    than the kit needs (so the spares are used). torch is not there: the stand-in below plays it."""
+    image = tmp_path_factory.mktemp("image") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(image)], check=True, timeout=300)
     py = str(image / "bin" / "python")
     pkgs = [n for n in IMAGE if n not in ("httpx", "requests")]
     subprocess.run([py, "-m", "pip", "install", "-q", *pkgs, "httpx==0.27.2", "requests==2.32.3", "anyio==4.4.0",
                     "typing_extensions==4.12.2"], check=True, timeout=900, capture_output=True)
+    return py
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_dry_run_from_a_standin_of_the_image(kit312, local_kit, image_python, tmp_path):
+    """The 3.12 kit checked and unpacked, the same versions for this Python installed, spares filling the image's
+    gaps, every module imported, the short runs' reports and the summary written."""
     out = tmp_path / "out"
-    env = _env_without_torch()
-    proc = subprocess.run([py, str(KIT), "run", "--dry-run", str(kit312), str(out), "--local-wheels", str(local)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = subprocess.run([image_python, str(KIT), "run", "--dry-run", str(kit312), str(out), "--local-wheels",
+                           str(local_kit)], capture_output=True, text=True, cwd=ROOT, env=_env_without_torch(),
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     assert "falls short of" in proc.stdout and "installing the spare" in proc.stdout
     assert "modules import" in proc.stdout and "not proven by this run:" in proc.stdout
@@ -355,3 +369,29 @@ def test_dry_run_from_a_standin_of_the_image(kit312, tmp_path):
     load = json.loads((out / "load-report.json").read_text())
     assert load["overall"]["figures"]["streams"]["value"] > 0
     assert (out / "summary.md").read_text().startswith("# stopstorm GPU check (dry run")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_the_real_path_end_to_end_with_standins_for_torch_and_nvml(local_kit, image_python, tmp_path):
+    """`run` itself (not a dry run), with the kit for this Python and tests/gpu_kit_standins/ playing torch with
+    CUDA and NVML over one virtual GPU: the full probe and the 60 s load run with --gpu-work, both reports with
+    a gpu section and their timelines, the summary, inside the 8-minute budget. About 5.5 minutes."""
+    out = tmp_path / "out"
+    env = _env_without_torch(ROOT / "tests" / "gpu_kit_standins")
+    env["STANDIN_GPU_STATE"] = str(tmp_path / "gpu-state.json")
+    proc = subprocess.run([image_python, str(KIT), "run", str(local_kit), str(out)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    record = json.loads((out / "kit-run.json").read_text())
+    assert record["seconds"] < 480 and [r["exit"] for r in record["runs"].values()] == [0, 0]
+    for name in ("probe", "load"):
+        doc = json.loads((out / f"{name}-report.json").read_text())
+        assert doc["gpu"]["devices"][0]["name"] == "Stand-in GPU (CPU rehearsal)"
+        assert doc["gpu"]["energy"]["value"] > 0
+        for tag in ("gpu-timeline.csv", "gpu-timeline.png", "gpu-stops.csv"):
+            assert (out / f"{name}-report-{tag}").is_file()
+    load = json.loads((out / "load-report.json").read_text())
+    assert load["gpu"]["energy_per_delivered_token"]["value"] > 0
+    page = (out / "summary.md").read_text()
+    assert "| energy per delivered token J |" in page and "| load |" in page
