@@ -518,7 +518,10 @@ def checkout_packages(root: Path = ROOT) -> tuple[list[str], dict[str, Path]]:
     else:  # packages.find or none: every top-level folder that is a package, bar the ones that never ship
         names = sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file()
                        and p.name not in {"tests", "benchmarks", "scripts", "docs"})
-    aliases = {name: (root / d).resolve() for name, d in pkg_dir.items() if name and not (root / name).exists()}
+    # Only a top-level name needs carrying; a dotted one (stopstorm.users = "users") is reached through its parent,
+    # which in a checkout holds symlinks to those folders.
+    aliases = {name: (root / d).resolve() for name, d in pkg_dir.items()
+               if name and "." not in name and not (root / name).exists()}
     return names, aliases
 
 
