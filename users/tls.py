@@ -46,4 +46,4 @@ def shared_ssl_context(library: str, insecure: bool = False) -> ssl.SSLContext:
 def _factory(library: str) -> Callable[..., Any]:
     if library not in ("httpx", "httpx2"):
         raise ValueError(f"no SSL context for library {library!r}; choose httpx or httpx2")
-    return importlib.import_module(library).create_ssl_context  # type: ignore[no-any-return]
+    return importlib.import_module(library).create_ssl_context
