@@ -18,6 +18,9 @@ Locust runs every user as a gevent greenlet in a monkey-patched process, while `
 - When the waiting greenlet is interrupted (killed with `GreenletExit` as Locust stops a user, or a
   `gevent.Timeout`), the asyncio task is cancelled so `async with` blocks close their streams (the server
   sees the close and aborts the request); the greenlet waits a bounded moment for that and then re-raises.
+- No subprocess can be started in the loop's thread: gevent's subprocess forks, then fails there ("child
+  watchers are only available on the default loop"), leaving nothing cached by whoever asked (the openai
+  SDK's platform probe: users/stack_openai_async.py runs it once at import, in the main thread).
 - Async clients bind to the loop they are created in, so create them inside the bridge's loop:
   `client = bridge.run(httpx.AsyncClient)` works (a `coro_fn` that returns a non-awaitable is simply called
   in the loop's thread), as does `bridge.run(make_client)` for an `async def make_client()`.

@@ -81,6 +81,9 @@ class SyncTransport(Protocol):
 
     def shutdown(self) -> None: ...
 
+    # Optional: `warm(host, api_key)` builds what the first `open` would otherwise build after the send stamp
+    # (users call it at start, before any stream); a transport without it builds everything in __init__.
+
 
 class AsyncTransport(Protocol):
     name: str
@@ -451,6 +454,12 @@ class StreamingUser(User):
         report(self.environment, record)
 
 
+def _warm(transport: Any, settings: RunSettings) -> None:
+    warm = getattr(transport, "warm", None)
+    if warm is not None:
+        warm(settings.host, settings.api_key)
+
+
 class SyncStreamingUser(StreamingUser):
     """A user whose client blocks (cooperatively, under gevent): requests, httpx, openai, FastHttp."""
 
@@ -458,7 +467,9 @@ class SyncStreamingUser(StreamingUser):
     transport_class: ClassVar[type[Any]]
 
     def on_start(self) -> None:
-        self.transport: SyncTransport = self.transport_class(insecure=self._settings().insecure)
+        settings = self._settings()
+        self.transport: SyncTransport = self.transport_class(insecure=settings.insecure)
+        _warm(self.transport, settings)
 
     def on_stop(self) -> None:
         self.transport.shutdown()
@@ -484,7 +495,9 @@ class AsyncStreamingUser(StreamingUser):
         self.transport: AsyncTransport = self.bridge.run(lambda: self._create_transport(insecure))
 
     async def _create_transport(self, insecure: bool) -> AsyncTransport:
-        return self.transport_class(insecure=insecure)
+        transport = self.transport_class(insecure=insecure)
+        _warm(transport, self._settings())
+        return transport
 
     def on_stop(self) -> None:
         self.bridge.run(self.transport.shutdown, timeout=10)

@@ -24,12 +24,17 @@ from openai._streaming import ServerSentEvent, SSEDecoder  # the SDK's own decod
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import StreamFailure, SyncStreamingUser, error_text
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.tls import shared_ssl_context
 
-__all__ = ["DoneNotingDecoder", "DoneNotingMixin", "OpenAITransport", "OpenAIUser", "api_key_of", "call_args",
-           "describe_openai_error", "status_failure"]
+__all__ = ["HTTP_LIBRARY", "DoneNotingDecoder", "DoneNotingMixin", "OpenAITransport", "OpenAIUser", "api_key_of",
+           "call_args", "describe_openai_error", "status_failure"]
 
 # The SDK's httpx2 logs every request at INFO (see users/stack_httpx.py): keep warnings and errors only.
 logging.getLogger("httpx2").setLevel(logging.WARNING)
+
+# The httpx-family module the SDK's own client class is built on (httpx2 for openai 3.x, httpx before): its
+# default SSL context is the one to share (users/tls.py).
+HTTP_LIBRARY = openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0]
 
 # Body fields the SDK's create() takes as typed parameters; everything else goes in extra_body.
 _TYPED = ("model", "messages", "prompt", "max_tokens", "temperature", "stream_options")
@@ -130,7 +135,9 @@ class _Client(DoneNotingMixin, openai.OpenAI):
 
 
 class OpenAITransport:
-    """One SDK client per user, built at the first stream (it needs the server's URL and key)."""
+    """One SDK client per user, built at the first stream (it needs the server's URL and key), over the SDK's
+    default HTTP client with the process's one SSL context (users/tls.py): with a context of its own a client
+    costs ~21 ms of CPU, inside the first stream's TTFT and blocking the hub."""
 
     name = "openai"
     yields_chunks = True
@@ -139,17 +146,24 @@ class OpenAITransport:
         self.clients: dict[str, _Client] = {}  # by host (one, under Locust)
         self.insecure = insecure
 
-    def _client(self, host: str, request: StreamRequest) -> _Client:
+    def warm(self, host: str, api_key: str | None) -> None:
+        """Build the client, and the SDK's lazily imported resources, before the first stream's send stamp:
+        at the first `create()` they cost ~25 ms (once a process) plus the client's own build, inside that
+        stream's TTFT (and, on the bridge, in front of every other user's request)."""
+        client = self._client(host, api_key or "EMPTY")
+        _ = client.chat.completions, client.completions
+
+    def _client(self, host: str, api_key: str) -> _Client:
         client = self.clients.get(host)
         if client is None:
             client = self.clients[host] = _Client(
-                base_url=host + "/v1", api_key=api_key_of(request), max_retries=0,
-                http_client=openai.DefaultHttpxClient(verify=False) if self.insecure else None)
+                base_url=host + "/v1", api_key=api_key, max_retries=0,
+                http_client=openai.DefaultHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure)))
         return client
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
              connect_timeout: float = 10.0) -> _OpenAIStream:
-        client = self._client(host, request)
+        client = self._client(host, api_key_of(request))
         create = client.chat.completions.create if request.endpoint == "chat" else client.completions.create
         try:
             stream = create(**call_args(request, timeout, connect_timeout))

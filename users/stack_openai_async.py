@@ -3,11 +3,18 @@
 The twin of users/stack_openai.py (same call, same words for failures, same [DONE]-noting decoder). The SDK's
 `AsyncStream` is an async generator in a reference cycle: dropped unclosed, the garbage collector finds it
 and asyncio's async-generator finaliser schedules its close on the loop.
+
+The SDK's first request on each client asks `platform.platform()` for a header, and its first call runs
+`uname -p` as a subprocess. On the bridge's loop thread gevent's subprocess forks and then fails (its child
+watchers work only on the main thread's loop), so nothing was cached and every new client forked again, on the
+loop: 16 ms a fork in a large process, so 64 users starting at once stalled the loop for a second (issue 21).
+This module asks once at import, in the main thread, where the answer is cached for every later call.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +25,7 @@ from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import AsyncStreamingUser, StreamFailure
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.stack_openai import (
+    HTTP_LIBRARY,
     DoneNotingDecoder,
     DoneNotingMixin,
     api_key_of,
@@ -25,8 +33,11 @@ from stopstorm.users.stack_openai import (
     describe_openai_error,
     status_failure,
 )
+from stopstorm.users.tls import shared_ssl_context
 
 __all__ = ["OpenAIAsyncTransport", "OpenAIAsyncUser"]
+
+platform.platform()  # cached from here on: see the module's docstring
 
 
 class _OpenAIAsyncStream:
@@ -58,7 +69,14 @@ class _AsyncClient(DoneNotingMixin, openai.AsyncOpenAI):
 
 
 class OpenAIAsyncTransport:
-    """One async SDK client per user, built inside the bridge's loop at the first stream."""
+    """One async SDK client per user, built inside the bridge's loop at the first stream.
+
+    Per user, not one per process: a `drop` must leave that stream's connection to the garbage collector
+    exactly as the SDK does, and the [DONE]-noting decoder is the client's last one (one stream at a time per
+    client). Only the SSL context is the process's one (users/tls.py): built with its own, each client cost
+    ~21 ms on the bridge loop, inside the first stream's TTFT, and 64 users starting at once stalled the loop
+    for seconds (issue 21).
+    """
 
     name = "openai-async"
     yields_chunks = True
@@ -67,17 +85,24 @@ class OpenAIAsyncTransport:
         self.clients: dict[str, _AsyncClient] = {}  # by host (one, under Locust)
         self.insecure = insecure
 
-    def _client(self, host: str, request: StreamRequest) -> _AsyncClient:
+    def warm(self, host: str, api_key: str | None) -> None:
+        """Build the client, and the SDK's lazily imported resources, before the first stream's send stamp:
+        at the first `create()` they cost ~25 ms (once a process) plus the client's own build, inside that
+        stream's TTFT (and, on the bridge, in front of every other user's request)."""
+        client = self._client(host, api_key or "EMPTY")
+        _ = client.chat.completions, client.completions
+
+    def _client(self, host: str, api_key: str) -> _AsyncClient:
         client = self.clients.get(host)
         if client is None:
             client = self.clients[host] = _AsyncClient(
-                base_url=host + "/v1", api_key=api_key_of(request), max_retries=0,
-                http_client=openai.DefaultAsyncHttpxClient(verify=False) if self.insecure else None)
+                base_url=host + "/v1", api_key=api_key, max_retries=0,
+                http_client=openai.DefaultAsyncHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure)))
         return client
 
     async def open(self, host: str, request: StreamRequest, record: StreamRecord,
                    timeout: float, connect_timeout: float = 10.0) -> _OpenAIAsyncStream:
-        client = self._client(host, request)
+        client = self._client(host, api_key_of(request))
         create = client.chat.completions.create if request.endpoint == "chat" else client.completions.create
         try:
             stream = await create(**call_args(request, timeout, connect_timeout))
