@@ -59,6 +59,8 @@ _HEADER = re.compile(
 _ADDED = re.compile(r"^Added request (?P<ids>.+)\.$")
 _ABORTED = re.compile(r"^Aborted request(?:\(s\)|s)? (?P<ids>.+)\.$")
 _ABORTED_09 = re.compile(r"^Request (?P<ids>\S+) aborted\.$")
+# Every event line holds one of these (a cheap test before the regexes, for the many lines that are not events).
+_EVENT_WORDS = (b"Added request", b"borted request", b" aborted.")
 _SUFFIX = re.compile(r"^(?P<base>.+)-[0-9a-f]{8}$")
 _ID_SPLIT = re.compile(r"[,\s]+")
 _ID_STRIP = "[]'\""
@@ -208,7 +210,7 @@ class LineFollower(LogIndex):
     leave the greenlet: they are counted in `errors`, the last one kept in `last_error`.
 
     The stamps: vLLM stamps a line `MM-DD HH:MM:SS` in the server's local time (to the second; no year, no
-    zone). For every stamped line `stamp_offset` keeps the least of (read time − stamp), the read time in this
+    zone). For every event line `stamp_offset` keeps the least of (read time − stamp), the read time in this
     machine's local calendar: a line is read after it is written, so that least value is the shift between the
     two clocks (time zone and skew) plus the quickest delivery, and it is learnt from the live lines whatever
     the zones, since replayed history only ever arrives later than it was written. `forget_before` then drops
@@ -226,7 +228,7 @@ class LineFollower(LogIndex):
         self.errors = 0
         self.last_error: str | None = None
         self.stamp_offset: float | None = None
-        self._order: list[LogEvent] = []  # every indexed event, as read (forget_before re-indexes from it)
+        self._order: list[LogEvent] = []  # the events indexed, and ids seen again later, as read (forget_before)
         self._calendar_second: tuple[int, float] = (-1, 0.0)  # localtime() once a second, not once a line
 
     # --- what a follower does; subclasses give start, stop and running ---------------------------------------
@@ -248,7 +250,8 @@ class LineFollower(LogIndex):
         self.stop()
 
     def forget_before(self, wall_start: float, slack: float = 1.0) -> int:
-        """Drop the events stamped before `wall_start` (a `time.time()`, the run's start) and return how many.
+        """Drop the events stamped before `wall_start` (a `time.time()`, the run's start) and return how many
+        (one per id a line names; 0.9's second abort line is not one); `events` is then what the rest index.
 
         A line written at or after `wall_start` has stamp + `stamp_offset` ≥ `wall_start` − 1 s (its stamp is
         cut to the second, and the offset is never below the clocks' shift), so `slack` = 1 s never drops one
@@ -261,21 +264,27 @@ class LineFollower(LogIndex):
         start = _calendar(wall_start)
         kept = [ev for ev in self._order
                 if (st := _stamp(ev)) is None or _wrap(start - (st + offset)) <= slack]
+        if len(kept) == len(self._order):
+            return 0
+        # Indexed again from what is kept, as if the history had never come (a run's line that repeats an id
+        # from the history was refused as a duplicate when it came; it is indexed now).
         dropped = len(self._order) - len(kept)
-        if dropped:
-            self.added.clear()
-            self.aborted.clear()
-            for ev in kept:
-                self.add(ev)
-            self._order = kept
-            self.events = len(kept)
-            self.before_run += dropped
+        self.added.clear()
+        self.aborted.clear()
+        self._order = kept
+        self.events = sum(self.add(ev) for ev in kept)
+        self.before_run += dropped
         return dropped
+
+    def indexed(self) -> list[LogEvent]:
+        """Every event in the index once, in the order read."""
+        held = {id(ev) for table in (self.added, self.aborted) for ev in table.values()}
+        return [ev for ev in self._order if id(ev) in held]
 
     def matched(self, request_ids: Iterable[str]) -> int:
         """How many of the indexed events name one of `request_ids`, by raw or base id."""
         ids = set(request_ids)
-        return sum(1 for ev in self._order if ev.request_id_raw in ids or ev.request_id_base in ids)
+        return sum(1 for ev in self.indexed() if ev.request_id_raw in ids or ev.request_id_base in ids)
 
     def describe(self) -> dict[str, Any]:
         """What a report keeps of this follower: its counts and errors (subclasses add their source's)."""
@@ -290,12 +299,16 @@ class LineFollower(LogIndex):
 
     def _handle(self, raw: bytes, seen: float) -> None:
         self.lines += 1
-        m = _HEADER.match(_ANSI.sub("", raw.decode("utf-8", errors="replace").rstrip("\r")))
-        if m is None:
+        if not any(word in raw for word in _EVENT_WORDS):  # most lines: no regex at all
             return
-        self._track_stamp(m, seen)
-        for ev in _events(m, seen):
+        events = parse_events(raw.decode("utf-8", errors="replace").rstrip("\r"), seen)
+        if not events:
+            return
+        self._track_stamp(events[0], seen)
+        for ev in events:
             if not self.add(ev):
+                if self._seen_again(ev):
+                    self._order.append(ev)  # kept in case what it repeats turns out to be history
                 continue
             self._order.append(ev)
             self.events += 1
@@ -305,15 +318,23 @@ class LineFollower(LogIndex):
                 except Exception as exc:  # a bad callback must not stop the follower
                     self._record(exc)
 
-    def _track_stamp(self, m: re.Match[str], seen: float) -> None:
-        day = _day_of_year(int(m.group("mo")), int(m.group("d")))
-        if day is None:
+    def _seen_again(self, ev: LogEvent) -> bool:
+        """A refused event (its raw id indexed already) stamped well apart from the one held: the same id in
+        history and in the run. 0.9's second abort line (the same second) and a repeated line are not kept."""
+        table = self.added if ev.kind == "added" else self.aborted
+        held, stamp = table.get(ev.request_id_raw), _stamp(ev)
+        held_stamp = _stamp(held) if held is not None else None
+        return stamp is not None and held_stamp is not None and abs(_wrap(stamp - held_stamp)) > 2.0
+
+    def _track_stamp(self, ev: LogEvent, seen: float) -> None:
+        stamp = _stamp(ev)
+        if stamp is None:
             return
         wall = time.time() - (time.monotonic() - seen)
         second = int(wall)
         if self._calendar_second[0] != second:
             self._calendar_second = (second, _calendar(second))
-        shift = _wrap(self._calendar_second[1] + (wall - second) - (day * _DAY + _seconds_of_day(m)))
+        shift = _wrap(self._calendar_second[1] + (wall - second) - stamp)
         if self.stamp_offset is None or shift < self.stamp_offset:
             self.stamp_offset = shift
 
