@@ -65,11 +65,10 @@ class PipeLogFollower(LineFollower):
             raise ValueError("give a command or a file descriptor")
         if command is not None and not command.strip():
             raise ValueError("the command is empty")
-        super().__init__(on_event)
+        super().__init__(on_event, on_problem)
         self.command = command
         self.fd = fd
         self.source = "command" if command is not None else "stdin" if fd == 0 else "fd"
-        self.on_problem = on_problem
         self.linger = linger
         self.quiet = quiet
         self.silent_after = silent_after
@@ -83,7 +82,6 @@ class PipeLogFollower(LineFollower):
         self.overlong = 0
         self.stderr_lines = 0
         self.stderr_tail: deque[str] = deque(maxlen=stderr_keep)
-        self.problems: list[str] = []
         self._proc: Any = None  # gevent.subprocess.Popen
         self._out: int | None = None
         self._err: int | None = None
@@ -118,7 +116,7 @@ class PipeLogFollower(LineFollower):
                 self._spawn(self.command)
             except Exception as exc:
                 self._record(exc)
-                self._problem(f"{self.what} cannot start ({type(exc).__name__}: {exc}); no abort is confirmed "
+                self.note(f"{self.what} cannot start ({type(exc).__name__}: {exc}); no abort is confirmed "
                               "per request in this run")
                 self._out_done.set()
                 return self
@@ -153,7 +151,7 @@ class PipeLogFollower(LineFollower):
         self._close_fds()
         self._stopped = True
         if self.lines == 0 and self._readers and not self.ended_early:  # (cannot start / ended: said already)
-            self._problem(f"{self.what} printed nothing in the {time.monotonic() - self._started:.0f} s it was "
+            self.note(f"{self.what} printed nothing in the {time.monotonic() - self._started:.0f} s it was "
                           "read; no abort is confirmed per request in this run")
 
     @property
@@ -166,12 +164,7 @@ class PipeLogFollower(LineFollower):
             exit_ = {"code": self.returncode, "after_s": self.exited_after, "during_run": self.ended_early}
         return {**super().describe(), "path": "-" if self.fd == 0 else None, "command": self.command,
                 "pid": self.pid, "exit": exit_, "bytes": self.bytes, "overlong_lines": self.overlong,
-                "stderr_lines": self.stderr_lines, "stderr_tail": list(self.stderr_tail),
-                "problems": list(self.problems)}
-
-    def note(self, problem: str) -> None:
-        """Add a problem found from outside (e.g. the log named none of the run's requests)."""
-        self._problem(problem)
+                "stderr_lines": self.stderr_lines, "stderr_tail": list(self.stderr_tail)}
 
     # --- the command -----------------------------------------------------------------------------------------
 
@@ -299,7 +292,7 @@ class PipeLogFollower(LineFollower):
     def _silent(self) -> None:
         self._silence_told = True
         if not self.lines:
-            self._problem(f"{self.what} has printed nothing in {self.silent_after:g} s: is it the server's log "
+            self.note(f"{self.what} has printed nothing in {self.silent_after:g} s: is it the server's log "
                           "(vLLM names every request only with --enable-log-requests)?")
 
     def _source_ended(self) -> None:
@@ -314,20 +307,12 @@ class PipeLogFollower(LineFollower):
                 g.join(0.5)  # its last words, for the line below
             said = f": {self.stderr_tail[-1]}" if self.stderr_tail else ""
             nothing = ", having printed nothing" if not self.lines else f" after {self.lines} lines"
-            self._problem(f"{self.what} exited with code {rc} {self.exited_after or 0.0:.1f} s into the run"
+            self.note(f"{self.what} exited with code {rc} {self.exited_after or 0.0:.1f} s into the run"
                           f"{nothing}{said}; aborts after that are not confirmed per request")
         elif not self._stopping:
             self.ended_early = True
-            self._problem(f"{self.what} ended after {self.lines} lines, during the run (whatever piped the log "
+            self.note(f"{self.what} ended after {self.lines} lines, during the run (whatever piped the log "
                           "in has exited); aborts after that are not confirmed per request")
-
-    def _problem(self, text: str) -> None:
-        self.problems.append(text)
-        if self.on_problem is not None:
-            try:
-                self.on_problem(text)
-            except Exception as exc:  # a bad callback must not stop the follower
-                self._record(exc)
 
     def _close_fds(self) -> None:
         for name in ("_out", "_err"):

@@ -207,7 +207,9 @@ class LineFollower(LogIndex):
     A subclass reads its source in a greenlet and hands each whole line to `_handle(raw, seen)`, `seen` being
     `time.monotonic()` when it was read. `source` names the kind ("file", "command", "stdin"). `on_event`, if
     given, is called in the greenlet once per new event (not for 0.9's duplicate abort line). Errors never
-    leave the greenlet: they are counted in `errors`, the last one kept in `last_error`.
+    leave the greenlet: they are counted in `errors`, the last one kept in `last_error`. What makes the
+    source's truth incomplete (a command that exits, a log that names none of the run's requests) is a
+    `problems` line, handed to `on_problem` as well.
 
     The stamps: vLLM stamps a line `MM-DD HH:MM:SS` in the server's local time (to the second; no year, no
     zone). For every event line `stamp_offset` keeps the least of (read time − stamp), the read time in this
@@ -219,9 +221,12 @@ class LineFollower(LogIndex):
 
     source = ""
 
-    def __init__(self, on_event: Callable[[LogEvent], object] | None = None) -> None:
+    def __init__(self, on_event: Callable[[LogEvent], object] | None = None,
+                 on_problem: Callable[[str], object] | None = None) -> None:
         super().__init__()
         self.on_event = on_event
+        self.on_problem = on_problem
+        self.problems: list[str] = []
         self.lines = 0
         self.events = 0
         self.before_run = 0
@@ -286,10 +291,19 @@ class LineFollower(LogIndex):
         ids = set(request_ids)
         return sum(1 for ev in self.indexed() if ev.request_id_raw in ids or ev.request_id_base in ids)
 
+    def note(self, problem: str) -> None:
+        """A problem with this source's truth: kept in `problems`, and handed to `on_problem`."""
+        self.problems.append(problem)
+        if self.on_problem is not None:
+            try:
+                self.on_problem(problem)
+            except Exception as exc:  # a bad callback must not stop the follower
+                self._record(exc)
+
     def describe(self) -> dict[str, Any]:
-        """What a report keeps of this follower: its counts and errors (subclasses add their source's)."""
+        """What a report keeps of this follower: its counts, errors and problems (subclasses add their source's)."""
         return {"source": self.source, "lines": self.lines, "events": self.events, "before_run": self.before_run,
-                "errors": self.errors, "last_error": self.last_error}
+                "errors": self.errors, "last_error": self.last_error, "problems": list(self.problems)}
 
     # --- for subclasses ----------------------------------------------------------------------------------------
 
@@ -354,8 +368,9 @@ class LogFollower(LineFollower):
     source = "file"
 
     def __init__(self, path: str | os.PathLike[str], poll: float = 0.02, from_start: bool = False,
-                 on_event: Callable[[LogEvent], object] | None = None) -> None:
-        super().__init__(on_event)
+                 on_event: Callable[[LogEvent], object] | None = None,
+                 on_problem: Callable[[str], object] | None = None) -> None:
+        super().__init__(on_event, on_problem)
         self.path = os.fspath(path)
         self.poll = poll
         self.from_start = from_start
