@@ -76,7 +76,9 @@ def _add_arguments(parser: LocustArgumentParser) -> None:
         help="a command whose standard output is vLLM's log, instead of --server-log (e.g. \"kubectl logs -f "
         "deploy/vllm --since=1s\", \"docker logs -f --since 1s vllm\", \"ssh gpu-host tail -n 0 -F "
         "/var/log/vllm.log\"): run by the master through /bin/sh for the run, its stderr kept apart; see "
-        "docs/guides/server-log.md")
+        "docs/guides/server-log.md. Taken from the command line, environment or config file only: not shown in "
+        "the web UI's form, and a value sent from it is ignored (it would be a shell command from the browser)",
+        include_in_web_ui=False)
     report.add_argument(
         "--metrics-interval", type=float, default=0.25, env_var="STOPSTORM_METRICS_INTERVAL",
         help="seconds between scrapes of {host}/metrics during the run (default 0.25)")
@@ -116,6 +118,7 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
             options.check_options(opts)
         except ValueError as exc:
             _refuse(exc)
+        RUN.server_log_cmd = (getattr(opts, "server_log_cmd", "") or "").strip()  # now: never the web UI's
     if not environment.host and not worker:
         embedded.start_simulator(environment)
     if environment.host and not worker:  # workers get theirs checked by the master first
@@ -187,7 +190,10 @@ def _stop_scraper() -> None:
 def _start_log(opts: Any) -> LineFollower | None:
     """The server log's follower, started: --server-log-cmd's command, --server-log's file or `-` (stdin)."""
     path = getattr(opts, "server_log", "") or ""
-    command = (getattr(opts, "server_log_cmd", "") or "").strip()
+    command = RUN.server_log_cmd  # as given at start-up, whatever the web UI's start form sent
+    if (getattr(opts, "server_log_cmd", "") or "").strip() != command:
+        _log.warning("stopstorm: ignored --server-log-cmd from the web UI (a shell command is taken from the "
+                     "command line, environment or config file only); following %s", command or path or "no log")
     try:
         if command:
             return PipeLogFollower(command, on_problem=_log_problem).start()  # a problem is a line, not a raise

@@ -41,6 +41,7 @@ class RunState:
     sink: RecordSink | None = None  # --stopstorm-records
     scraper: MetricsScraper | None = None  # {host}/metrics in the background
     log: LineFollower | None = None  # --server-log (a file, or `-`: stdin) or --server-log-cmd
+    server_log_cmd: str = ""  # --server-log-cmd as given at init (the web UI's form may not change it)
     arrivals: ArrivalStats | None = None  # --arrival-rate's clock, once a user made it
     reported: bool = False  # the report was written (Locust's shutdown can run twice after SIGTERM)
 

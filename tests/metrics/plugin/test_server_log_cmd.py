@@ -1,7 +1,7 @@
 """`--server-log-cmd CMD` and `--server-log -` in whole Locust runs against the simulator, whose log is
 vLLM-shaped and whose ledger is the truth the log's view is checked against: the command form (with history
-replayed first), the stdin form, a command that dies, both options refused together, and master/worker mode,
-where the master alone runs the command.
+replayed first), the stdin form, a command that dies, both options refused together, master/worker mode,
+where the master alone runs the command, and the web UI, which cannot set it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
-from conftest import pid_gone
+from conftest import pid_gone, wait_until
+from locust.argument_parser import ui_extra_args_dict
 from locust_tools import ROOT, figure, free_port
 
 from stopstorm.metrics.plugin import hooks
@@ -177,3 +179,45 @@ def test_distributed_the_master_alone_runs_the_command(sim_pool, tmp_path):
     meta = doc["meta"]["server_log"]
     assert pids == [str(meta["pid"])], pids  # once, and it is the master's
     assert meta["problems"] == [] and meta["matched"] == meta["events"] > 0 and pid_gone(meta["pid"])
+
+
+@pytest.mark.slow
+def test_the_web_ui_cannot_set_the_command(tmp_path):
+    """Locust's start form may post any option; a shell command from a browser is ignored (and not in the form):
+    the command given on the command line runs, once."""
+    assert "server_log_cmd" not in ui_extra_args_dict(["-f", "locustfile.py"])
+    assert "server_log" in ui_extra_args_dict(["-f", "locustfile.py"])
+    marks, report, out = tmp_path / "marks", tmp_path / "r.json", tmp_path / "out.log"
+    port = free_port()
+    cli = f"echo cli >> {shlex.quote(str(marks))}; exec sleep 60"
+    proc = subprocess.Popen([sys.executable, "-m", "locust", "-f", "locustfile.py", "--web-host", "127.0.0.1",
+                             "--web-port", str(port), "RequestsUser", "--sim-args", SIM, "--server-log-cmd", cli,
+                             "--stopstorm-report", str(report), "--think-time", "0.2", "--max-tokens", "20"],
+                            cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL, stdout=out.open("wb"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(url, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=60, interval=0.1, what="the web UI")
+        r = httpx.post(f"{url}/swarm", data={"user_count": "1", "spawn_rate": "1",
+                                             "server_log_cmd": f"echo web >> {shlex.quote(str(marks))}"}, timeout=10)
+        assert r.status_code == 200 and r.json()["success"], r.text
+        wait_until(marks.exists, timeout=10, what="the command")
+        time.sleep(1.0)
+        httpx.post(f"{url}/stop", timeout=10)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = out.read_text()
+    assert marks.read_text() == "cli\n", text[-3000:]
+    assert "ignored --server-log-cmd from the web UI" in text
+    meta = json.loads(report.read_text())["meta"]["server_log"]
+    assert meta["command"] == cli and pid_gone(meta["pid"])
