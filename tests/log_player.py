@@ -33,8 +33,8 @@ def main() -> int:
     p.add_argument("--stderr", default="")
     p.add_argument("--then-sleep", type=float, default=0.0)
     a = p.parse_args()
-    with open(a.log, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
+    with open(a.log, encoding="utf-8", errors="replace", newline="") as f:  # the file's own lines: "\n" only
+        lines = f.read().removesuffix("\n").split("\n")
     marks = open(a.marks, "a", encoding="utf-8") if a.marks else None  # noqa: SIM115
     for i, text in enumerate(lines):
         if a.die_after is not None and i >= a.die_after:

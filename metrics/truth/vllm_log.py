@@ -124,6 +124,7 @@ def _events(m: re.Match[str] | None, seen: float | None) -> list[LogEvent]:
 _DAY = 86400.0
 _YEAR = 366 * _DAY  # the calendar stamps are read in: every year has a Feb 29, so MM-DD maps to one day
 _MONTH_START = (0, 31, 60, 91, 121, 152, 182, 213, 244, 274, 305, 335)
+_MAX_SHIFT_S = 27 * 3600.0  # two local clocks differ by at most UTC+14 − UTC−12 = 26 h (plus skew)
 
 
 def _seconds_of_day(m: re.Match[str]) -> float:
@@ -261,11 +262,14 @@ class LineFollower(LogIndex):
         A line written at or after `wall_start` has stamp + `stamp_offset` ≥ `wall_start` − 1 s (its stamp is
         cut to the second, and the offset is never below the clocks' shift), so `slack` = 1 s never drops one
         of the run's lines; history from the second before the start may be kept. Without a stamped line read
-        (no offset) nothing is dropped. Events without a stamp are kept.
+        (no offset) nothing is dropped; with history only, what is older than the largest shift two time
+        zones allow (27 h) is. Events without a stamp are kept.
         """
-        offset = self.stamp_offset
-        if offset is None:
+        if self.stamp_offset is None:
             return 0
+        # No clock is further from ours than a zone can be: with only history read (nothing live to learn the
+        # shift from), its lines are at least that old.
+        offset = min(self.stamp_offset, _MAX_SHIFT_S)
         start = _calendar(wall_start)
         kept = [ev for ev in self._order
                 if (st := _stamp(ev)) is None or _wrap(start - (st + offset)) <= slack]

@@ -60,6 +60,11 @@ def follow(made: list[PipeLogFollower], command: str, **kw: object) -> tuple[Pip
     return f.start(), problems
 
 
+def log_lines(path: Path) -> list[str]:
+    """The file's lines as a follower sees them: split at "\n" only (vLLM's log holds a few lone "\r")."""
+    return path.read_bytes().decode("utf-8", "replace").removesuffix("\n").split("\n")
+
+
 def marks(path: Path) -> dict[int, float]:
     out = {}
     for text in path.read_text().splitlines():
@@ -72,7 +77,7 @@ def marks(path: Path) -> dict[int, float]:
 def test_a_recorded_vllm_log_at_a_pace_indexes_as_the_file_does(followers, tmp_path, log):
     """The command form reads the real log line by line as it comes, each line stamped as it arrives, and
     indexes exactly the events a saved copy of the same file gives."""
-    lines = log.read_text().splitlines()
+    lines = log_lines(log)
     mark_file = tmp_path / "marks"
     f, problems = follow(followers, player(log, "--interval", "0.004", "--marks", str(mark_file), "--then-sleep",
                                            "30"))
@@ -90,7 +95,8 @@ def test_a_recorded_vllm_log_at_a_pace_indexes_as_the_file_does(followers, tmp_p
         i = next(i for t, i in index.items() if ev.request_id_raw in t and (
             "Added" in t if ev.kind == "added" else "bort" in t))
         late.append(ev.seen - printed[i])
-    assert late and all(-0.002 <= d <= SEEN_TOL_S for d in late), late
+    # The player notes its mark after the line is out, so the reader may stamp first, by a scheduling delay.
+    assert late and all(-0.02 <= d <= SEEN_TOL_S for d in late), [d for d in late if not -0.02 <= d <= SEEN_TOL_S]
     assert f.running and problems == [] and f.errors == 0
     t = time.monotonic()
     f.stop()
@@ -101,7 +107,7 @@ def test_a_recorded_vllm_log_at_a_pace_indexes_as_the_file_does(followers, tmp_p
 
 def test_history_the_command_replays_is_forgotten(followers, tmp_path):
     """`kubectl logs -f` without --since: the whole recorded log first, stamped days ago, then the live lines."""
-    history = V032.read_text().splitlines()
+    history = log_lines(V032)
     n = len(history)
     doubled = tmp_path / "twice.log"
     doubled.write_text("\n".join(history + history) + "\n")  # the same ids again, live this time
@@ -122,12 +128,12 @@ def test_history_the_command_replays_is_forgotten(followers, tmp_path):
 
 
 def test_a_command_that_dies_mid_run(followers):
-    f, problems = follow(followers, player(V032, "--interval", "0.001", "--die-after", "113", "--exit", "3",
+    f, problems = follow(followers, player(V032, "--interval", "0.001", "--die-after", "112", "--exit", "3",
                                            "--stderr", "error: lost connection to pod"))
     wait_until(lambda: problems, timeout=20, what="the exit")
     assert f.returncode == 3 and f.ended_early and not f.running
     assert len(problems) == 1
-    assert "exited with code 3" in problems[0] and "after 113 lines" in problems[0]
+    assert "exited with code 3" in problems[0] and "after 112 lines" in problems[0]
     assert problems[0].endswith("lost connection to pod; aborts after that are not confirmed per request")
     assert f.lookup("chatcmpl-fix-cut-5")[1] is not None  # what came before the exit is kept
     assert f.lookup("chatcmpl-fix-cut-10")[0] is None

@@ -180,6 +180,16 @@ def test_history_before_the_run_is_forgotten_in_any_time_zone(tmp_path, shift_h)
     assert f.forget_before(start) == 0  # idempotent
 
 
+def test_history_alone_is_forgotten_when_older_than_any_time_zone(tmp_path):
+    """Nothing live read (the shift cannot be learnt): lines older than the widest zone gap (27 h) still go."""
+    f = LogFollower(tmp_path / "unused.log")
+    start = time.time() - 5.0
+    for rid, written in {"chatcmpl-8d": start - 8 * 86400, "chatcmpl-2d": start - 2 * 86400,
+                         "chatcmpl-20h": start - 20 * 3600}.items():
+        f._handle(_stamped(written, 0, f"Added request {rid}.").encode(), _mono(start + 0.05))
+    assert f.forget_before(start) == 2 and set(f.added) == {"chatcmpl-20h"}
+
+
 def test_without_a_stamped_line_nothing_is_forgotten(tmp_path):
     f = LogFollower(tmp_path / "unused.log")
     f._handle(b"INFO:     127.0.0.1:5000 - \"POST /v1/chat/completions HTTP/1.1\" 200 OK", time.monotonic())
