@@ -117,7 +117,7 @@ class PipeLogFollower(LineFollower):
             except Exception as exc:
                 self._record(exc)
                 self.note(f"{self.what} cannot start ({type(exc).__name__}: {exc}); no abort is confirmed "
-                              "per request in this run")
+                          "per request in this run")
                 self._out_done.set()
                 return self
         else:
@@ -152,11 +152,12 @@ class PipeLogFollower(LineFollower):
         self._stopped = True
         if self.lines == 0 and self._readers and not self.ended_early:  # (cannot start / ended: said already)
             self.note(f"{self.what} printed nothing in the {time.monotonic() - self._started:.0f} s it was "
-                          "read; no abort is confirmed per request in this run")
+                      "read; no abort is confirmed per request in this run")
 
     @property
     def running(self) -> bool:
-        return any(not g.dead for g in self._readers[:1])
+        """The log is being read (its stdout reader is alive)."""
+        return bool(self._readers) and not self._readers[0].dead
 
     def describe(self) -> dict[str, Any]:
         exit_ = None
@@ -293,7 +294,7 @@ class PipeLogFollower(LineFollower):
         self._silence_told = True
         if not self.lines:
             self.note(f"{self.what} has printed nothing in {self.silent_after:g} s: is it the server's log "
-                          "(vLLM names every request only with --enable-log-requests)?")
+                      "(vLLM names every request only with --enable-log-requests)?")
 
     def _source_ended(self) -> None:
         """Standard output ended: the command is exiting (or stdin's writer is gone)."""
@@ -308,11 +309,11 @@ class PipeLogFollower(LineFollower):
             said = f": {self.stderr_tail[-1]}" if self.stderr_tail else ""
             nothing = ", having printed nothing" if not self.lines else f" after {self.lines} lines"
             self.note(f"{self.what} exited with code {rc} {self.exited_after or 0.0:.1f} s into the run"
-                          f"{nothing}{said}; aborts after that are not confirmed per request")
+                      f"{nothing}{said}; aborts after that are not confirmed per request")
         elif not self._stopping:
             self.ended_early = True
             self.note(f"{self.what} ended after {self.lines} lines, during the run (whatever piped the log "
-                          "in has exited); aborts after that are not confirmed per request")
+                      "in has exited); aborts after that are not confirmed per request")
 
     def _close_fds(self) -> None:
         for name in ("_out", "_err"):
