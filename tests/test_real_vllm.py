@@ -42,6 +42,7 @@ from scripts.real_vllm import RealVllm, cache_dir, is_ready
 from stopstorm.metrics.analysis.accounting import account, server_id
 from stopstorm.metrics.figures import LOG_SOURCE, METRICS_SOURCE
 from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.log_command import PipeLogFollower
 from stopstorm.metrics.truth.vllm_log import LogIndex
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper, diff
 from stopstorm.metrics.truth.vllm_stream import VLLM_TRUTH_SOURCE, VllmStreamTruth
@@ -422,3 +423,101 @@ def test_simulator_side_by_side_with_vllm(real_vllm: Server, sim_pool: Any) -> N
                     f"{c.ttft * 1e3:.1f} | {(c.first_token - _first_freed(res)) * 1e3:.1f} | {res.wasted} | "
                     f"{rate:.0f} |")
     print("\n" + "\n".join(rows))
+
+
+# --- the log through a command (--server-log-cmd) against the file (--server-log) ---------------------------------
+
+
+def _confirmed(log: Any, records: list[StreamRecord]) -> dict[str, float | None]:
+    """Per stopped stream: when its abort line was read (`seen`), or None if the log has none."""
+    out: dict[str, float | None] = {}
+    for r in records:
+        if r.stopped:
+            ev = log.lookup(server_id(r))[1]
+            out[server_id(r)] = ev.seen if ev is not None else None
+    return out
+
+
+def test_server_log_cmd_confirms_every_abort_as_the_file_does(real_vllm: Server) -> None:
+    """One set of streams, watched by both forms at once: the file follower `--server-log` uses (the session's,
+    on vLLM's log file) and `tail -n 0 -F <the file>` read as `--server-log-cmd` reads it. Per request, the
+    same aborts confirmed (and the same streams not aborted); the pipe's stamps are not later than the file
+    poll's by more than tail's own delay."""
+    srv = real_vllm
+    cmd = PipeLogFollower(f"tail -n 0 -F {srv.log_path}").start()
+    try:
+        time.sleep(0.5)  # tail is watching
+        runs = [("requests", "close", StopPlan(tokens=STOP_AT), {}), ("httpx", "close", StopPlan(tokens=5), {}),
+                ("fasthttp", "drop", StopPlan(tokens=STOP_AT), {}),
+                ("httpx-async", "close", StopPlan(tokens=STOP_AT), {}),
+                ("requests", "hold", StopPlan(tokens=10), {"hold_seconds": 0.3}),
+                ("openai", "close", StopPlan(tokens=STOP_AT), {}),
+                ("requests", "none", StopPlan(tokens=10), {"max_tokens": 30}),
+                ("requests", "hold", StopPlan(tokens=10), {"max_tokens": 40, "hold_seconds": 1.0})]
+        records = [run_one(srv, stack, mode, plan, **opts)[0] for stack, mode, plan, opts in runs]
+        time.sleep(0.3)
+    finally:
+        cmd.stop()
+    assert cmd.errors == 0 and cmd.problems == [], cmd.problems
+    by_file, by_cmd = _confirmed(srv.truth.log, records), _confirmed(cmd, records)
+    assert {k: v is not None for k, v in by_cmd.items()} == {k: v is not None for k, v in by_file.items()}
+    aborted = [k for k, v in by_file.items() if v is not None]
+    # four closes, a drop and the short hold; the long hold outlasted its 40 tokens, `none` read to the end
+    assert len(aborted) == 6 and len(by_file) > len(aborted), by_file
+    lead = [by_file[k] - by_cmd[k] for k in aborted]  # type: ignore[operator]
+    # tail wakes on inotify; the file follower polls every 20 ms: the pipe is not the later one, beyond noise
+    assert all(d > -0.015 for d in lead), lead
+    print(f"\nabort line read, file (20 ms poll) − tail -F pipe: {', '.join(f'{d * 1e3:.1f}' for d in lead)} ms")
+    # The accounting from either: the same figures per stack × close mode.
+    started = min(r.sent for r in records)
+    acc_file = account(records, None, None, time.monotonic() - started, log=srv.truth.log)
+    acc_cmd = account(records, None, None, time.monotonic() - started, log=cmd)
+    assert [(c.stack, c.close_mode, c.figures.log_aborted.value) for c in acc_cmd.cells] == [
+        (c.stack, c.close_mode, c.figures.log_aborted.value) for c in acc_file.cells]
+
+
+def test_locust_run_with_server_log_cmd(real_vllm: Server, tmp_path: Path) -> None:
+    """A Locust run with `--server-log-cmd "tail -n 0 -F <log>"` while the session's `--server-log` follower reads
+    the same file: per stack × close mode the command form (the report) confirms the aborts the file form
+    confirms for the same streams (the records' JSONL); a pipe can only carry lines the file has, so equal
+    counts are equal sets."""
+    srv = real_vllm
+    report, jsonl = tmp_path / "report.json", tmp_path / "records.jsonl"
+    proc = _locust(["-f", "locustfile.py", "--headless", "--host", srv.url, "-u", "2", "-r", "2", "-t", "6s",
+                    "--server-log-cmd", f"tail -n 0 -F {srv.log_path}", "--stopstorm-report", str(report),
+                    "--stopstorm-records", str(jsonl), "--stop-probability", "1",
+                    "--stop-at", "tokens:uniform:5:30", "--close-mix", "close:1,hold:1", "--hold-seconds", "0.3",
+                    "--max-tokens", "600", "--ignore-eos", "--think-time", "0.05", "RequestsUser", "HttpxUser"],
+                   timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    time.sleep(0.3)  # the session's file follower polls every 20 ms
+    doc = json.loads(report.read_text())
+    records = [StreamRecord.from_wire(json.loads(line)) for line in jsonl.read_text().splitlines()]
+    overall = doc["overall"]["figures"]
+    assert overall["aborted"]["source"] == LOG_SOURCE and overall["aborted"]["value"] == overall["stopped"]["value"] > 0
+    by_file = account(records, None, None, 1.0, log=srv.truth.log)
+    assert by_file.overall.log_aborted.value == overall["log_aborted"]["value"]
+    assert {(c.stack, c.close_mode): c.figures.log_aborted.value for c in by_file.cells} == {
+        (c["stack"], c["close_mode"]): c["figures"]["log_aborted"]["value"] for c in doc["cells"]}
+    meta = doc["meta"]["server_log"]
+    assert meta["source"] == "command" and meta["problems"] == [] and meta["exit"]["during_run"] is False
+    assert meta["matched"] == meta["events"] > 0 and meta["before_run"] == 0
+
+
+def test_probe_with_server_log_cmd(real_vllm: Server, tmp_path: Path) -> None:
+    """The probe judges each stream by the log read through the command (the plugin's follower: one reader)."""
+    srv = real_vllm
+    out = tmp_path / "probe.json"
+    proc = _locust(["-f", "probe.py", "--headless", "--host", srv.url, "--server-log-cmd",
+                    f"tail -n 0 -F {srv.log_path}", "-u", "1", "-r", "1", "-t", "60s", "--ignore-eos",
+                    "--max-tokens", "300", "--probe-stacks", "requests", "--probe-modes", "close,hold",
+                    "--probe-repeats", "1", "--hold-seconds", str(HOLD_S), "--probe-json", str(out),
+                    "--stopstorm-report", str(tmp_path / "report.json")], timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--run-time limit reached" not in proc.stderr, "the probe did not end the run by itself"
+    doc = json.loads(out.read_text())
+    assert doc["truth_source"] == VLLM_TRUTH_SOURCE
+    cells = {(c["stack"], c["close_mode"]): c for c in doc["cells"]}
+    close, hold = cells[("requests", "close")], cells[("requests", "hold")]
+    assert close["aborted"] == 1 and close["abort_latency_ms_max"] <= CLOSE_ABORT_S * 1e3
+    assert hold["aborted"] == 1 and hold["abort_latency_ms_p50"] >= HOLD_S * 1e3 - 5

@@ -21,8 +21,10 @@ from locust.exception import StopUser
 from stopstorm.metrics.analysis.accounting import server_id
 from stopstorm.metrics.plugin import options
 from stopstorm.metrics.plugin.probe import PROBE
+from stopstorm.metrics.plugin.state import RUN
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.truth.ledger import LedgerClient
+from stopstorm.metrics.truth.vllm_log import LineFollower
 from stopstorm.metrics.truth.vllm_stream import VLLM_TRUTH_SOURCE, VllmStreamTruth
 from stopstorm.users.core import AsyncStreamingUser, arun_stream, run_stream
 from stopstorm.users.options import RunSettings, settings_for
@@ -68,7 +70,7 @@ class StopProbeUser(User):
         vllm: VllmStreamTruth | None = None
         if not ledger.available():
             ledger.close()
-            vllm = self._vllm_truth(settings.host, getattr(opts, "server_log", "") or "")
+            vllm = self._vllm_truth(settings.host, opts)
         stacks = [s.strip() for s in opts.probe_stacks.split(",") if s.strip()]
         modes = [m.strip() for m in opts.probe_modes.split(",") if m.strip()]
         for mode in modes:
@@ -92,7 +94,7 @@ class StopProbeUser(User):
                             if not entry["log_added"] and not PROBE.streams:
                                 _log.warning("%s does not name %s: is it vLLM's log, written with "
                                              "--enable-log-requests? Aborts cannot be confirmed without it.",
-                                             vllm.log.path, sid)
+                                             _log_name(opts), sid)
                         else:
                             found = ledger.wait_freed(sid, settle)
                             entry = found.to_json() if found is not None else None
@@ -106,13 +108,21 @@ class StopProbeUser(User):
         ledger.close()
         self._end_run()
 
-    def _vllm_truth(self, host: str, log_path: str) -> VllmStreamTruth:
-        """Real vLLM's truth (its log + /metrics), or the end of the run when there is none."""
-        if not log_path:
+    def _vllm_truth(self, host: str, opts: Any) -> VllmStreamTruth:
+        """Real vLLM's truth (its log + /metrics), or the end of the run when there is none. A log read through
+        a command or stdin is the plugin's follower (a pipe has one reader); a file is followed here."""
+        log_path = getattr(opts, "server_log", "") or ""
+        log: str | LineFollower = log_path
+        if (getattr(opts, "server_log_cmd", "") or "").strip() or log_path == "-":
+            if RUN.log is None:
+                _log.error("the probe needs server truth: the server log (%s) is not being read", _log_name(opts))
+                self._end_run()
+            log = RUN.log
+        if not log:
             _log.error("the probe needs server truth: %s has no simulator ledger; for real vLLM give --server-log "
-                       "with its log file (served with --enable-log-requests)", host)
+                       "with its log file, or --server-log-cmd (served with --enable-log-requests)", host)
             self._end_run()
-        truth = VllmStreamTruth(host, log_path)
+        truth = VllmStreamTruth(host, log)
         if not truth.available():
             _log.error("the probe needs server truth: %s has neither a simulator ledger nor vLLM's /metrics (%s)",
                        host, truth.metrics.last_error)
@@ -127,6 +137,10 @@ class StopProbeUser(User):
         greenlet killed inside its own quit leaves the run going until its time limit."""
         gevent.spawn(self.environment.runner.quit)
         raise StopUser()
+
+
+def _log_name(opts: Any) -> str:
+    return (getattr(opts, "server_log_cmd", "") or "").strip() or getattr(opts, "server_log", "") or ""
 
 
 class _StreamRunner:

@@ -9,14 +9,17 @@ locustfile needs one import (the shipped ones do it).
 - Every stream's record is kept (from the `request` event's context); `{host}/metrics` is scraped in the
   background every `--metrics-interval` seconds from test_start to test_stop (its first and latest good
   snapshots give the vLLM counters' delta; a host without /metrics only counts errors); with `--server-log PATH`
-  vLLM's request log is followed from test_start to quit (per-request abort confirmation, each line stamped as
-  it is read); at quit the simulator's ledger is fetched once (before the simulator stops), the run is
-  accounted (metrics/analysis/accounting.py), its summary printed after Locust's and its JSON and HTML written.
+  (`-`: standard input) or `--server-log-cmd CMD` (a command whose output is the log, run by the master in its
+  own process group) vLLM's request log is followed from test_start to quit (per-request abort confirmation,
+  each line stamped as it is read; events stamped before the run dropped); at quit the simulator's ledger is
+  fetched once (before the simulator stops), the run is accounted (metrics/analysis/accounting.py), its
+  summary printed after Locust's and its JSON and HTML written.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -26,6 +29,7 @@ from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
+from stopstorm.metrics.analysis.accounting import server_id
 from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.plugin.signals import install_stop_signals, stop_reason
@@ -39,7 +43,8 @@ from stopstorm.metrics.report.html_page import write_html_report
 from stopstorm.metrics.report.json_file import write_report
 from stopstorm.metrics.report.model import LogInfo, OpenModelInfo, RecordsInfo, Report, RunMeta, ScrapeInfo
 from stopstorm.metrics.truth.ledger import LedgerClient, LedgerSnapshot, server_max_num_seqs
-from stopstorm.metrics.truth.vllm_log import LogFollower
+from stopstorm.metrics.truth.log_command import PipeLogFollower
+from stopstorm.metrics.truth.vllm_log import LineFollower, LogFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper
 
 __all__ = ["embedded_simulator"]
@@ -66,13 +71,34 @@ def _add_arguments(parser: LocustArgumentParser) -> None:
     report.add_argument(
         "--server-log", default="", env_var="STOPSTORM_SERVER_LOG",
         help="vLLM's log file (run it with --enable-log-requests), followed during the run to confirm each "
-        "stopped stream's abort; the embedded simulator's log (--sim-log) works too")
+        "stopped stream's abort; `-` reads it from standard input; the embedded simulator's log (--sim-log) "
+        "works too")
+    report.add_argument(
+        "--server-log-cmd", default="", env_var="STOPSTORM_SERVER_LOG_CMD",
+        help="a command whose standard output is vLLM's log, instead of --server-log (e.g. \"kubectl logs -f "
+        "deploy/vllm --since=1s\", \"docker logs -f --since 1s vllm\", \"ssh gpu-host tail -n 0 -F "
+        "/var/log/vllm.log\"): run by the master through /bin/sh for the run, its stderr kept apart; see "
+        "docs/guides/server-log.md. Taken from the command line, environment or config file only: not shown in "
+        "the web UI's form, and a value sent from it is ignored (it would be a shell command from the browser)",
+        include_in_web_ui=False)
     report.add_argument(
         "--metrics-interval", type=float, default=0.25, env_var="STOPSTORM_METRICS_INTERVAL",
         help="seconds between scrapes of {host}/metrics during the run (default 0.25)")
 
 
-options.register(_add_arguments, rank=40)
+def _check_arguments(opts: Any) -> None:
+    path = getattr(opts, "server_log", "") or ""
+    command = (getattr(opts, "server_log_cmd", "") or "").strip()
+    if path and command:
+        raise ValueError("--server-log and --server-log-cmd are both given: give one (the command's output is "
+                         "the log)")
+    if path == "-" and sys.stdin is not None and sys.stdin.isatty():
+        raise ValueError("--server-log -: standard input is a terminal, not the server's log; pipe the log in "
+                         "(kubectl logs -f deploy/vllm --since=1s | stopstorm ... --server-log -) or give "
+                         "--server-log-cmd")
+
+
+options.register(_add_arguments, _check_arguments, rank=40)
 
 
 def _refuse(exc: Exception) -> None:
@@ -94,6 +120,7 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
             options.check_options(opts)
         except ValueError as exc:
             _refuse(exc)
+        RUN.server_log_cmd = (getattr(opts, "server_log_cmd", "") or "").strip()  # now: never the web UI's
     if not environment.host and not worker:
         embedded.start_simulator(environment)
     if environment.host and not worker:  # workers get theirs checked by the master first
@@ -133,12 +160,7 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
         return
     RUN.started, RUN.started_wall = time.monotonic(), time.time()
     opts = environment.parsed_options
-    log_path = getattr(opts, "server_log", "") or ""
-    if log_path:
-        try:
-            RUN.log = LogFollower(log_path).start()  # from the file's end now: this run's lines only
-        except Exception as exc:
-            _log.warning("stopstorm: following the server log %s failed: %s", log_path, exc)
+    RUN.log = _start_log(opts)
     if environment.host:
         try:
             interval = float(getattr(opts, "metrics_interval", 0.25) or 0.25)
@@ -167,11 +189,48 @@ def _stop_scraper() -> None:
         scraper.scrape_once()
 
 
-def _stop_log() -> LogFollower | None:
+def _start_log(opts: Any) -> LineFollower | None:
+    """The server log's follower, started: --server-log-cmd's command, --server-log's file or `-` (stdin)."""
+    path = getattr(opts, "server_log", "") or ""
+    command = RUN.server_log_cmd  # as given at start-up, whatever the web UI's start form sent
+    if (getattr(opts, "server_log_cmd", "") or "").strip() != command:
+        _log.warning("stopstorm: ignored --server-log-cmd from the web UI (a shell command is taken from the "
+                     "command line, environment or config file only); following %s", command or path or "no log")
+    try:
+        if command:
+            return PipeLogFollower(command, on_problem=_log_problem).start()  # a problem is a line, not a raise
+        if path == "-":
+            return PipeLogFollower.stdin(on_problem=_log_problem).start()
+        if path:
+            return LogFollower(path, on_problem=_log_problem).start()  # from the file's end now: this run's lines
+    except Exception as exc:
+        _log.warning("stopstorm: following the server log %s failed: %s", command or path, exc)
+    return None
+
+
+def _log_problem(text: str) -> None:
+    _log.warning("stopstorm: %s", text)
+
+
+def _stop_log() -> LineFollower | None:
+    """Stop following (a last read first; a command's output until it is quiet), drop the events stamped
+    before the run (history a command replayed), and say so when the log named none of the run's requests."""
     follower, RUN.log = RUN.log, None
     if follower is not None:
-        follower.stop()  # reads what is new first
+        follower.stop()
+        if RUN.started_wall is not None:
+            follower.forget_before(RUN.started_wall)
+        sent = {server_id(r) for r in RUN.records}
+        if sent and not follower.matched(sent):
+            follower.note(f"the server log ({follower.lines} lines) named none of this run's {len(sent)} requests: "
+                          "is it this server's log, written with --enable-log-requests?")
     return follower
+
+
+def _server_log_meta(follower: LineFollower, records: list[StreamRecord]) -> LogInfo:
+    """The report's `server_log` block: what the follower read, and how many of its events name this run's
+    requests (`matched`); `problems` are its lines saying what is missing."""
+    return LogInfo.from_json({**follower.describe(), "matched": follower.matched(server_id(r) for r in records)})
 
 
 def _fetch_ledger(host: str, settle_s: float = 1.0) -> LedgerSnapshot | None:
@@ -190,7 +249,7 @@ def _fetch_ledger(host: str, settle_s: float = 1.0) -> LedgerSnapshot | None:
 
 
 def _meta(env: Environment, duration: float, ledger: LedgerSnapshot | None, scraper: MetricsScraper | None,
-          delta: Any, follower: LogFollower | None, gpu_off: str | None) -> RunMeta:
+          delta: Any, follower: LineFollower | None, gpu_off: str | None) -> RunMeta:
     """The run's facts for its report, from what this process's listeners kept."""
     opts = env.parsed_options
     clock = RUN.arrivals
@@ -205,8 +264,7 @@ def _meta(env: Environment, duration: float, ledger: LedgerSnapshot | None, scra
         partial=reason is not None, partial_reason=reason,
         metrics=(ScrapeInfo(scraper.url, scraper.interval, scraper.scrapes, scraper.errors, scraper.last_error,
                             delta.duration if delta is not None else None) if scraper is not None else None),
-        server_log=(LogInfo(follower.path, follower.lines, follower.events, follower.errors, follower.last_error)
-                    if follower is not None else None),
+        server_log=_server_log_meta(follower, list(RUN.records)) if follower is not None else None,
         open_model=(OpenModelInfo(clock.rate, clock.arrivals, clock.late, clock.late_s) if clock is not None
                     else None),
         records=RecordsInfo(str(RUN.sink.path), RUN.sink.written) if RUN.sink is not None else None,

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.report.model import Report
-from stopstorm.metrics.truth.vllm_log import LogFollower
+from stopstorm.metrics.truth.vllm_log import LineFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper
 from stopstorm.simulator.launcher import EmbeddedSimulator
 
@@ -41,7 +41,8 @@ class RunState:
     records: list[StreamRecord] = field(default_factory=list)  # every finished stream's (the master's: all)
     sink: RecordSink | None = None  # --stopstorm-records
     scraper: MetricsScraper | None = None  # {host}/metrics in the background
-    log: LogFollower | None = None  # --server-log
+    log: LineFollower | None = None  # --server-log (a file, or `-`: stdin) or --server-log-cmd
+    server_log_cmd: str = ""  # --server-log-cmd as given at init (the web UI's form may not change it)
     arrivals: ArrivalStats | None = None  # --arrival-rate's clock, once a user made it
     reported: bool = False  # the report was written (Locust's shutdown can run twice after SIGTERM)
     report: Report | None = None  # the run's Report, once built

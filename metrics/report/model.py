@@ -34,8 +34,10 @@ reason, "zombie (still running)", "aborting" or "unknown"), "truth"}.
 
 "meta" blocks: "partial": false, or true with "partial_reason" (SIGTERM or Ctrl-C cut the run: figures cover
 it until then); "records": {"path", "written"} with --stopstorm-records; "metrics": the /metrics scraper's
-{"url", "interval_s", "scrapes", "errors", "last_error", "window_s"}; "server_log": the --server-log
-follower's {"path", "lines", "events", "errors", "last_error"}; "open_model": {"arrival_rate", "arrivals",
+{"url", "interval_s", "scrapes", "errors", "last_error", "window_s"}; "server_log": the server-log
+follower's {"source" ("file", "command", "stdin"), "path", "lines", "events", "before_run" (history dropped),
+"matched" (events naming this run's requests), "errors", "last_error", "problems", and for --server-log-cmd
+"command", "pid", "exit", "bytes", "overlong_lines", "stderr_lines", "stderr_tail"}; "open_model": {"arrival_rate", "arrivals",
 "late", "late_s"} with --arrival-rate; "gpu": {"off": why} when no GPU source was read; "scenario": the label
 `stopstorm scenarios` gave the run; "distributed", only from a Locust master (metrics/plugin/distributed.py):
 {"records": N received from workers, "bad_records": N unreadable, "incomplete": [worker ids whose final batch
@@ -149,13 +151,35 @@ class ScrapeInfo:
 
 @dataclass(frozen=True, slots=True)
 class LogInfo:
-    """The server-log follower's run."""
+    """The server-log follower's run (a file, a command's output or standard input)."""
 
+    source: str | None = None  # "file", "command" or "stdin"
     path: str | None = None
     lines: int | None = None
     events: int | None = None
+    before_run: int | None = None  # events stamped before the run (history a command replayed), dropped
+    matched: int | None = None  # events that name one of this run's requests
     errors: int | None = None
     last_error: str | None = None
+    problems: tuple[str, ...] = ()  # what the follower found missing, in words
+    command: str | None = None  # --server-log-cmd
+    pid: int | None = None
+    exit: Mapping[str, Any] | None = None  # {"code", "after_s", "during_run"} once the command exited
+    bytes: int | None = None
+    overlong_lines: int | None = None
+    stderr_lines: int | None = None
+    stderr_tail: tuple[str, ...] = ()
+
+    def to_json(self) -> Json:
+        out = _plain_json(self)
+        out["problems"], out["stderr_tail"] = list(self.problems), list(self.stderr_tail)
+        return out
+
+    @classmethod
+    def from_json(cls, doc: Any) -> LogInfo:
+        d = dict(doc) if isinstance(doc, Mapping) else {}
+        d["problems"], d["stderr_tail"] = tuple(d.get("problems") or ()), tuple(d.get("stderr_tail") or ())
+        return _plain(cls, d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,10 +255,12 @@ class RunMeta:
                      "options": dict(self.options), "partial": self.partial}
         if self.partial_reason is not None:
             out["partial_reason"] = self.partial_reason
-        for name in ("metrics", "server_log", "open_model", "records"):
+        for name in ("metrics", "open_model", "records"):
             block = getattr(self, name)
             if block is not None:
                 out[name] = _plain_json(block)
+        if self.server_log is not None:
+            out["server_log"] = self.server_log.to_json()
         if self.distributed is not None:
             out["distributed"] = self.distributed.to_json()
         if self.gpu_off is not None:
@@ -252,7 +278,7 @@ class RunMeta:
             options=dict(d.get("options") or {}), partial=bool(d.get("partial", False)),
             partial_reason=d.get("partial_reason"),
             metrics=_plain(ScrapeInfo, d["metrics"]) if isinstance(d.get("metrics"), Mapping) else None,
-            server_log=_plain(LogInfo, d["server_log"]) if isinstance(d.get("server_log"), Mapping) else None,
+            server_log=LogInfo.from_json(d["server_log"]) if isinstance(d.get("server_log"), Mapping) else None,
             open_model=_plain(OpenModelInfo, d["open_model"]) if isinstance(d.get("open_model"), Mapping) else None,
             records=_plain(RecordsInfo, d["records"]) if isinstance(d.get("records"), Mapping) else None,
             distributed=(DistributedInfo.from_json(d["distributed"]) if isinstance(d.get("distributed"), Mapping)

@@ -6,7 +6,9 @@ Why: client-disconnect aborts are invisible in vLLM's per-request metrics (`requ
 its slot freed. vLLM stamps its lines to the second, so the millisecond truth comes from reading the file live
 and stamping each line with `time.monotonic()` as it arrives (DESIGN §4).
 
-Formats recognised (a process prefix such as `(APIServer pid=123) ` before the level is allowed):
+Formats recognised (anything a transport or vLLM puts before the level is allowed when a space ends it: a
+process tag `(APIServer pid=123) `, journalctl's `Dec 01 10:00:00 host python3[123]: `, `kubectl logs --prefix`'s
+`[pod/vllm-0/vllm] `, `docker logs -t`'s RFC 3339 stamp, `VLLM_LOGGING_PREFIX`):
 
 - vLLM 0.9.x: `INFO 07-10 18:41:40 [async_llm.py:270] Added request chatcmpl-<id>.`,
   `... Aborted request chatcmpl-<id>.` and `... Request chatcmpl-<id> aborted.` (two lines for one abort);
@@ -21,7 +23,12 @@ event keeps the raw id and a base id with such a suffix removed. A client-chosen
 `-` plus 8 hex, so the base id is only a guess: the follower indexes each event under both, and a raw id always
 wins over another event's base id.
 
-The follower runs in a gevent greenlet (as everything under Locust does); nothing here touches Locust's hooks.
+Lines reach an index through a `LineFollower`: `LogFollower` here follows a file; metrics/truth/log_command.py's
+`PipeLogFollower` reads a command's standard output (`kubectl logs -f …`) or standard input. A source that
+replays history (`journalctl`, `docker logs` without `--since`) is told apart from the run by the lines' own
+stamps: `LineFollower.forget_before` drops the events stamped before the run's start (see there).
+
+The followers run in gevent greenlets (as everything under Locust does); nothing here touches Locust's hooks.
 """
 
 from __future__ import annotations
@@ -30,28 +37,30 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import gevent
 from gevent.event import Event
 
-__all__ = ["LogEvent", "LogFollower", "LogIndex", "base_request_id", "parse_events", "parse_line"]
+__all__ = ["LineFollower", "LogEvent", "LogFollower", "LogIndex", "base_request_id", "parse_events", "parse_line"]
 
 EventKind = Literal["added", "aborted"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# [(process pid=N) ]LEVEL MM-DD HH:MM:SS[.mmm] [file.py:line] message
+# [prefix ][(process pid=N) ]LEVEL MM-DD HH:MM:SS[.mmm] [file.py:line] message; the earliest such header wins
 _HEADER = re.compile(
-    r"^\s*(?:\([^)]*\)\s+)?"
+    r"^(?:.*?\s)??"
     r"(?:DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\s+"
-    r"\d\d-\d\d\s+(?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)(?:[.,](?P<frac>\d{1,6}))?\s+"
+    r"(?P<mo>\d\d)-(?P<d>\d\d)\s+(?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)(?:[.,](?P<frac>\d{1,6}))?\s+"
     r"\[[^\]]*\]\s+(?P<msg>.*?)\s*$"
 )
 _ADDED = re.compile(r"^Added request (?P<ids>.+)\.$")
 _ABORTED = re.compile(r"^Aborted request(?:\(s\)|s)? (?P<ids>.+)\.$")
 _ABORTED_09 = re.compile(r"^Request (?P<ids>\S+) aborted\.$")
+# Every event line holds one of these (a cheap test before the regexes, for the many lines that are not events).
+_EVENT_WORDS = (b"Added request", b"borted request", b" aborted.")
 _SUFFIX = re.compile(r"^(?P<base>.+)-[0-9a-f]{8}$")
 _ID_SPLIT = re.compile(r"[,\s]+")
 _ID_STRIP = "[]'\""
@@ -62,7 +71,8 @@ class LogEvent:
     """One request named by one log line: the engine added it, or aborted it.
 
     `log_time` is the line's own stamp as seconds of the day (1 s resolution for vLLM, 1 ms for the simulator;
-    no date, no timezone), None when the line has none. `seen` is `time.monotonic()` when the line was read.
+    no timezone), None when the line has none; `log_day` is its `MM-DD` as a day of a 366-day year (Jan 1 = 0,
+    Feb 29 always counted; no year). `seen` is `time.monotonic()` when the line was read.
     """
 
     kind: EventKind
@@ -70,6 +80,7 @@ class LogEvent:
     request_id_base: str
     log_time: float | None
     seen: float
+    log_day: int | None = None
 
 
 def base_request_id(raw: str) -> str:
@@ -83,7 +94,10 @@ def parse_events(line: str, seen: float | None = None) -> list[LogEvent]:
 
     `seen` defaults to `time.monotonic()` now.
     """
-    m = _HEADER.match(_ANSI.sub("", line))
+    return _events(_HEADER.match(_ANSI.sub("", line)), seen)
+
+
+def _events(m: re.Match[str] | None, seen: float | None) -> list[LogEvent]:
     if m is None:
         return []
     msg = m.group("msg")
@@ -98,12 +112,47 @@ def parse_events(line: str, seen: float | None = None) -> list[LogEvent]:
     ids = [i for i in ids if i]
     if not ids:
         return []
-    frac = m.group("frac")
-    log_time = int(m.group("h")) * 3600 + int(m.group("m")) * 60 + int(m.group("s")) + (
-        int(frac) / 10 ** len(frac) if frac else 0.0)
+    log_time = _seconds_of_day(m)
+    log_day = _day_of_year(int(m.group("mo")), int(m.group("d")))
     if seen is None:
         seen = time.monotonic()
-    return [LogEvent(kind, raw, base_request_id(raw), log_time, seen) for raw in ids]
+    return [LogEvent(kind, raw, base_request_id(raw), log_time, seen, log_day) for raw in ids]
+
+
+# --- stamps: a line's own time against the reader's clock --------------------------------------------------------
+
+_DAY = 86400.0
+_YEAR = 366 * _DAY  # the calendar stamps are read in: every year has a Feb 29, so MM-DD maps to one day
+_MONTH_START = (0, 31, 60, 91, 121, 152, 182, 213, 244, 274, 305, 335)
+_MAX_SHIFT_S = 27 * 3600.0  # two local clocks differ by at most UTC+14 − UTC−12 = 26 h (plus skew)
+
+
+def _seconds_of_day(m: re.Match[str]) -> float:
+    frac = m.group("frac")
+    return int(m.group("h")) * 3600 + int(m.group("m")) * 60 + int(m.group("s")) + (
+        int(frac) / 10 ** len(frac) if frac else 0.0)
+
+
+def _day_of_year(month: int, day: int) -> int | None:
+    return _MONTH_START[month - 1] + day - 1 if 1 <= month <= 12 and 1 <= day <= 31 else None
+
+
+def _wrap(seconds: float) -> float:
+    """A difference of two calendar times, brought into [-half a year, half a year)."""
+    return (seconds + _YEAR / 2) % _YEAR - _YEAR / 2
+
+
+def _calendar(wall: float) -> float:
+    """`wall` (time.time()) as local calendar seconds, the calendar `LogEvent.log_day` and `log_time` are in."""
+    t = time.localtime(wall)
+    return _MONTH_START[t.tm_mon - 1] * _DAY + (t.tm_mday - 1) * _DAY + t.tm_hour * 3600 + t.tm_min * 60 + (
+        t.tm_sec + wall % 1.0)
+
+
+def _stamp(ev: LogEvent) -> float | None:
+    if ev.log_day is None or ev.log_time is None:
+        return None
+    return ev.log_day * _DAY + ev.log_time
 
 
 def parse_line(line: str, seen: float | None = None) -> LogEvent | None:
@@ -152,7 +201,163 @@ class LogIndex:
         return self.added.get(request_id), self.aborted.get(request_id)
 
 
-class LogFollower(LogIndex):
+class LineFollower(LogIndex):
+    """What every live follower shares: whole lines in, add/abort events indexed and counted, errors kept, and
+    the stamps of the lines read, so that history a source replays from before the run can be told apart.
+
+    A subclass reads its source in a greenlet and hands each whole line to `_handle(raw, seen)`, `seen` being
+    `time.monotonic()` when it was read. `source` names the kind ("file", "command", "stdin"). `on_event`, if
+    given, is called in the greenlet once per new event (not for 0.9's duplicate abort line). Errors never
+    leave the greenlet: they are counted in `errors`, the last one kept in `last_error`. What makes the
+    source's truth incomplete (a command that exits, a log that names none of the run's requests) is a
+    `problems` line, handed to `on_problem` as well.
+
+    The stamps: vLLM stamps a line `MM-DD HH:MM:SS` in the server's local time (to the second; no year, no
+    zone). For every event line `stamp_offset` keeps the least of (read time − stamp), the read time in this
+    machine's local calendar: a line is read after it is written, so that least value is the shift between the
+    two clocks (time zone and skew) plus the quickest delivery, and it is learnt from the live lines whatever
+    the zones, since replayed history only ever arrives later than it was written. `forget_before` then drops
+    the events stamped before the run's start in that frame.
+    """
+
+    source = ""
+
+    def __init__(self, on_event: Callable[[LogEvent], object] | None = None,
+                 on_problem: Callable[[str], object] | None = None) -> None:
+        super().__init__()
+        self.on_event = on_event
+        self.on_problem = on_problem
+        self.problems: list[str] = []
+        self.lines = 0
+        self.events = 0
+        self.before_run = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.stamp_offset: float | None = None
+        self._order: list[LogEvent] = []  # the events indexed, and ids seen again later, as read (forget_before)
+        self._calendar_second: tuple[int, float] = (-1, 0.0)  # localtime() once a second, not once a line
+
+    # --- what a follower does; subclasses give start, stop and running ---------------------------------------
+
+    def start(self) -> LineFollower:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 1.0) -> None:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        raise NotImplementedError
+
+    def __enter__(self) -> LineFollower:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def forget_before(self, wall_start: float, slack: float = 1.0) -> int:
+        """Drop the events stamped before `wall_start` (a `time.time()`, the run's start) and return how many
+        (one per id a line names; 0.9's second abort line is not one); `events` is then what the rest index.
+
+        A line written at or after `wall_start` has stamp + `stamp_offset` ≥ `wall_start` − 1 s (its stamp is
+        cut to the second, and the offset is never below the clocks' shift), so `slack` = 1 s never drops one
+        of the run's lines; history from the second before the start may be kept. Without a stamped line read
+        (no offset) nothing is dropped; with history only, what is older than the largest shift two time
+        zones allow (27 h) is. Events without a stamp are kept.
+        """
+        if self.stamp_offset is None:
+            return 0
+        # No clock is further from ours than a zone can be: with only history read (nothing live to learn the
+        # shift from), its lines are at least that old.
+        offset = min(self.stamp_offset, _MAX_SHIFT_S)
+        start = _calendar(wall_start)
+        kept = [ev for ev in self._order
+                if (st := _stamp(ev)) is None or _wrap(start - (st + offset)) <= slack]
+        if len(kept) == len(self._order):
+            return 0
+        # Indexed again from what is kept, as if the history had never come (a run's line that repeats an id
+        # from the history was refused as a duplicate when it came; it is indexed now).
+        dropped = len(self._order) - len(kept)
+        self.added.clear()
+        self.aborted.clear()
+        self._order = kept
+        self.events = sum(self.add(ev) for ev in kept)
+        self.before_run += dropped
+        return dropped
+
+    def indexed(self) -> list[LogEvent]:
+        """Every event in the index once, in the order read."""
+        held = {id(ev) for table in (self.added, self.aborted) for ev in table.values()}
+        return [ev for ev in self._order if id(ev) in held]
+
+    def matched(self, request_ids: Iterable[str]) -> int:
+        """How many of the indexed events name one of `request_ids`, by raw or base id."""
+        ids = set(request_ids)
+        return sum(1 for ev in self.indexed() if ev.request_id_raw in ids or ev.request_id_base in ids)
+
+    def note(self, problem: str) -> None:
+        """A problem with this source's truth: kept in `problems`, and handed to `on_problem`."""
+        self.problems.append(problem)
+        if self.on_problem is not None:
+            try:
+                self.on_problem(problem)
+            except Exception as exc:  # a bad callback must not stop the follower
+                self._record(exc)
+
+    def describe(self) -> dict[str, Any]:
+        """What a report keeps of this follower: its counts, errors and problems (subclasses add their source's)."""
+        return {"source": self.source, "lines": self.lines, "events": self.events, "before_run": self.before_run,
+                "errors": self.errors, "last_error": self.last_error, "problems": list(self.problems)}
+
+    # --- for subclasses ----------------------------------------------------------------------------------------
+
+    def _record(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _handle(self, raw: bytes, seen: float) -> None:
+        self.lines += 1
+        if not any(word in raw for word in _EVENT_WORDS):  # most lines: no regex at all
+            return
+        events = parse_events(raw.decode("utf-8", errors="replace").rstrip("\r"), seen)
+        if not events:
+            return
+        self._track_stamp(events[0], seen)
+        for ev in events:
+            if not self.add(ev):
+                if self._seen_again(ev):
+                    self._order.append(ev)  # kept in case what it repeats turns out to be history
+                continue
+            self._order.append(ev)
+            self.events += 1
+            if self.on_event is not None:
+                try:
+                    self.on_event(ev)
+                except Exception as exc:  # a bad callback must not stop the follower
+                    self._record(exc)
+
+    def _seen_again(self, ev: LogEvent) -> bool:
+        """A refused event (its raw id indexed already) stamped well apart from the one held: the same id in
+        history and in the run. 0.9's second abort line (the same second) and a repeated line are not kept."""
+        table = self.added if ev.kind == "added" else self.aborted
+        held, stamp = table.get(ev.request_id_raw), _stamp(ev)
+        held_stamp = _stamp(held) if held is not None else None
+        return stamp is not None and held_stamp is not None and abs(_wrap(stamp - held_stamp)) > 2.0
+
+    def _track_stamp(self, ev: LogEvent, seen: float) -> None:
+        stamp = _stamp(ev)
+        if stamp is None:
+            return
+        wall = time.time() - (time.monotonic() - seen)
+        second = int(wall)
+        if self._calendar_second[0] != second:
+            self._calendar_second = (second, _calendar(second))
+        shift = _wrap(self._calendar_second[1] + (wall - second) - stamp)
+        if self.stamp_offset is None or shift < self.stamp_offset:
+            self.stamp_offset = shift
+
+
+class LogFollower(LineFollower):
     """Follow a log file like `tail -F` in a greenlet and index the add/abort events it names.
 
     `added` and `aborted` map both raw and base ids to the first event seen for that raw id (0.9.x logs two
@@ -160,25 +365,21 @@ class LogFollower(LogIndex):
     for either. The file may not exist yet (it is read from its start once it appears), be truncated (read again
     from its start) or be rotated (a new inode at `path`: the old file is drained, the new one read from its
     start); a last line without its newline waits for it. With `from_start=False` a file that exists at
-    `start()` is read from its end as it is then. Errors never leave the greenlet: they are counted in `errors`,
-    the last one kept in `last_error`, and following goes on.
-
-    `on_event`, if given, is called in the greenlet once per new event (not for 0.9's duplicate abort line).
+    `start()` is read from its end as it is then. Errors never leave the greenlet (`LineFollower`), and
+    following goes on.
     """
 
+    source = "file"
+
     def __init__(self, path: str | os.PathLike[str], poll: float = 0.02, from_start: bool = False,
-                 on_event: Callable[[LogEvent], object] | None = None) -> None:
+                 on_event: Callable[[LogEvent], object] | None = None,
+                 on_problem: Callable[[str], object] | None = None) -> None:
+        super().__init__(on_event, on_problem)
         self.path = os.fspath(path)
         self.poll = poll
         self.from_start = from_start
-        self.on_event = on_event
-        super().__init__()
-        self.lines = 0
-        self.events = 0
         self.reopens = 0
         self.truncations = 0
-        self.errors = 0
-        self.last_error: str | None = None
         self._fd: int | None = None
         self._ino: tuple[int, int] | None = None
         self._pos = 0
@@ -221,11 +422,8 @@ class LogFollower(LogIndex):
         except Exception as exc:  # the follower must never raise
             self._record(exc)
 
-    def __enter__(self) -> LogFollower:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "path": self.path}
 
     # --- the greenlet ----------------------------------------------------------------------------------------
 
@@ -234,10 +432,6 @@ class LogFollower(LogIndex):
             self.poll_once()
             self._stop.wait(self.poll)
         self.poll_once()  # what was written before stop()
-
-    def _record(self, exc: BaseException) -> None:
-        self.errors += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
 
     def _open(self, from_end: bool) -> bool:
         try:
@@ -306,15 +500,3 @@ class LogFollower(LogIndex):
         if self._partial:
             raw, self._partial = self._partial, b""
             self._handle(raw, time.monotonic())
-
-    def _handle(self, raw: bytes, seen: float) -> None:
-        self.lines += 1
-        for ev in parse_events(raw.decode("utf-8", errors="replace").rstrip("\r"), seen):
-            if not self.add(ev):
-                continue
-            self.events += 1
-            if self.on_event is not None:
-                try:
-                    self.on_event(ev)
-                except Exception as exc:  # a bad callback must not stop the follower
-                    self._record(exc)

@@ -26,7 +26,7 @@ import os
 import time
 from typing import Any
 
-from stopstorm.metrics.truth.vllm_log import LogFollower
+from stopstorm.metrics.truth.vllm_log import LineFollower, LogFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper, MetricsSnapshot, diff
 
 __all__ = ["VLLM_TRUTH_SOURCE", "VllmStreamTruth"]
@@ -37,14 +37,18 @@ VLLM_TRUTH_SOURCE = "vLLM log (abort line read) + vLLM metrics (Δ counters per 
 class VllmStreamTruth:
     """Follows vLLM's log and reads its `/metrics` around each stream; see the module docstring."""
 
-    def __init__(self, host: str, log_path: str | os.PathLike[str], poll: float = 0.02) -> None:
+    def __init__(self, host: str, log: str | os.PathLike[str] | LineFollower, poll: float = 0.02) -> None:
+        """`log`: vLLM's log file, followed here; or a follower already running elsewhere (the plugin's, for a
+        log read through a command or stdin, which has one reader), never started or stopped here."""
         self.host = host.rstrip("/")
-        self.log = LogFollower(log_path, poll=poll)
+        self._owns_log = not isinstance(log, LineFollower)
+        self.log: LineFollower = log if isinstance(log, LineFollower) else LogFollower(log, poll=poll)
         self.metrics = MetricsScraper(f"{self.host}/metrics", interval=poll, timeout=5.0)
         self._before: MetricsSnapshot | None = None
 
     def start(self) -> VllmStreamTruth:
-        self.log.start()
+        if self._owns_log:
+            self.log.start()
         return self
 
     def available(self) -> bool:
@@ -104,5 +108,6 @@ class VllmStreamTruth:
         }
 
     def close(self) -> None:
-        self.log.stop()
+        if self._owns_log:
+            self.log.stop()
         self.metrics.close()

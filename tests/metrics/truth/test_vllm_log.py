@@ -50,7 +50,7 @@ def line(msg: str, stamp: str = "18:41:41", level: str = "INFO") -> str:
 
 def test_seed_09_lines():
     ev = parse_line(SEED_ADDED, seen=1.5)
-    assert ev == LogEvent("added", SEED_ID, SEED_ID, 18 * 3600 + 41 * 60 + 40, 1.5)
+    assert ev == LogEvent("added", SEED_ID, SEED_ID, 18 * 3600 + 41 * 60 + 40, 1.5, log_day=182 + 9)  # 07-10
     for text in (SEED_ABORTED, SEED_ABORTED_2):
         ev = parse_line(text, seen=2.0)
         assert ev is not None
@@ -105,6 +105,20 @@ def test_process_prefix_and_ansi():
     assert ev is not None and ev.kind == "aborted" and ev.request_id_base == "chatcmpl-q"
 
 
+@pytest.mark.parametrize("prefix", [
+    "Dec 01 10:00:00 gpu-host python3[4242]: ",  # journalctl's short format
+    "[pod/vllm-7d9f-x2/vllm] ",  # kubectl logs --prefix
+    "2026-12-01T10:00:00.123456789Z ",  # docker logs --timestamps
+    "[vllm] (APIServer pid=9) ",  # VLLM_LOGGING_PREFIX, then the process tag
+])
+def test_transport_prefixes(prefix):
+    ev = parse_line(prefix + line("Aborted request(s) chatcmpl-t-12345678."))
+    assert ev is not None and (ev.kind, ev.request_id_base) == ("aborted", "chatcmpl-t")
+    assert ev.log_time == 18 * 3600 + 41 * 60 + 41 and ev.log_day == 182 + 9
+    # The earliest header wins: a message quoting another line's header is that message, not an event.
+    assert parse_line(prefix + line("Received request chatcmpl-x: " + line("Added request chatcmpl-y."))) is None
+
+
 def test_simulator_millisecond_stamp():
     ev = parse_line("INFO 11-24 14:37:49.960 [request_log.py:54] Added request chatcmpl-s-0badf00d.")
     assert ev is not None
@@ -129,6 +143,67 @@ def test_simulator_millisecond_stamp():
 def test_junk_lines_ignored(text):
     assert parse_line(text) is None
     assert parse_events(text) == []
+
+
+# --- stamps: history told apart from the run -------------------------------------------------------------------
+
+
+def _stamped(wall: float, shift_s: float, msg: str) -> str:
+    """A vLLM line written at `wall` by a server whose local clock reads `shift_s` ahead of ours."""
+    return line(msg, stamp=time.strftime("%H:%M:%S", time.localtime(wall + shift_s))).replace(
+        "07-10", time.strftime("%m-%d", time.localtime(wall + shift_s)))
+
+
+def _mono(wall: float) -> float:
+    return time.monotonic() - (time.time() - wall)
+
+
+@pytest.mark.parametrize("shift_h", [0, -7, 5.5, 13, -11.75])
+def test_history_before_the_run_is_forgotten_in_any_time_zone(tmp_path, shift_h):
+    """A source that replays history first (journalctl, docker logs without --since): every event stamped
+    before the run is dropped, none of the run's, whatever the server's zone, across days and years."""
+    shift = shift_h * 3600
+    f = LogFollower(tmp_path / "unused.log")
+    start = time.time() - 20.0  # the run started 20 s ago
+    history = {"chatcmpl-old-3d": start - 3 * 86400, "chatcmpl-old-20h": start - 20 * 3600,
+               "chatcmpl-old-40d": start - 40 * 86400, "chatcmpl-old-30s": start - 30, "chatcmpl-old-2s": start - 2.0}
+    for rid, written in history.items():  # all replayed at once, just after the start
+        f._handle(_stamped(written, shift, f"Added request {rid}.").encode(), _mono(start + 0.05))
+    live = {f"chatcmpl-new-{i}": start + 0.3 + 2.5 * i for i in range(6)}
+    for rid, written in live.items():  # read 2 ms after each is written
+        f._handle(_stamped(written, shift, f"Aborted request(s) {rid}.").encode(), _mono(written + 0.002))
+    assert f.stamp_offset is not None and abs(f.stamp_offset + shift) < 1.01  # read time − stamp
+    assert f.forget_before(start) == len(history) == f.before_run
+    assert set(f.added) == set() and set(f.aborted) == set(live) and f.events == len(live)
+    assert f.lines == len(history) + len(live)
+    assert f.matched(["chatcmpl-new-0", "chatcmpl-new-3", "chatcmpl-old-2s"]) == 2
+    assert f.forget_before(start) == 0  # idempotent
+
+
+def test_history_alone_is_forgotten_when_older_than_any_time_zone(tmp_path):
+    """Nothing live read (the shift cannot be learnt): lines older than the widest zone gap (27 h) still go."""
+    f = LogFollower(tmp_path / "unused.log")
+    start = time.time() - 5.0
+    for rid, written in {"chatcmpl-8d": start - 8 * 86400, "chatcmpl-2d": start - 2 * 86400,
+                         "chatcmpl-20h": start - 20 * 3600}.items():
+        f._handle(_stamped(written, 0, f"Added request {rid}.").encode(), _mono(start + 0.05))
+    assert f.forget_before(start) == 2 and set(f.added) == {"chatcmpl-20h"}
+
+
+def test_without_a_stamped_line_nothing_is_forgotten(tmp_path):
+    f = LogFollower(tmp_path / "unused.log")
+    f._handle(b"INFO:     127.0.0.1:5000 - \"POST /v1/chat/completions HTTP/1.1\" 200 OK", time.monotonic())
+    assert f.stamp_offset is None and f.forget_before(time.time()) == 0
+
+
+def test_calendar_wraps_at_the_year():
+    from stopstorm.metrics.truth import vllm_log as vl
+
+    dec31 = vl._day_of_year(12, 31)
+    jan1 = vl._day_of_year(1, 1)
+    assert dec31 is not None and jan1 == 0
+    assert vl._wrap(jan1 * 86400 + 1 - (dec31 * 86400 + 86399)) == pytest.approx(2.0)
+    assert vl._day_of_year(13, 1) is None and vl._day_of_year(2, 29) == 59
 
 
 # --- following a file ------------------------------------------------------------------------------------------
