@@ -22,13 +22,12 @@ from typing import Any
 
 import locust
 from locust import events
-from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from stopstorm.metrics.analysis.accounting import account, ledger_by_id
 from stopstorm.metrics.analysis.capacity import capacity_section
-from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor
+from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, redact, self_monitor
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.plugin.signals import install_stop_signals, stop_reason
 from stopstorm.metrics.plugin.state import RUN
@@ -40,6 +39,7 @@ from stopstorm.metrics.report.html_page import write_html_report
 from stopstorm.metrics.truth.ledger import LedgerClient, server_max_num_seqs
 from stopstorm.metrics.truth.vllm_log import LogFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper
+from stopstorm.simulator.launcher import SimulatorStartError
 
 __all__ = ["embedded_simulator"]
 
@@ -52,26 +52,23 @@ _META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "ma
                  "sim_args", "arrival_rate")
 
 
-def _add_arguments(parser: LocustArgumentParser) -> None:
-    report = options.argument_group(parser, "stopstorm report")
-    report.add_argument(
-        "--stopstorm-report", default="stopstorm-report.json", env_var="STOPSTORM_REPORT",
-        help="where to write the run's abort accounting as JSON; its summary is printed after Locust's "
-        "(default stopstorm-report.json)")
-    report.add_argument(
-        "--stopstorm-records", default="", env_var="STOPSTORM_RECORDS",
-        help="also write every stream's record to this JSONL file as the stream ends (flushed, so a killed run "
-        "keeps them; truncated at start; default: not written)")
-    report.add_argument(
-        "--server-log", default="", env_var="STOPSTORM_SERVER_LOG",
-        help="vLLM's log file (run it with --enable-log-requests), followed during the run to confirm each "
-        "stopped stream's abort; the embedded simulator's log (--sim-log) works too")
-    report.add_argument(
-        "--metrics-interval", type=float, default=0.25, env_var="STOPSTORM_METRICS_INTERVAL",
-        help="seconds between scrapes of {host}/metrics during the run (default 0.25)")
+DEFAULT_REPORT = "stopstorm-report.json"
 
-
-options.register(_add_arguments, rank=40)
+TABLE = options.OptionTable("stopstorm report", options=(
+    options.Option("--stopstorm-report", "where to write the run's abort accounting as JSON; its summary is printed "
+                   f"after Locust's (default {DEFAULT_REPORT})", DEFAULT_REPORT,
+                   options.Parsed(lambda p: options.check_writable("--stopstorm-report", p or DEFAULT_REPORT),
+                                  "a file path stopstorm can write (the HTML goes beside it)"),
+                   env="STOPSTORM_REPORT", master_only=True),
+    options.Option("--stopstorm-records", "also write every stream's record to this JSONL file as the stream ends "
+                   "(flushed, so a killed run keeps them; truncated at start; default: not written)", "",
+                   options.WritablePath(optional=True), env="STOPSTORM_RECORDS", master_only=True),
+    options.Option("--server-log", "vLLM's log file (run it with --enable-log-requests), followed during the run to "
+                   "confirm each stopped stream's abort; the embedded simulator's log (--sim-log) works too"),
+    options.Option("--metrics-interval", "seconds between scrapes of {host}/metrics during the run (default 0.25)",
+                   0.25, options.seconds(low=0.01), float),
+))
+options.register(TABLE, rank=40)
 
 
 def _refuse(exc: Exception) -> None:
@@ -88,13 +85,19 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
     worker = isinstance(environment.runner, WorkerRunner)
     RUN.collects = not worker  # workers keep nothing: they ship their records to the master
     opts = environment.parsed_options
+    redact.install_log_filter()
+    if environment.host:
+        redact.secrets_of_url(environment.host)
     if opts is not None:
         try:
-            options.check_options(opts)
+            options.check_options(opts, worker=worker)  # every rule: nothing has started yet
         except ValueError as exc:
             _refuse(exc)
     if not environment.host and not worker:
-        embedded.start_simulator(environment)
+        try:
+            embedded.start_simulator(environment)
+        except SimulatorStartError as exc:
+            _refuse(exc)
     if environment.host and not worker:  # workers get theirs checked by the master first
         try:
             options.preflight(environment)
@@ -104,7 +107,10 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         install_stop_signals()
         path = getattr(opts, "stopstorm_records", "") or ""
         if path:
-            RUN.sink = RecordSink(path)
+            try:
+                RUN.sink = RecordSink(path)
+            except OSError as exc:  # checked writable at init; gone since (a race): still one line, exit 2
+                _refuse(ValueError(f"--stopstorm-records {path}: cannot write there ({exc.strerror or exc})"))
     distributed.install(environment, lambda record: _collect_record(context={"record": record}))
     if getattr(environment, "web_ui", None) is not None:
         install_stops_tab(environment.web_ui, lambda: environment.host or "", lambda: RUN.records)
@@ -140,11 +146,11 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
             _log.warning("stopstorm: following the server log %s failed: %s", log_path, exc)
     if environment.host:
         try:
-            interval = float(getattr(opts, "metrics_interval", 0.25) or 0.25)
+            interval = float(getattr(opts, "metrics_interval", 0.25))  # checked at init: > 0, finite
             scraper = MetricsScraper(f"{environment.host.rstrip('/')}/metrics", interval=interval, timeout=2.0)
             if scraper.scrape_once() is None:  # a reading at the start, before the greenlet's first
                 _log.info("stopstorm: no /metrics at %s yet (%s); scraping on, errors counted",
-                          environment.host, scraper.last_error)
+                          redact.redact_url(environment.host), scraper.last_error)
             scraper.start()
             RUN.scraper = scraper
         except Exception as exc:
@@ -202,7 +208,7 @@ def _write_run_report(**_kwargs: Any) -> None:
     RUN.reported = True
     try:
         opts = env.parsed_options
-        path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
+        path = getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT
         host = env.host or ""
         ledger_doc = _fetch_ledger(host) if host else None  # also lets the users' last aborts reach the log
         follower = _stop_log()
@@ -219,12 +225,12 @@ def _write_run_report(**_kwargs: Any) -> None:
                              duration, run_end=ledger_doc.get("now") if ledger_doc is not None else None,
                              log=follower)
         meta: dict[str, Any] = {
-            "host": host, "locust_version": locust.__version__, "started_at": RUN.started_wall,
+            "host": redact.redact_url(host), "locust_version": locust.__version__, "started_at": RUN.started_wall,
             "duration_s": duration, "ledger_schema_version": (ledger_doc or {}).get("schema_version"),
             "options": {k: getattr(opts, k) for k in _META_OPTIONS if hasattr(opts, k)}}
         if scraper is not None:
-            meta["metrics"] = {"url": scraper.url, "interval_s": scraper.interval, "scrapes": scraper.scrapes,
-                               "errors": scraper.errors, "last_error": scraper.last_error,
+            meta["metrics"] = {"url": redact.redact_url(scraper.url), "interval_s": scraper.interval,
+                               "scrapes": scraper.scrapes, "errors": scraper.errors, "last_error": scraper.last_error,
                                "window_s": delta.duration if delta is not None else None}
         if (workers := distributed.workers_meta(env)) is not None:
             meta["distributed"] = workers
