@@ -9,8 +9,6 @@ it walks the matrix once and stops the run by itself, then prints the table and 
 from __future__ import annotations
 
 import logging
-import random
-import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -23,13 +21,12 @@ from stopstorm.metrics.analysis.accounting import server_id
 from stopstorm.metrics.plugin import options
 from stopstorm.metrics.plugin.options import Number, Option, Parsed, WritablePath, seconds
 from stopstorm.metrics.plugin.probe import PROBE
-from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.truth.ledger import LedgerClient
 from stopstorm.metrics.truth.vllm_stream import VLLM_TRUTH_SOURCE, VllmStreamTruth
-from stopstorm.users.core import AsyncStreamingUser, arun_stream, run_stream
-from stopstorm.users.options import MAX_TOKENS, RunSettings, settings_for
+from stopstorm.users.options import MAX_TOKENS, settings_for
 from stopstorm.users.policy import CLOSE_MODES, StopPlan
-from stopstorm.users.stacks import STACKS, user_class
+from stopstorm.users.single import SingleStreams
+from stopstorm.users.stacks import STACKS
 
 __all__ = ["StopProbeUser", "add_probe_arguments"]
 
@@ -94,15 +91,14 @@ class StopProbeUser(User):
         stacks, modes = parse_stacks(opts.probe_stacks), parse_modes(opts.probe_modes)  # checked at init
         plan = StopPlan(tokens=opts.probe_stop_tokens)
         settle = settings.hold_seconds + 10.0
+        streams = SingleStreams(insecure=settings.insecure)  # the users' own path, with the run's settings
         for stack in stacks:
-            cls = user_class(stack)
-            runner = _StreamRunner(cls, settings)
             try:
                 for mode in modes:
                     for _ in range(opts.probe_repeats):
                         if vllm is not None:
                             vllm.before_stream()
-                        record = runner.run(mode, plan)
+                        record = streams.run(stack, settings, mode, plan)
                         sid = server_id(record)
                         entry: dict[str, Any] | None
                         if vllm is not None:
@@ -117,7 +113,7 @@ class StopProbeUser(User):
                         if opts.probe_gap > 0:
                             gevent.sleep(opts.probe_gap)
             finally:
-                runner.shutdown()
+                streams.shutdown(stack)
         if vllm is not None:
             vllm.close()
         ledger.close()
@@ -144,40 +140,3 @@ class StopProbeUser(User):
         greenlet killed inside its own quit leaves the run going until its time limit."""
         gevent.spawn(self.environment.runner.quit)
         raise StopUser()
-
-
-class _StreamRunner:
-    """Runs single streams with one stack's transport, outside that stack's Locust user."""
-
-    def __init__(self, cls: type[Any], settings: RunSettings) -> None:
-        self.cls = cls
-        self.settings = settings
-        self.is_async = issubclass(cls, AsyncStreamingUser)
-        if self.is_async:
-            from stopstorm.users.bridge import get_bridge
-
-            self.bridge = get_bridge()
-
-            async def create() -> Any:
-                return cls.transport_class()
-
-            self.transport = self.bridge.run(create)
-        else:
-            self.transport = cls.transport_class()
-
-    def run(self, mode: str, plan: StopPlan) -> StreamRecord:
-        request = self.settings.requests.build(random.Random())
-        record = StreamRecord(stack=self.cls.stack, close_mode=mode, endpoint=request.endpoint,
-                              request_id=request.request_id, stop_plan=str(plan), wall_start=time.time(),
-                              sent=time.monotonic())
-        if self.is_async:
-            self.bridge.run(lambda: arun_stream(self.transport, self.settings, request, record, plan))
-        else:
-            run_stream(self.transport, self.settings, request, record, plan)
-        return record
-
-    def shutdown(self) -> None:
-        if self.is_async:
-            self.bridge.run(self.transport.shutdown, timeout=10)
-        else:
-            self.transport.shutdown()

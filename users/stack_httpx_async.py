@@ -15,6 +15,7 @@ from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, AsyncStreamingUser, StreamFailure, http_failure
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.stack_httpx import describe_httpx_error, httpx_timeout
+from stopstorm.users.verdicts import response_failure
 
 __all__ = ["HttpxAsyncTransport", "HttpxAsyncUser"]
 
@@ -69,6 +70,12 @@ class HttpxAsyncTransport:
             finally:
                 await resp.aclose()
             raise http_failure(resp.status_code, bytes(body))
+        h = resp.headers
+        failure = response_failure(resp.status_code, h.get("content-type"), h.get("content-encoding"),
+                                   h.get("location"))
+        if failure is not None:
+            await resp.aclose()
+            raise StreamFailure(failure)
         return _HttpxAsyncStream(resp, timeout)
 
     async def shutdown(self) -> None:

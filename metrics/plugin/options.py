@@ -72,7 +72,8 @@ class Number:
     def words(self) -> str:
         low, high = self.low, self.high
         if self.integer:
-            parts = [f"at least {_g(low)}" if low is not None else "", f"at most {_g(high)}" if high is not None else ""]
+            parts = [f"at least {_g(low)}" if low is not None else "",
+                     f"at most {_g(high)}" if high is not None else ""]
             text = " and ".join(p for p in parts if p)
         elif low is not None and high is not None and not self.above:
             text = f"within [{_g(low)}, {_g(high)}{')' if self.below else ']'}"
