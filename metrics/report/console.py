@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from stopstorm.metrics.analysis.accounting import Accounting, Figures
 from stopstorm.metrics.figures import Distribution, Figure
-from stopstorm.metrics.record import INTERRUPTED
 
 __all__ = ["format_summary"]
 
@@ -66,15 +65,13 @@ def format_summary(accounting: Accounting) -> str:
         aborts = _num(run.ledger_aborts)
         out.append(f"vLLM blind spot:        {aborts} aborts in the ledger; vLLM's count unknown (no /metrics delta)"
                    if run.ledger_aborts.known else "vLLM blind spot:        unknown (needs the ledger and /metrics)")
-    failures = o.failures.value
-    if isinstance(failures, dict) and failures:
-        cut = failures.get(INTERRUPTED, 0)
-        failed = {text: n for text, n in failures.items() if text != INTERRUPTED}
-        if failed:
-            out.append("failed streams:")
-            out += [f"  {n:>6}  {text}" for text, n in sorted(failed.items(), key=lambda kv: -kv[1])]
-        if cut:
-            out.append(f"cut by the run's end:   {cut} stream{'s' if cut != 1 else ''} (recorded, not failures)")
+    failed = o.failures.value
+    if isinstance(failed, dict) and failed:
+        out.append("failed streams:")
+        out += [f"  {n:>6}  {text}" for text, n in sorted(failed.items(), key=lambda kv: -kv[1])]
+    cut = o.interrupted.value
+    if isinstance(cut, int) and cut:
+        out.append(f"cut by the run's end:   {cut} stream{'s' if cut != 1 else ''} (recorded, not failures)")
     extra = [f"{name.replace('_', ' ')}: {_num(f)}" for name, f in (("unmatched_requests", run.unmatched_requests),
                                                                    ("unjoined_streams", run.unjoined_streams))
              if isinstance(f.value, int) and f.value]

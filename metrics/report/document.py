@@ -49,8 +49,9 @@ def to_json(accounting: Accounting, meta: dict[str, Any]) -> dict[str, Any]:
     finding), an object of counts by error text (`failures`), an object {"count", "p50", "p90", "p95", "p99",
     "max", "mean"} for a distribution, or null when its truth was unavailable (source "unavailable"); never 0
     for unknown. Times are seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams,
-    stopped, failed, failures, aborted, abort_latency, wasted_tokens, zombies, zombie_slot_seconds, queue_wait,
-    freed_tokens, freed_slot_seconds, goodput_tokens, goodput_rate, log_aborted, log_abort_latency. Run figures:
+    stopped, failed, failures, interrupted (streams the run's end cut short: neither in failed nor in failures),
+    aborted, abort_latency, wasted_tokens, zombies, zombie_slot_seconds, queue_wait, freed_tokens,
+    freed_slot_seconds, goodput_tokens, goodput_rate, log_aborted, log_abort_latency. Run figures:
     duration, freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
     unjoined_streams.
 
