@@ -18,7 +18,7 @@ __all__ = ["MASK", "add_secret", "install_log_filter", "redact", "redact_url", "
 
 MASK = "***"
 _secrets: set[str] = set()
-_BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s,;\"']+")
+_BEARER = re.compile(r"(?i)(\bbearer\s+)(?!\*\*\*)[A-Za-z0-9._~+/=-]+")  # RFC 6750's token characters
 _USERINFO = re.compile(r"(?i)\b(https?://)[^/\s@]+@")
 _SHORT = 8  # a secret shorter than this is replaced only where it stands alone, not inside other words
 
