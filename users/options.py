@@ -17,8 +17,9 @@ from stopstorm.metrics.plugin import options
 from stopstorm.metrics.plugin.options import Number, Option, Parsed, seconds
 from stopstorm.metrics.plugin.redact import add_secret, redact_url, secrets_of_url
 from stopstorm.users.policy import CloseMix, StopPolicy
-from stopstorm.users.preflight import base_url, check_server, check_url
+from stopstorm.users.preflight import base_url, basic_authorization, check_server, check_url
 from stopstorm.users.request import BUILTIN_PROMPTS, Messages, RequestFactory, load_prompts
+from stopstorm.users.verdicts import warn_once
 
 __all__ = ["MAX_TOKENS", "TABLE", "RunSettings", "add_arguments", "build_settings", "check_options", "settings_for"]
 
@@ -125,22 +126,26 @@ def build_settings(opts: Any, host: str, check: bool = False) -> RunSettings:
     """Validate the options; raises ValueError naming the option at fault. With `check` (a run's settings),
     the server too: reachable, OpenAI-compatible, serving --model; without it only when --model is not given
     (the model is then discovered), so a test can build settings for a server it knows."""
-    host = base_url(host)
     api_key = opts.api_key or os.environ.get("OPENAI_API_KEY") or None
     add_secret(api_key)
     secrets_of_url(host)
+    authorization = basic_authorization(host)  # a userinfo: one Basic header for every stack (no API key given)
+    if authorization and api_key:
+        warn_once("userinfo", f"--host {redact_url(host)}: its user:password is not sent (the API key is)")
+    host = redact_url(base_url(host))  # what every stack is given: no userinfo
     parsed = _parse(opts)
     check_url(host)
     models: list[str] = []
     if check or not opts.model:  # a bad URL, no answer or not OpenAI's API: refused here, before any load
-        models = check_server(host, api_key, parsed.connect_timeout, verify=not getattr(opts, "insecure", False))
+        models = check_server(host, api_key, parsed.connect_timeout, verify=not getattr(opts, "insecure", False),
+                              authorization=authorization)
     if opts.model and models and opts.model not in models:
         raise ValueError(f"--model {opts.model!r}: {redact_url(host)} serves {', '.join(map(repr, models))}")
     model = opts.model or models[0]
     factory = RequestFactory(
         endpoint=opts.endpoint, model=model, prompts=parsed.prompts, max_tokens=opts.max_tokens,
         temperature=opts.temperature, ignore_eos=opts.ignore_eos, include_usage=not opts.no_usage,
-        continuous_usage=not opts.no_continuous_usage, api_key=api_key,
+        continuous_usage=not opts.no_continuous_usage, api_key=api_key, authorization=authorization,
     )
     return RunSettings(host, factory, parsed.stop_policy, parsed.close_mix, opts.hold_seconds, opts.think_time,
                        opts.read_timeout, api_key, parsed.connect_timeout, parsed.headers_timeout,

@@ -13,16 +13,17 @@ URL as given, without its userinfo, and the URL actually requested.
 
 from __future__ import annotations
 
+import base64
 import socket
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 import requests
 
-from stopstorm.metrics.plugin.redact import redact_url
+from stopstorm.metrics.plugin.redact import add_secret, redact_url
 
-__all__ = ["base_url", "check_server", "check_url"]
+__all__ = ["base_url", "basic_authorization", "check_server", "check_url"]
 
 
 def base_url(host: str) -> str:
@@ -48,7 +49,24 @@ def check_url(host: str) -> tuple[str, int]:
     return parts.hostname, port if port is not None else (443 if parts.scheme == "https" else 80)
 
 
-def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0, verify: bool = True) -> list[str]:
+def basic_authorization(url: str) -> str | None:
+    """`Basic <base64>` for a URL's userinfo (`http://user:pass@host`), or None: the one header every stack and
+    the start-up check send for it (the URL they are given has no userinfo: some stacks would send it, others
+    not, and it would replace the API key's Bearer token in some)."""
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return None
+    if user is None and password is None:
+        return None
+    token = base64.b64encode(f"{unquote(user or '')}:{unquote(password or '')}".encode()).decode()
+    add_secret(token)
+    return f"Basic {token}"
+
+
+def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0, verify: bool = True,
+                 authorization: str | None = None) -> list[str]:
     """The model ids `host` serves, once it has been found reachable and OpenAI-compatible; ValueError if not."""
     hostname, port = check_url(host)
     shown = redact_url(host)
@@ -61,7 +79,8 @@ def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0, 
                          f"{waited:.1f} s; --connect-timeout {connect_timeout:g})") from None
     url = f"{host}/v1/models"
     path = urlsplit(url).path
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    auth = f"Bearer {api_key}" if api_key else authorization
+    headers = {"Authorization": auth} if auth else {}
     try:
         resp = requests.get(url, headers=headers, timeout=(connect_timeout, max(connect_timeout, 10.0)), verify=verify,
                             allow_redirects=False)

@@ -80,7 +80,7 @@ class RequestFactory:
 
     def __init__(self, *, endpoint: str, model: str, prompts: list[Messages], max_tokens: int,
                  temperature: float, ignore_eos: bool, include_usage: bool, continuous_usage: bool,
-                 api_key: str | None) -> None:
+                 api_key: str | None, authorization: str | None = None) -> None:
         if endpoint not in ("chat", "completions"):
             raise ValueError(f"--endpoint must be chat or completions, got {endpoint!r}")
         self.endpoint = endpoint
@@ -93,7 +93,9 @@ class RequestFactory:
             self.params["ignore_eos"] = True
         if include_usage:
             self.params["stream_options"] = {"include_usage": True, "continuous_usage_stats": continuous_usage}
-        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # The API key as a Bearer token; without one, `authorization` (Basic, from a --host's userinfo) if given
+        auth = f"Bearer {api_key}" if api_key else authorization
+        self._auth = {"Authorization": auth} if auth else {}
 
     def build(self, rng: random.Random) -> StreamRequest:
         request_id = uuid.uuid4().hex

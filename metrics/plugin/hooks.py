@@ -256,6 +256,7 @@ def _write_run_report(**_kwargs: Any) -> None:
         capacity = capacity_section(ledger_doc, records, RUN.started, duration, server_max_num_seqs(host))
         if capacity is not None:
             doc["capacity"] = capacity
+        doc = redact.redact_tree(doc)  # no key, no password, wherever a server's or a library's words put one
         write_report(path, doc)
         html_path = write_html_report(path, doc, taken=getattr(opts, "html_file", None))  # never over Locust's
         if reason is not None:

@@ -5,20 +5,22 @@ password in `--host http://user:pass@host`. The secrets this process knows (`add
 settings are built) are replaced by `***` in every text that leaves a stream (its record's error, so the console,
 the report, the JSONL records, Locust's failure table and the web UI), and a URL's userinfo is cut from every URL
 stopstorm prints or stores (`redact_url`). `install_log_filter` does the same for every log line of the process.
-A `Bearer <token>` in any text is masked too, whatever the token: it can only be a credential.
+A `Bearer <token>` or `Basic <token>` in any text is masked too, whatever the token: it can only be a credential.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-__all__ = ["MASK", "add_secret", "install_log_filter", "redact", "redact_url", "secrets_of_url"]
+__all__ = ["MASK", "add_secret", "install_log_filter", "redact", "redact_tree", "redact_url", "secrets_of_url"]
 
 MASK = "***"
 _secrets: set[str] = set()
 _BEARER = re.compile(r"(?i)(\bbearer\s+)(?!\*\*\*)[A-Za-z0-9._~+/=-]+")  # RFC 6750's token characters
+_BASIC = re.compile(r"(\bBasic\s+)[A-Za-z0-9+/]{8,}={0,2}")  # RFC 7617's base64 user:password (not "basic auth")
 _USERINFO = re.compile(r"(?i)\b(https?://)[^/\s@]+@")
 _SHORT = 8  # a secret shorter than this is replaced only where it stands alone, not inside other words
 
@@ -55,9 +57,22 @@ def redact(text: str) -> str:
                 text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", MASK, text)
     if "earer" in text or "EARER" in text:
         text = _BEARER.sub(rf"\g<1>{MASK}", text)
+    if "Basic" in text:
+        text = _BASIC.sub(rf"\g<1>{MASK}", text)
     if "@" in text:
         text = _USERINFO.sub(r"\g<1>", text)
     return text
+
+
+def redact_tree(value: Any) -> Any:
+    """`value` (a report document: dicts, lists, strings, numbers) with every string redacted, keys too."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(k) if isinstance(k, str) else k: redact_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_tree(v) for v in value]
+    return value
 
 
 def redact_url(url: str) -> str:
