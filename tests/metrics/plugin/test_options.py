@@ -69,7 +69,7 @@ def binary_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 NAN_INF = ("nan", "inf", "-inf")
 BAD: list[tuple[tuple[str, ...], str]] = [
     *((("--loop-lag-interval-ms", v), "--loop-lag-interval-ms must be within [1, ") for v in (*NAN_INF, "0", "-5")),
-    *((("--max-loop-lag-ms", v), "--max-loop-lag-ms must be within [0, ") for v in (*NAN_INF, "-1")),
+    *((("--max-loop-lag-ms", v), "--max-loop-lag-ms must be >= 0 (ms, finite)") for v in (*NAN_INF, "-1")),
     *((("--hold-seconds", v), "--hold-seconds must be within [0, 1000000] (seconds, finite)") for v in
       (*NAN_INF, "-1", "1e7")),
     *((("--think-time", v), "--think-time must be within [0, 1000000]") for v in (*NAN_INF, "-0.5", "1e300")),
