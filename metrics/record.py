@@ -50,6 +50,9 @@ class StreamRecord:
     done: bool = False  # saw data: [DONE]
     status: int | None = None  # HTTP status
     error: str | None = None  # why the stream failed, in words; None if it did not
+    # Token chunks whose text held U+FFFD: invalid UTF-8 the client decoded with replacement, as SSE does (or the
+    # character itself, sent as such: a text-decoding client cannot tell them apart).
+    replaced_chunks: int = 0
 
     # -- derived ---------------------------------------------------------------------------------------
 

@@ -1,22 +1,15 @@
 """Single streams through each client stack's transport, outside Locust's users: what the stack, accounting and
-real-vLLM tests share (the probe runs its streams the same way)."""
+real-vLLM tests share (users/single.py, the path the probe runs its streams through too)."""
 
 from __future__ import annotations
 
 import argparse
-import random
-import time
-from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
 from stopstorm.metrics.record import StreamRecord
-from stopstorm.users.bridge import get_bridge
-from stopstorm.users.core import arun_stream, run_stream
 from stopstorm.users.options import RunSettings, build_settings
-from stopstorm.users.policy import StopPlan
-from stopstorm.users.request import StreamRequest
-from stopstorm.users.stacks import is_async, transport_for
+from stopstorm.users.single import SingleStreams
 
 __all__ = ["HOLD_S", "LONG", "OPTIONS", "STOP_AT", "Streams", "ledger_id", "make_settings", "versions"]
 
@@ -45,47 +38,6 @@ def ledger_id(record: StreamRecord) -> str:
     return ("chatcmpl-" if record.endpoint == "chat" else "cmpl-") + record.request_id
 
 
-class Streams:
-    """Single streams through each stack's transport (one per stack per host), outside Locust's users."""
-
-    def __init__(self) -> None:
-        self.bridge = get_bridge()
-        self.transports: dict[str, Any] = {}
-
-    def transport(self, stack: str) -> Any:
-        if stack not in self.transports:
-            self.transports[stack] = (self.bridge.run(lambda: transport_for(stack)) if is_async(stack)
-                                      else transport_for(stack))
-        return self.transports[stack]
-
-    def prepare(self, stack: str, settings: RunSettings, mode: str, plan: StopPlan,
-                request: StreamRequest | None = None) -> tuple[StreamRecord, Callable[[], None]]:
-        """A stream's record (built as StreamingUser.new_stream builds it) and the call that runs the stream."""
-        request = request or settings.requests.build(random.Random())
-        record = StreamRecord(stack=stack, close_mode=mode, endpoint=request.endpoint,
-                              request_id=request.request_id, stop_plan=str(plan), wall_start=time.time(),
-                              sent=time.monotonic())
-        transport = self.transport(stack)
-
-        def go() -> None:
-            if is_async(stack):
-                self.bridge.run(lambda: arun_stream(transport, settings, request, record, plan))
-            else:
-                run_stream(transport, settings, request, record, plan)
-
-        return record, go
-
-    def run(self, stack: str, settings: RunSettings, mode: str, plan: StopPlan,
-            request: StreamRequest | None = None) -> StreamRecord:
-        """One stream, start to end (a hold included); returns its record."""
-        record, go = self.prepare(stack, settings, mode, plan, request)
-        go()
-        return record
-
-    def close(self) -> None:
-        for stack, transport in self.transports.items():
-            if is_async(stack):
-                self.bridge.run(transport.shutdown, timeout=10)
-            else:
-                transport.shutdown()
-        self.transports.clear()
+class Streams(SingleStreams):
+    """Single streams through each stack's transport (one per stack per host), outside Locust's users: the
+    users' own path (users/single.py), which the probe runs its streams through too."""

@@ -17,7 +17,7 @@ from conftest import ROOT
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("stopstorm.distributions",),
     ("stopstorm.simulator",),
-    ("stopstorm.metrics.record", "stopstorm.metrics.figures"),
+    ("stopstorm.metrics.record", "stopstorm.metrics.figures", "stopstorm.metrics.redact"),
     ("stopstorm.metrics.truth",),
     ("stopstorm.metrics.analysis",),
     ("stopstorm.metrics.report",),
@@ -53,7 +53,9 @@ def _imports(name: str, path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            # `from pkg import mod` imports the module; `from pkg import name` the package's own code
+            targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
+                       for a in node.names]
         else:
             continue
         for t in targets:

@@ -26,11 +26,21 @@ from gevent import GreenletExit
 from locust import User, task
 
 from stopstorm.metrics.record import INTERRUPTED, StreamRecord
+from stopstorm.metrics.redact import redact
 from stopstorm.users.options import RunSettings, settings_for
 from stopstorm.users.policy import StopPlan
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.shapes import arrival_clock, open_model_wait
 from stopstorm.users.sse import DONE, SSELineDecoder
+from stopstorm.users.verdicts import (
+    RUNAWAY_EVENT_SLACK,
+    RUNAWAY_FACTOR,
+    cut_off,
+    malformed,
+    runaway_events,
+    runaway_tokens,
+    warn_once,
+)
 
 __all__ = [
     "ERROR_BODY_LIMIT",
@@ -48,6 +58,8 @@ __all__ = [
     "http_failure",
     "report",
     "run_stream",
+    "seal",
+    "stream_record",
 ]
 
 
@@ -57,7 +69,7 @@ class StreamFailure(Exception):
 
 class SyncStream(Protocol):
     def items(self) -> Iterator[Any]:
-        """SSE lines (bytes, without terminators) or, for SDK stacks, chunk objects."""
+        """SSE lines (bytes or text, without terminators) or, for SDK stacks, (chunk object, its event data)."""
         ...
 
     def close(self) -> None: ...
@@ -71,7 +83,7 @@ class AsyncStream(Protocol):
 
 class SyncTransport(Protocol):
     name: str
-    yields_chunks: bool  # True: items are OpenAI SDK chunk objects, not SSE lines
+    yields_chunks: bool  # True: items are (OpenAI SDK chunk object, its event data), not SSE lines
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
              connect_timeout: float = 10.0) -> SyncStream:
@@ -138,11 +150,16 @@ def headers_late(settings: RunSettings) -> StreamFailure:
 
 
 class StreamReader:
-    """One stream's reading: lines or chunks in, record filled, True out when the client stops reading."""
+    """One stream's reading: lines or chunks in, record filled, True out when the client stops reading.
 
-    __slots__ = ("_decoder", "_line_data", "_plan", "_read_on", "_stop_at_tokens", "_text_key", "record")
+    Every event is judged here by the rules of users/verdicts.py, for every stack: SDK stacks hand over each
+    chunk with the event data it was built from, and that data is what is judged (so the SDK's own objects
+    cannot give another verdict than the same bytes read raw)."""
 
-    def __init__(self, record: StreamRecord, plan: StopPlan, read_on: bool) -> None:
+    __slots__ = ("_decoder", "_event_limit", "_events", "_line_data", "_max_tokens", "_plan", "_read_on",
+                 "_stop_at_tokens", "_text_key", "_token_limit", "record")
+
+    def __init__(self, record: StreamRecord, plan: StopPlan, read_on: bool, max_tokens: int | None = None) -> None:
         self.record = record
         self._plan = plan
         self._read_on = read_on  # close mode `none`: Stop is recorded but reading goes on to the end
@@ -150,12 +167,23 @@ class StreamReader:
         self._decoder = SSELineDecoder()
         self._line_data = self._decoder.feed_line_data
         self._text_key = "content" if record.endpoint == "chat" else "text"
+        self._events = 0  # data events seen ([DONE] aside)
+        self._max_tokens = max_tokens
+        big = 1 << 62  # no bound without a max_tokens (a test's reader)
+        self._token_limit = RUNAWAY_FACTOR * max_tokens if max_tokens else big
+        self._event_limit = RUNAWAY_FACTOR * max_tokens + RUNAWAY_EVENT_SLACK if max_tokens else big
 
     def press_stop(self, now: float) -> None:
         rec = self.record
         if rec.stop is None:
             rec.stop = now
             rec.tokens_at_stop = rec.tokens
+
+    def _fail(self, now: float, error: str) -> bool:
+        rec = self.record
+        rec.error = error
+        rec.ended = now
+        return True
 
     def feed_data(self, data: bytes | str) -> bool:
         """One SSE `data` payload from an OpenAI-style stream (bytes straight from the line, or text)."""
@@ -165,55 +193,58 @@ class StreamReader:
             rec.done = True
             rec.ended = now
             return True
+        self._events += 1
+        if self._events > self._event_limit and self._max_tokens:
+            return self._fail(now, runaway_events(self._events, self._max_tokens))
         try:
-            try:
-                obj = orjson.loads(data)
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            if not isinstance(data, bytes):
+                return self._fail(now, malformed("JSONDecodeError (not JSON)", data))
+            try:  # invalid UTF-8 is replaced, as SSE decodes it (and as every text path already did)
+                obj = orjson.loads(data.decode("utf-8", "replace"))
             except orjson.JSONDecodeError:
-                if not isinstance(data, bytes):
-                    raise
-                data = data.decode("utf-8", "replace")  # invalid UTF-8 is replaced, as the slow path does
-                obj = orjson.loads(data)
-            if "error" in obj:
-                rec.error = f"server error mid-stream: {error_text(data)}"
-                return False  # vLLM follows an error event with [DONE]
-            if rec.server_id is None:
-                rec.server_id = obj.get("id")
-            usage = obj.get("usage")
-            choices = obj["choices"]  # every OpenAI chunk has it (empty in a usage-only one): none is malformed
-            text = finish = None
-            if choices:
-                choice = choices[0]
-                text = (choice.get("delta") or {}).get("content") if self._text_key == "content" else choice["text"]
-                finish = choice.get("finish_reason")
-            completion = prompt = None
-            if usage:
-                completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
-        except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError, IndexError) as exc:
-            rec.error = f"malformed stream: {type(exc).__name__} in chunk {data[:120]!r}"
-            rec.ended = now
-            return True
+                return self._fail(now, malformed("JSONDecodeError (not JSON)", data))
+        if type(obj) is not dict:
+            return self._fail(now, malformed("chunk is not a JSON object", data))
+        error = obj.get("error")
+        if error:  # vLLM follows it with [DONE]; the stream has failed, so reading stops here
+            body = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+            return self._fail(now, f"server error mid-stream: {error_text(body)}")
+        if rec.server_id is None:
+            sid = obj.get("id")
+            rec.server_id = sid if isinstance(sid, str) else None
+        usage = obj.get("usage")
+        choices = obj.get("choices")
+        text: str | None = None
+        finish: str | None = None
+        if choices:
+            choice = choices[0] if type(choices) is list else None
+            if type(choice) is not dict:
+                return self._fail(now, malformed("choices is not a list of objects", data))
+            if self._text_key == "content":
+                delta = choice.get("delta")  # none in some servers' last chunk: no text
+                value = delta.get("content") if type(delta) is dict else None
+            else:
+                value = choice.get("text")
+            text = value if type(value) is str else None
+            reason = choice.get("finish_reason")
+            finish = reason if type(reason) is str else None
+        elif choices is None and not usage:  # not an OpenAI chunk (a usage chunk has usage, and choices [])
+            return self._fail(now, malformed("chunk without choices", data))
+        elif choices is not None and type(choices) is not list:
+            return self._fail(now, malformed("choices is not a list of objects", data))
+        completion = prompt = None
+        if type(usage) is dict:
+            completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+            completion = completion if type(completion) is int else None
+            prompt = prompt if type(prompt) is int else None
         return self._on_chunk(now, text, completion, prompt, finish)
 
-    def feed_chunk(self, chunk: Any) -> bool:
-        """One OpenAI SDK chunk object (ChatCompletionChunk or Completion)."""
-        now = time.monotonic()
-        rec = self.record
-        if chunk.choices is None:  # the SDK builds chunks unvalidated: a missing field is None
-            rec.error = f"malformed stream: chunk without choices ({str(chunk)[:120]})"
-            rec.ended = now
-            return True
-        if rec.server_id is None:
-            rec.server_id = chunk.id
-        text = finish = None
-        if chunk.choices:
-            choice = chunk.choices[0]
-            text = choice.delta.content if self._text_key == "content" else choice.text
-            finish = choice.finish_reason
-        usage = chunk.usage
-        completion = prompt = None
-        if usage is not None:
-            completion, prompt = usage.completion_tokens, usage.prompt_tokens
-        return self._on_chunk(now, text, completion, prompt, finish)
+    def feed_chunk(self, item: tuple[Any, str]) -> bool:
+        """One OpenAI SDK chunk and the event data the SDK built it from: the data is judged, as for raw stacks
+        (the chunk object is the SDK's own cost, built and dropped as its users' are)."""
+        return self.feed_data(item[1])
 
     def _on_chunk(self, now: float, text: str | None, completion: int | None, prompt: int | None,
                   finish: str | None) -> bool:
@@ -233,6 +264,12 @@ class StreamReader:
         rec.tokens = completion if completion is not None else rec.tokens + 1
         rec.chunk_times.append(now)
         rec.chunk_tokens.append(rec.tokens)
+        if "\ufffd" in text:
+            rec.replaced_chunks += 1
+            warn_once("replaced", "the server sent invalid UTF-8 in content (decoded with replacement, as SSE "
+                      "does; tokens counted; the records' replaced_chunks say which streams)")
+        if rec.tokens > self._token_limit and self._max_tokens:
+            return self._fail(now, runaway_tokens(rec.tokens, self._max_tokens))
         if rec.stop is None:
             plan = self._plan
             if (self._stop_at_tokens is not None and rec.tokens >= self._stop_at_tokens) or (
@@ -251,11 +288,15 @@ class StreamReader:
         return False if data is None else self.feed_data(data)
 
     def finish_unended(self, now: float) -> None:
-        """The server closed the stream without [DONE]: a cut-off stream, recorded as a failure."""
+        """The body ended: its last event is flushed (one without its blank line still counts), then a stream
+        without [DONE] is cut off, recorded as a failure."""
         rec = self.record
+        last = self._decoder.flush()
+        stopped_with_last = (last is not None and not (rec.stop is not None and not self._read_on)
+                             and self.feed_data(last.data) and rec.error is None and not rec.done)
         rec.ended = now
-        if not rec.done and rec.error is None:
-            rec.error = "stream cut off: the server closed it before data: [DONE]"
+        if not rec.done and rec.error is None and not stopped_with_last:  # (a Stop at the last event: the user's)
+            rec.error = cut_off(self._events, rec.tokens)
 
 
 def _interrupting_stop(plan: StopPlan, mode: str) -> float | None:
@@ -279,7 +320,7 @@ def run_stream(transport: SyncTransport, settings: RunSettings, request: StreamR
     """The read loop for sync stacks (under gevent). Never raises but to a killed greenlet, and always closes
     the stream it opened (unless the close mode is `drop`): the record says what happened."""
     mode = record.close_mode
-    reader = StreamReader(record, plan, read_on=mode == "none")
+    reader = StreamReader(record, plan, read_on=mode == "none", max_tokens=request.body.get("max_tokens"))
     stream: SyncStream | None = None
     deadline = _interrupting_stop(plan, mode)
     timeout = gevent.Timeout(deadline, _StopPressed) if deadline is not None else None
@@ -333,7 +374,7 @@ async def arun_stream(transport: AsyncTransport, settings: RunSettings, request:
                       record: StreamRecord, plan: StopPlan) -> None:
     """The async twin of `run_stream`, run on the bridge's event loop."""
     mode = record.close_mode
-    reader = StreamReader(record, plan, read_on=mode == "none")
+    reader = StreamReader(record, plan, read_on=mode == "none", max_tokens=request.body.get("max_tokens"))
     stream: AsyncStream | None = None
     deadline = _interrupting_stop(plan, mode)
     quiet = _quiet_stop(plan, mode)
@@ -382,12 +423,27 @@ async def arun_stream(transport: AsyncTransport, settings: RunSettings, request:
                 record.closed = time.monotonic()
 
 
+def stream_record(stack: str, request: StreamRequest, mode: str, plan: StopPlan) -> StreamRecord:
+    """A new stream's record, before it is sent (every stream's, a Locust user's or a single one's)."""
+    return StreamRecord(stack=stack, close_mode=mode, endpoint=request.endpoint, request_id=request.request_id,
+                        stop_plan=str(plan), wall_start=time.time(), sent=time.monotonic())
+
+
+def seal(record: StreamRecord) -> StreamRecord:
+    """The stream has ended: what it records in words is made safe to write (no API key, no password: a server
+    may echo the key it was sent in its error). Every stream passes here before anyone sees its record."""
+    if record.error:
+        record.error = redact(record.error)
+    return record
+
+
 def report(environment: Any, record: StreamRecord) -> None:
     """Fire Locust's `request` event for the stream, and one for its TTFT; the record rides in `context`.
 
     A stream the run's end cut short is its own row, not a Locust failure: the server did nothing wrong, and
     Locust's exit code (1 on any failure) must keep meaning that the server failed.
     """
+    seal(record)
     name = f"{record.close_mode} stop" if record.stopped else "full stream"
     if record.error == INTERRUPTED:
         name = "interrupted by the run's end"
@@ -432,10 +488,7 @@ class StreamingUser(User):
         request = settings.requests.build(self.rng)
         plan = settings.stop_policy.draw(self.rng)
         mode = "none" if plan.never else settings.close_mix.draw(self.rng)
-        record = StreamRecord(stack=self.stack, close_mode=mode, endpoint=request.endpoint,
-                              request_id=request.request_id, stop_plan=str(plan), wall_start=time.time(),
-                              sent=time.monotonic())
-        return request, record, plan
+        return request, stream_record(self.stack, request, mode, plan), plan
 
     def stream_once(self, request: StreamRequest, record: StreamRecord, plan: StopPlan) -> None:
         raise NotImplementedError

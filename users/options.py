@@ -6,6 +6,7 @@ Settings are parsed once per process; a bad value stops the run before any load,
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -13,58 +14,63 @@ from typing import Any
 from locust.argument_parser import LocustArgumentParser
 
 from stopstorm.metrics.plugin import options
+from stopstorm.metrics.plugin.options import Number, Option, Parsed, seconds
+from stopstorm.metrics.redact import add_secret, redact_url, secrets_of_url
 from stopstorm.users.policy import CloseMix, StopPolicy
-from stopstorm.users.preflight import check_server, check_url
+from stopstorm.users.preflight import base_url, basic_authorization, check_server, check_url
 from stopstorm.users.request import BUILTIN_PROMPTS, Messages, RequestFactory, load_prompts
+from stopstorm.users.verdicts import warn_once
 
-__all__ = ["RunSettings", "add_arguments", "settings_for"]
+__all__ = ["MAX_TOKENS", "TABLE", "RunSettings", "add_arguments", "build_settings", "check_options", "settings_for"]
+
+_log = logging.getLogger("stopstorm")
+
+
+MAX_TOKENS = 2**31 - 1  # what a server's int32 takes; orjson cannot even write an int past 64 bits
+
+
+TABLE = options.OptionTable("stopstorm streams", description="what each simulated user streams and when it stops",
+                            options=(
+    Option("--endpoint", "/v1/chat/completions or /v1/completions (default chat)", "chat",
+           choices=("chat", "completions")),
+    Option("--model", "model name to request (default: the first one the server lists at /v1/models)"),
+    Option("--prompts", "file of prompts: text (one a line) or JSONL of messages (default: a built-in varied set)",
+           rule=Parsed(lambda path: load_prompts(path), "a readable UTF-8 file of prompts", optional=True)),
+    Option("--max-tokens", "max_tokens per request (default 256)", 256, Number(low=1, high=MAX_TOKENS, integer=True),
+           int),
+    Option("--temperature", "sampling temperature (default 0)", 0.0, Number(low=0.0), float),
+    Option("--ignore-eos", "ask the server to generate exactly max_tokens (vLLM's ignore_eos)", False),
+    Option("--no-usage", "do not ask for stream_options usage (tokens are then counted from chunks)", False),
+    Option("--no-continuous-usage", "ask for usage only in the last chunk, not in every chunk "
+           "(continuous_usage_stats)", False),
+    Option("--api-key", "API key sent as a Bearer token (default: $OPENAI_API_KEY if set); never printed",
+           secret=True),
+    Option("--stop-probability", "chance that a user presses Stop during a stream (default 0.5)", 0.5,
+           Number(low=0.0, high=1.0), float),
+    Option("--stop-at", "when Stop is pressed: tokens:<dist>, seconds:<dist> or first-token; <dist> is fixed:N, "
+           "uniform:A:B or exponential:MEAN (default tokens:uniform:1:128)", "tokens:uniform:1:128",
+           Parsed(lambda spec: StopPolicy.parse(0.0, spec), "tokens:<dist>, seconds:<dist> or first-token")),
+    Option("--close-mix", "what the client does at Stop, weighted: close (explicit close), drop (drop every "
+           "reference, leave it to the GC), hold (keep the socket open for --hold-seconds), none (read to the end) "
+           "(default close:1,drop:1,hold:1,none:1)", "close:1,drop:1,hold:1,none:1",
+           Parsed(CloseMix.parse, "MODE[:WEIGHT],… with finite weights >= 0, one above 0")),
+    Option("--hold-seconds", "how long a `hold` keeps the abandoned stream open before releasing it (default 5)",
+           5.0, seconds(), float),
+    Option("--think-time", "mean seconds a user waits between streams, exponential (default 1)", 1.0, seconds(),
+           float),
+    Option("--read-timeout", "seconds without a byte (between tokens) before a stream counts as timed out "
+           "(default 60)", 60.0, seconds(above=True), float),
+    Option("--connect-timeout", "seconds to connect before a stream counts as failed, and for the start-up check "
+           "that the host answers (default 10)", 10.0, seconds(above=True), float),
+    Option("--insecure", "do not verify the server's TLS certificate (default: verified, by every stack and the "
+           "start-up check)", False),
+    Option("--headers-timeout", "seconds from send to the response headers before a stream counts as timed out "
+           "(default 60)", 60.0, seconds(above=True), float),
+))
 
 
 def add_arguments(parser: LocustArgumentParser) -> None:
-    g = options.argument_group(parser, "stopstorm streams", "what each simulated user streams and when it stops")
-    g.add_argument("--endpoint", choices=["chat", "completions"], default="chat", env_var="STOPSTORM_ENDPOINT",
-                   help="/v1/chat/completions or /v1/completions (default chat)")
-    g.add_argument("--model", default="", env_var="STOPSTORM_MODEL",
-                   help="model name to request (default: the first one the server lists at /v1/models)")
-    g.add_argument("--prompts", default="", env_var="STOPSTORM_PROMPTS",
-                   help="file of prompts: text (one a line) or JSONL of messages (default: a built-in varied set)")
-    g.add_argument("--max-tokens", type=int, default=256, env_var="STOPSTORM_MAX_TOKENS",
-                   help="max_tokens per request (default 256)")
-    g.add_argument("--temperature", type=float, default=0.0, env_var="STOPSTORM_TEMPERATURE",
-                   help="sampling temperature (default 0)")
-    g.add_argument("--ignore-eos", action="store_true", default=False, env_var="STOPSTORM_IGNORE_EOS",
-                   help="ask the server to generate exactly max_tokens (vLLM's ignore_eos)")
-    g.add_argument("--no-usage", action="store_true", default=False, env_var="STOPSTORM_NO_USAGE",
-                   help="do not ask for stream_options usage (tokens are then counted from chunks)")
-    g.add_argument("--no-continuous-usage", action="store_true", default=False,
-                   env_var="STOPSTORM_NO_CONTINUOUS_USAGE",
-                   help="ask for usage only in the last chunk, not in every chunk (continuous_usage_stats)")
-    g.add_argument("--api-key", default="", env_var="STOPSTORM_API_KEY", is_secret=True,
-                   help="API key sent as a Bearer token (default: $OPENAI_API_KEY if set); never printed")
-    g.add_argument("--stop-probability", type=float, default=0.5, env_var="STOPSTORM_STOP_PROBABILITY",
-                   help="chance that a user presses Stop during a stream (default 0.5)")
-    g.add_argument("--stop-at", default="tokens:uniform:1:128", env_var="STOPSTORM_STOP_AT",
-                   help="when Stop is pressed: tokens:<dist>, seconds:<dist> or first-token; <dist> is "
-                   "fixed:N, uniform:A:B or exponential:MEAN (default tokens:uniform:1:128)")
-    g.add_argument("--close-mix", default="close:1,drop:1,hold:1,none:1", env_var="STOPSTORM_CLOSE_MIX",
-                   help="what the client does at Stop, weighted: close (explicit close), drop (drop every "
-                   "reference, leave it to the GC), hold (keep the socket open for --hold-seconds), none (read to "
-                   "the end) (default close:1,drop:1,hold:1,none:1)")
-    g.add_argument("--hold-seconds", type=float, default=5.0, env_var="STOPSTORM_HOLD_SECONDS",
-                   help="how long a `hold` keeps the abandoned stream open before releasing it (default 5)")
-    g.add_argument("--think-time", type=float, default=1.0, env_var="STOPSTORM_THINK_TIME",
-                   help="mean seconds a user waits between streams, exponential (default 1)")
-    g.add_argument("--read-timeout", type=float, default=60.0, env_var="STOPSTORM_READ_TIMEOUT",
-                   help="seconds without a byte (between tokens) before a stream counts as timed out (default 60)")
-    g.add_argument("--connect-timeout", type=float, default=10.0, env_var="STOPSTORM_CONNECT_TIMEOUT",
-                   help="seconds to connect before a stream counts as failed, and for the start-up check that "
-                   "the host answers (default 10)")
-    g.add_argument("--insecure", action="store_true", default=False, env_var="STOPSTORM_INSECURE",
-                   help="do not verify the server's TLS certificate (default: verified, by every stack and the "
-                   "start-up check)")
-    g.add_argument("--headers-timeout", type=float, default=60.0, env_var="STOPSTORM_HEADERS_TIMEOUT",
-                   help="seconds from send to the response headers before a stream counts as timed out "
-                   "(default 60)")
+    TABLE.add_arguments(parser)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,17 +102,10 @@ class _Parsed:
 
 
 def _parse(opts: Any) -> _Parsed:
-    """Check every stream option's value; raises ValueError naming the option at fault."""
-    if opts.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {opts.max_tokens}")
-    for name in ("hold_seconds", "think_time", "read_timeout"):
-        if getattr(opts, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
+    """Check every stream option's value (each by its rule in TABLE); raises ValueError naming the option."""
+    TABLE.check(opts)
     connect_timeout = float(getattr(opts, "connect_timeout", 10.0))
     headers_timeout = float(getattr(opts, "headers_timeout", 60.0))
-    for name, value in (("connect-timeout", connect_timeout), ("headers-timeout", headers_timeout)):
-        if not value > 0:
-            raise ValueError(f"--{name} must be > 0 seconds, got {value}")
     stop_policy = StopPolicy.parse(opts.stop_probability, opts.stop_at)
     close_mix = CloseMix.parse(opts.close_mix)
     prompts = load_prompts(opts.prompts) if opts.prompts else [[{"role": "user", "content": p}]
@@ -115,28 +114,38 @@ def _parse(opts: Any) -> _Parsed:
 
 
 def check_options(opts: Any) -> None:
-    """The stream options' check, run before anything starts (the target is checked later, in preflight)."""
+    """The stream options' check, run before anything starts (the target is checked later, in preflight);
+    a --host given is checked for its form here too."""
     _parse(opts)
+    host = getattr(opts, "host", None)
+    if host:
+        check_url(base_url(host))
 
 
 def build_settings(opts: Any, host: str, check: bool = False) -> RunSettings:
     """Validate the options; raises ValueError naming the option at fault. With `check` (a run's settings),
     the server too: reachable, OpenAI-compatible, serving --model; without it only when --model is not given
     (the model is then discovered), so a test can build settings for a server it knows."""
-    host = host.rstrip("/")
     api_key = opts.api_key or os.environ.get("OPENAI_API_KEY") or None
+    add_secret(api_key)
+    secrets_of_url(host)
+    authorization = basic_authorization(host)  # a userinfo: one Basic header for every stack (no API key given)
+    if authorization and api_key:
+        warn_once("userinfo", f"--host {redact_url(host)}: its user:password is not sent (the API key is)")
+    host = redact_url(base_url(host))  # what every stack is given: no userinfo
     parsed = _parse(opts)
     check_url(host)
     models: list[str] = []
     if check or not opts.model:  # a bad URL, no answer or not OpenAI's API: refused here, before any load
-        models = check_server(host, api_key, parsed.connect_timeout, verify=not getattr(opts, "insecure", False))
+        models = check_server(host, api_key, parsed.connect_timeout, verify=not getattr(opts, "insecure", False),
+                              authorization=authorization)
     if opts.model and models and opts.model not in models:
-        raise ValueError(f"--model {opts.model!r}: {host} serves {', '.join(map(repr, models))}")
+        raise ValueError(f"--model {opts.model!r}: {redact_url(host)} serves {', '.join(map(repr, models))}")
     model = opts.model or models[0]
     factory = RequestFactory(
         endpoint=opts.endpoint, model=model, prompts=parsed.prompts, max_tokens=opts.max_tokens,
         temperature=opts.temperature, ignore_eos=opts.ignore_eos, include_usage=not opts.no_usage,
-        continuous_usage=not opts.no_continuous_usage, api_key=api_key,
+        continuous_usage=not opts.no_continuous_usage, api_key=api_key, authorization=authorization,
     )
     return RunSettings(host, factory, parsed.stop_policy, parsed.close_mix, opts.hold_seconds, opts.think_time,
                        opts.read_timeout, api_key, parsed.connect_timeout, parsed.headers_timeout,
@@ -155,9 +164,17 @@ def settings_for(environment: Any, host: str) -> RunSettings:
 
 
 def _preflight(environment: Any) -> None:
-    """The target answers and serves the model: checked once the host is known, before any load."""
-    settings_for(environment, environment.host)
+    """The target answers and serves the model: checked once the host is known, before any load. A host given
+    as the usual OpenAI base URL (`…/v1`) becomes the server's root for the whole run (every stack adds /v1)."""
+    host = base_url(environment.host)
+    if host != environment.host:
+        _log.info("stopstorm: --host %s: using %s as the server's root (requests go to %s%s)",
+                  redact_url(environment.host), redact_url(host), redact_url(host), "/v1/...")
+        environment.host = host
+        if environment.parsed_options is not None:
+            environment.parsed_options.host = host
+    settings_for(environment, host)
 
 
-options.register(add_arguments, check_options, rank=10)
+options.register(TABLE, check_options, rank=10)
 options.register_preflight(_preflight)

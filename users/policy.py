@@ -6,6 +6,7 @@ given on the command line and refuse bad ones with a message naming the allowed 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ class StopPolicy:
 
     @classmethod
     def parse(cls, probability: float, spec: str) -> StopPolicy:
-        if not 0.0 <= probability <= 1.0:
+        if not (isinstance(probability, int | float) and 0.0 <= probability <= 1.0):
             raise ValueError(f"--stop-probability must be within [0, 1], got {probability}")
         kind, _, rest = spec.strip().partition(":")
         if kind == "first-token" and not rest:
@@ -101,8 +102,8 @@ class CloseMix:
                 w = float(weight) if weight else 1.0
             except ValueError:
                 raise ValueError(f"--close-mix: weight of {mode} is not a number: {weight!r}") from None
-            if w < 0:
-                raise ValueError(f"--close-mix: weight of {mode} must be >= 0, got {w}")
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"--close-mix: weight of {mode} must be a finite number >= 0, got {weight}")
             modes.append(mode)
             weights.append(w)
         if not modes or sum(weights) <= 0:

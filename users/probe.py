@@ -9,8 +9,7 @@ it walks the matrix once and stops the run by itself, then prints the table and 
 from __future__ import annotations
 
 import logging
-import random
-import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import gevent
@@ -20,40 +19,60 @@ from locust.exception import StopUser
 
 from stopstorm.metrics.analysis.accounting import server_id
 from stopstorm.metrics.plugin import options
+from stopstorm.metrics.plugin.options import Number, Option, Parsed, WritablePath, seconds
 from stopstorm.metrics.plugin.probe import PROBE
 from stopstorm.metrics.plugin.state import RUN
-from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.truth.ledger import LedgerClient
 from stopstorm.metrics.truth.vllm_log import LineFollower
 from stopstorm.metrics.truth.vllm_stream import VLLM_TRUTH_SOURCE, VllmStreamTruth
-from stopstorm.users.core import AsyncStreamingUser, arun_stream, run_stream
-from stopstorm.users.options import RunSettings, settings_for
+from stopstorm.users.options import MAX_TOKENS, settings_for
 from stopstorm.users.policy import CLOSE_MODES, StopPlan
-from stopstorm.users.stacks import STACKS, user_class
+from stopstorm.users.single import SingleStreams
+from stopstorm.users.stacks import STACKS
 
 __all__ = ["StopProbeUser", "add_probe_arguments"]
 
 _log = logging.getLogger("stopstorm.probe")
 
 
+def _names(flag: str, valid: tuple[str, ...] | list[str], what: str) -> Callable[[str], list[str]]:
+    """The parser of a comma-separated list of names, each one of `valid`."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in (text or "").split(",") if n.strip()]
+        if not names:
+            raise ValueError(f"{flag}: name at least one {what}; choose from {', '.join(valid)}")
+        for name in names:
+            if name not in valid:
+                raise ValueError(f"{flag}: unknown {what} {name!r}; choose from {', '.join(valid)}")
+        return names
+
+    return parse
+
+
+parse_stacks = _names("--probe-stacks", list(STACKS), "client stack")
+parse_modes = _names("--probe-modes", CLOSE_MODES, "close mode")
+
+TABLE = options.OptionTable("stopstorm stop-semantics probe", description="used by StopProbeUser", options=(
+    Option("--probe-stacks", f"client stacks to probe, comma-separated (default all: {','.join(STACKS)})",
+           ",".join(STACKS), Parsed(parse_stacks, "client stack names, comma-separated")),
+    Option("--probe-modes", "close modes to probe (default close,drop,hold)", ",".join(CLOSE_MODES[:3]),
+           Parsed(parse_modes, "close modes, comma-separated")),
+    Option("--probe-repeats", "streams per cell (default 3)", 3, Number(low=1, high=1_000_000, integer=True), int),
+    Option("--probe-stop-tokens", "Stop after this many tokens (default 20)", 20,
+           Number(low=1, high=MAX_TOKENS, integer=True), int),
+    Option("--probe-gap", "seconds to wait after each stream's slot is freed, so a sampled GPU can go idle between "
+           "streams and each Stop's drop is measured (e.g. 2 with a GPU; default 0)", 0.0, seconds(), float),
+    Option("--probe-json", "where to write the probe's results (default stopstorm-probe.json)",
+           "stopstorm-probe.json", WritablePath(), master_only=True),
+))
+
+
 def add_probe_arguments(parser: LocustArgumentParser) -> None:
-    g = options.argument_group(parser, "stopstorm stop-semantics probe", "used by StopProbeUser")
-    g.add_argument("--probe-stacks", default=",".join(STACKS), env_var="STOPSTORM_PROBE_STACKS",
-                   help=f"client stacks to probe, comma-separated (default all: {','.join(STACKS)})")
-    g.add_argument("--probe-modes", default=",".join(CLOSE_MODES[:3]), env_var="STOPSTORM_PROBE_MODES",
-                   help="close modes to probe (default close,drop,hold)")
-    g.add_argument("--probe-repeats", type=int, default=3, env_var="STOPSTORM_PROBE_REPEATS",
-                   help="streams per cell (default 3)")
-    g.add_argument("--probe-stop-tokens", type=int, default=20, env_var="STOPSTORM_PROBE_STOP_TOKENS",
-                   help="Stop after this many tokens (default 20)")
-    g.add_argument("--probe-gap", type=float, default=0.0, env_var="STOPSTORM_PROBE_GAP",
-                   help="seconds to wait after each stream's slot is freed, so a sampled GPU can go idle between "
-                   "streams and each Stop's drop is measured (e.g. 2 with a GPU; default 0)")
-    g.add_argument("--probe-json", default="stopstorm-probe.json", env_var="STOPSTORM_PROBE_JSON",
-                   help="where to write the probe's results (default stopstorm-probe.json)")
+    TABLE.add_arguments(parser)
 
 
-options.register(add_probe_arguments, rank=20)
+options.register(TABLE, rank=20)
 
 
 class StopProbeUser(User):
@@ -71,22 +90,17 @@ class StopProbeUser(User):
         if not ledger.available():
             ledger.close()
             vllm = self._vllm_truth(settings.host, opts)
-        stacks = [s.strip() for s in opts.probe_stacks.split(",") if s.strip()]
-        modes = [m.strip() for m in opts.probe_modes.split(",") if m.strip()]
-        for mode in modes:
-            if mode not in CLOSE_MODES:
-                raise ValueError(f"--probe-modes: unknown close mode {mode!r}; choose from {', '.join(CLOSE_MODES)}")
+        stacks, modes = parse_stacks(opts.probe_stacks), parse_modes(opts.probe_modes)  # checked at init
         plan = StopPlan(tokens=opts.probe_stop_tokens)
         settle = settings.hold_seconds + 10.0
+        streams = SingleStreams(insecure=settings.insecure)  # the users' own path, with the run's settings
         for stack in stacks:
-            cls = user_class(stack)
-            runner = _StreamRunner(cls, settings)
             try:
                 for mode in modes:
                     for _ in range(opts.probe_repeats):
                         if vllm is not None:
                             vllm.before_stream()
-                        record = runner.run(mode, plan)
+                        record = streams.run(stack, settings, mode, plan)
                         sid = server_id(record)
                         entry: dict[str, Any] | None  # the server's truth about the stream, as the JSON keeps it
                         if vllm is not None:
@@ -102,7 +116,7 @@ class StopProbeUser(User):
                         if opts.probe_gap > 0:
                             gevent.sleep(opts.probe_gap)
             finally:
-                runner.shutdown()
+                streams.shutdown(stack)
         if vllm is not None:
             vllm.close()
         ledger.close()
@@ -142,39 +156,3 @@ class StopProbeUser(User):
 def _log_name(opts: Any) -> str:
     return (getattr(opts, "server_log_cmd", "") or "").strip() or getattr(opts, "server_log", "") or ""
 
-
-class _StreamRunner:
-    """Runs single streams with one stack's transport, outside that stack's Locust user."""
-
-    def __init__(self, cls: type[Any], settings: RunSettings) -> None:
-        self.cls = cls
-        self.settings = settings
-        self.is_async = issubclass(cls, AsyncStreamingUser)
-        if self.is_async:
-            from stopstorm.users.bridge import get_bridge
-
-            self.bridge = get_bridge()
-
-            async def create() -> Any:
-                return cls.transport_class()
-
-            self.transport = self.bridge.run(create)
-        else:
-            self.transport = cls.transport_class()
-
-    def run(self, mode: str, plan: StopPlan) -> StreamRecord:
-        request = self.settings.requests.build(random.Random())
-        record = StreamRecord(stack=self.cls.stack, close_mode=mode, endpoint=request.endpoint,
-                              request_id=request.request_id, stop_plan=str(plan), wall_start=time.time(),
-                              sent=time.monotonic())
-        if self.is_async:
-            self.bridge.run(lambda: arun_stream(self.transport, self.settings, request, record, plan))
-        else:
-            run_stream(self.transport, self.settings, request, record, plan)
-        return record
-
-    def shutdown(self) -> None:
-        if self.is_async:
-            self.bridge.run(self.transport.shutdown, timeout=10)
-        else:
-            self.transport.shutdown()

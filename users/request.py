@@ -53,6 +53,9 @@ def load_prompts(path: str) -> list[Messages]:
         lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as exc:
         raise ValueError(f"--prompts {path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--prompts {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}); give a text or JSONL file of prompts") from None
     if not lines:
         raise ValueError(f"--prompts {path}: no prompts in the file")
     out: list[Messages] = []
@@ -77,7 +80,7 @@ class RequestFactory:
 
     def __init__(self, *, endpoint: str, model: str, prompts: list[Messages], max_tokens: int,
                  temperature: float, ignore_eos: bool, include_usage: bool, continuous_usage: bool,
-                 api_key: str | None) -> None:
+                 api_key: str | None, authorization: str | None = None) -> None:
         if endpoint not in ("chat", "completions"):
             raise ValueError(f"--endpoint must be chat or completions, got {endpoint!r}")
         self.endpoint = endpoint
@@ -90,7 +93,9 @@ class RequestFactory:
             self.params["ignore_eos"] = True
         if include_usage:
             self.params["stream_options"] = {"include_usage": True, "continuous_usage_stats": continuous_usage}
-        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # The API key as a Bearer token; without one, `authorization` (Basic, from a --host's userinfo) if given
+        auth = f"Bearer {api_key}" if api_key else authorization
+        self._auth = {"Authorization": auth} if auth else {}
 
     def build(self, rng: random.Random) -> StreamRequest:
         request_id = uuid.uuid4().hex
@@ -100,5 +105,8 @@ class RequestFactory:
             body["messages"] = messages
         else:
             body["prompt"] = "\n".join(str(m.get("content", "")) for m in messages)
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id, **self._auth}
+        # identity: a compressed stream would hold tokens back in the decompressor (and FastHttp does not decode
+        # it); a server that compresses anyway is named by users/verdicts.py
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", "X-Request-Id": request_id,
+                   **self._auth}
         return StreamRequest(self.endpoint, self.path, body, orjson.dumps(body), headers, request_id)

@@ -26,6 +26,7 @@ import gevent
 from locust.argument_parser import LocustArgumentParser
 
 from stopstorm.metrics.plugin import options
+from stopstorm.metrics.plugin.options import MAX_SECONDS, Number, Option, Parsed, seconds
 from stopstorm.metrics.plugin.state import RUN
 
 __all__ = ["ArrivalClock", "Slo", "StepResult", "add_shape_arguments", "arrival_clock", "capacity_sentence",
@@ -35,23 +36,37 @@ _log = logging.getLogger("stopstorm.shapes")
 _SLO = re.compile(r"^\s*(queue_wait|ttft)_p(50|90|95|99)\s*<\s*([0-9.]+)\s*$")
 
 
+MAX_USERS = 1_000_000
+MAX_ARRIVAL_RATE = 1e6  # arrivals per second
+
+
+def _check_steps(opts: Any) -> None:
+    users, most = getattr(opts, "step_users", None), getattr(opts, "step_max_users", None)
+    if isinstance(users, int) and isinstance(most, int) and most < users:
+        raise ValueError(f"--step-max-users must be at least --step-users ({users}), got {most}")
+
+
+TABLE = options.OptionTable("stopstorm load shapes", description="open-model arrivals and the SLO step load "
+                            "(capacity.py)", options=(
+    Option("--arrival-rate", "open model: Poisson arrivals per second for this Locust process, users are only the "
+           "concurrency cap (default 0: Locust's closed model with --think-time)", 0.0,
+           Number(low=0.0, high=MAX_ARRIVAL_RATE, unit="arrivals/s"), float),
+    Option("--slo", "capacity.py's SLO: queue_wait_pNN<S or ttft_pNN<S, seconds (default queue_wait_p95<2)",
+           "queue_wait_p95<2", Parsed(lambda text: parse_slo(text), "queue_wait_pNN<S or ttft_pNN<S")),
+    Option("--step-users", "capacity.py: users added each step (default 2)", 2,
+           Number(low=1, high=MAX_USERS, integer=True), int),
+    Option("--step-seconds", "capacity.py: seconds per step; the SLO is judged over its second half (default 20)",
+           20.0, seconds(above=True), float),
+    Option("--step-max-users", "capacity.py: stop raising here even if the SLO still holds (default 64)", 64,
+           Number(low=1, high=MAX_USERS, integer=True), int),
+))
+
+
 def add_shape_arguments(parser: LocustArgumentParser) -> None:
-    g = options.argument_group(parser, "stopstorm load shapes",
-                               "open-model arrivals and the SLO step load (capacity.py)")
-    g.add_argument("--arrival-rate", type=float, default=0.0, env_var="STOPSTORM_ARRIVAL_RATE",
-                   help="open model: Poisson arrivals per second for this Locust process, users are only the "
-                   "concurrency cap (default 0: Locust's closed model with --think-time)")
-    g.add_argument("--slo", default="queue_wait_p95<2", env_var="STOPSTORM_SLO",
-                   help="capacity.py's SLO: queue_wait_pNN<S or ttft_pNN<S, seconds (default queue_wait_p95<2)")
-    g.add_argument("--step-users", type=int, default=2, env_var="STOPSTORM_STEP_USERS",
-                   help="capacity.py: users added each step (default 2)")
-    g.add_argument("--step-seconds", type=float, default=20.0, env_var="STOPSTORM_STEP_SECONDS",
-                   help="capacity.py: seconds per step; the SLO is judged over its second half (default 20)")
-    g.add_argument("--step-max-users", type=int, default=64, env_var="STOPSTORM_STEP_MAX_USERS",
-                   help="capacity.py: stop raising here even if the SLO still holds (default 64)")
+    TABLE.add_arguments(parser)
 
 
-options.register(add_shape_arguments, rank=30)
+options.register(TABLE, _check_steps, rank=30)
 
 
 # --- the open model ------------------------------------------------------------------------------------------
@@ -121,9 +136,18 @@ class Slo:
 
 def parse_slo(text: str) -> Slo:
     m = _SLO.match(text)
-    if not m:
-        raise ValueError(f"--slo: expected queue_wait_pNN<S or ttft_pNN<S (NN one of 50, 90, 95, 99), got {text!r}")
-    return Slo(m.group(1), int(m.group(2)) / 100, float(m.group(3)))
+    limit = _number(m.group(3)) if m else None
+    if not m or limit is None or not 0 < limit <= MAX_SECONDS:
+        raise ValueError(f"--slo: expected queue_wait_pNN<S or ttft_pNN<S (NN one of 50, 90, 95, 99; S seconds > 0), "
+                         f"got {text!r}")
+    return Slo(m.group(1), int(m.group(2)) / 100, limit)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

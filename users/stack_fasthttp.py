@@ -9,9 +9,10 @@ its pool and the response object (whose release and garbage collection decide wh
 are exactly FastHttpUser's, and reads lines with the response's own `readline`, which returns each SSE line
 as soon as its bytes are in.
 
-Lines are split at LF (the SSE decoder strips a CR before it); a server ending lines with a bare CR is not
-supported here. Releasing a response that is not complete closes its socket (geventhttpclient's
-`should_close`), so `close` really closes; an unread response dropped by everyone is closed by its `__del__`.
+Lines are read up to LF (the SSE decoder strips a CR before it); lines a server ends with a bare CR are split
+here, but reach the reader only with the next LF or the body's end (their timing is late, their count right).
+Releasing a response that is not complete closes its socket (geventhttpclient's `should_close`), so `close`
+really closes; an unread response dropped by everyone is closed by its `__del__`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.verdicts import response_failure
 
 __all__ = ["FastHttpStreamUser", "FastHttpTransport"]
 
@@ -36,6 +38,16 @@ def _describe(exc: Exception, timeout: float, mid_stream: bool) -> str:
     if mid_stream:
         return f"stream cut off: connection broken mid-stream ({detail})"
     return f"connection error: {detail}"
+
+
+def _header(resp: HTTPSocketPoolResponse, name: str) -> str | None:
+    value = resp.get(name)
+    return ", ".join(value) if isinstance(value, list) else value
+
+
+def _cr_lines(line: bytes) -> list[bytes]:
+    """A "line" read up to LF that holds bare CRs (a server ending lines with CR): its lines."""
+    return line.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
 
 
 class _FastHttpStream:
@@ -49,9 +61,12 @@ class _FastHttpStream:
         readline = self._resp.readline
         try:
             while line := readline(b"\n"):
-                yield line
+                if line.find(b"\r", 0, len(line) - 2) < 0:
+                    yield line
+                else:  # bare CRs end lines too (SSE): split them here (they arrive with the next LF or the end)
+                    yield from _cr_lines(line)
             if rest := self._resp.read():  # a last line without its terminator
-                yield rest
+                yield from _cr_lines(rest)
         except (OSError, HTTPParseError) as exc:
             raise StreamFailure(_describe(exc, self._timeout, mid_stream=True)) from None
 
@@ -98,6 +113,11 @@ class FastHttpTransport:
             finally:
                 resp.release()
             raise http_failure(resp.status_code, body)
+        failure = response_failure(resp.status_code, _header(resp, "content-type"), _header(resp, "content-encoding"),
+                                   _header(resp, "location"))
+        if failure is not None:
+            resp.release()
+            raise StreamFailure(failure)
         return _FastHttpStream(resp, timeout)
 
     def shutdown(self) -> None:

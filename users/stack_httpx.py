@@ -17,6 +17,7 @@ from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.tls import shared_ssl_context
+from stopstorm.users.verdicts import response_failure
 
 __all__ = ["HttpxTransport", "HttpxUser", "describe_httpx_error", "httpx_timeout"]
 
@@ -94,6 +95,12 @@ class HttpxTransport:
             finally:
                 resp.close()
             raise http_failure(resp.status_code, bytes(body))
+        h = resp.headers
+        failure = response_failure(resp.status_code, h.get("content-type"), h.get("content-encoding"),
+                                   h.get("location"))
+        if failure is not None:
+            resp.close()
+            raise StreamFailure(failure)
         return _HttpxStream(resp, timeout)
 
     def shutdown(self) -> None:

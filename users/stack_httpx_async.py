@@ -16,6 +16,7 @@ from stopstorm.users.core import ERROR_BODY_LIMIT, AsyncStreamingUser, StreamFai
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.stack_httpx import describe_httpx_error, httpx_timeout
 from stopstorm.users.tls import shared_ssl_context
+from stopstorm.users.verdicts import response_failure
 
 __all__ = ["HttpxAsyncTransport", "HttpxAsyncUser"]
 
@@ -74,6 +75,12 @@ class HttpxAsyncTransport:
             finally:
                 await resp.aclose()
             raise http_failure(resp.status_code, bytes(body))
+        h = resp.headers
+        failure = response_failure(resp.status_code, h.get("content-type"), h.get("content-encoding"),
+                                   h.get("location"))
+        if failure is not None:
+            await resp.aclose()
+            raise StreamFailure(failure)
         return _HttpxAsyncStream(resp, timeout)
 
     async def shutdown(self) -> None:

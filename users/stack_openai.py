@@ -1,9 +1,17 @@
 """The `openai` stack: the official SDK (`openai.OpenAI`, which talks through `httpx2`), iterated chunk by chunk.
 
 Only what is particular to the SDK lives here: the call (typed parameters, vLLM's extras in `extra_body`, our
-request id and key in `extra_headers`), its exceptions in words, and one detail the SDK hides: it swallows
-`data: [DONE]` and ends the iteration there *and* when the body just ends, so a decoder that notes [DONE]
-is plugged in through the client's `_make_sse_decoder` hook to tell a finished stream from a cut-off one.
+request id and key in `extra_headers`), its exceptions in words, and what the SDK hides. Its event parsing is
+replaced through the client's `_make_sse_decoder` hook by `EventDecoder`, stopstorm's own SSE decoder
+(users/sse.py) behind the SDK's `SSEBytesDecoder` protocol, so the SDK reads the stream by the same rules as
+every other stack: invalid UTF-8 replaced (the SDK's own decoder raises UnicodeDecodeError), bare-CR line ends,
+a BOM, the last event flushed at the body's end (the SDK's own drops it), and [DONE] noted (the SDK swallows
+it and ends the iteration there *and* when the body just ends). Each chunk goes to the core with the event
+data it was built from, which is what is judged; an event the SDK refuses itself (its APIError for an error
+event, json's JSONDecodeError) is handed over the same way, so its verdict and words are every stack's.
+
+Redirects are not followed (the SDK's client follows them by default; `follow_redirects=False` on the client
+stopstorm builds), and the response's status and headers are judged as every stack's (users/verdicts.py).
 
 The SDK's `Stream` lives in a reference cycle with its own generator, so dropping it leaves the connection
 open until the garbage collector runs (DESIGN.md §5); the stream object here keeps the SDK's iterator for the
@@ -15,19 +23,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import openai
-from openai._streaming import ServerSentEvent, SSEDecoder  # the SDK's own decoder, to note [DONE]
+from openai._streaming import ServerSentEvent  # the SDK's event type, which its stream reads from our decoder
 
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import StreamFailure, SyncStreamingUser, error_text
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.sse import DONE, SSEDecoder, SSEEvent
 from stopstorm.users.tls import shared_ssl_context
+from stopstorm.users.verdicts import response_failure
 
-__all__ = ["HTTP_LIBRARY", "DoneNotingDecoder", "DoneNotingMixin", "OpenAITransport", "OpenAIUser", "api_key_of",
-           "call_args", "describe_openai_error", "status_failure"]
+__all__ = ["HTTP_LIBRARY", "EventDecoder", "EventDecoderMixin", "OpenAITransport", "OpenAIUser", "api_key_of",
+           "call_args", "describe_openai_error", "status_failure", "stream_failure"]
 
 # The SDK's httpx2 logs every request at INFO (see users/stack_httpx.py): keep warnings and errors only.
 logging.getLogger("httpx2").setLevel(logging.WARNING)
@@ -40,26 +50,53 @@ HTTP_LIBRARY = openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0]
 _TYPED = ("model", "messages", "prompt", "max_tokens", "temperature", "stream_options")
 
 
-class DoneNotingDecoder(SSEDecoder):
-    """The SDK's SSE decoder, remembering whether `data: [DONE]` went by (the SDK does not say)."""
+class EventDecoder:
+    """stopstorm's SSE decoder behind the SDK's `SSEBytesDecoder` protocol (`iter_bytes` / `aiter_bytes`): one
+    per stream (the SDK asks for one per stream). `last_data` is the data of the event the SDK read last;
+    `done` says whether `data: [DONE]` went by."""
 
-    done = False
+    __slots__ = ("done", "last_data")
 
-    def decode(self, line: str) -> ServerSentEvent | None:
-        sse = super().decode(line)
-        if sse is not None and sse.data.startswith("[DONE]"):
+    def __init__(self) -> None:
+        self.done = False
+        self.last_data = ""
+
+    def _sse(self, event: SSEEvent) -> ServerSentEvent:
+        self.last_data = event.data
+        if event.data == DONE:
             self.done = True
-        return sse
+        return ServerSentEvent(event=event.event, data=event.data, id=event.id, retry=event.retry)
+
+    def iter_bytes(self, iterator: Iterator[bytes]) -> Iterator[ServerSentEvent]:
+        decoder = SSEDecoder()
+        for chunk in iterator:
+            for event in decoder.decode(chunk):
+                yield self._sse(event)
+        for event in decoder.flush():  # the body's end: its last event, even without its blank line
+            yield self._sse(event)
+
+    async def aiter_bytes(self, iterator: AsyncIterator[bytes]) -> AsyncIterator[ServerSentEvent]:
+        decoder = SSEDecoder()
+        async for chunk in iterator:
+            for event in decoder.decode(chunk):
+                yield self._sse(event)
+        for event in decoder.flush():
+            yield self._sse(event)
+
+    def end(self) -> list[tuple[None, str]]:
+        """After the SDK's iteration ended by itself: the [DONE] it swallowed (or an event it took for one,
+        `[DONE]…`) for the core to judge; nothing when the body just ended."""
+        return [(None, self.last_data)] if self.last_data.startswith(DONE) else []
 
 
-class DoneNotingMixin:
-    """Mixin for OpenAI/AsyncOpenAI: hand out DoneNotingDecoders; the last one is the current stream's (one
-    stream at a time per client)."""
+class EventDecoderMixin:
+    """Mixin for OpenAI/AsyncOpenAI: hand out EventDecoders; the last one is the current stream's (one stream at
+    a time per client)."""
 
-    last_decoder: DoneNotingDecoder | None = None
+    last_decoder: EventDecoder | None = None
 
-    def _make_sse_decoder(self) -> DoneNotingDecoder:
-        self.last_decoder = DoneNotingDecoder()
+    def _make_sse_decoder(self) -> EventDecoder:
+        self.last_decoder = EventDecoder()
         return self.last_decoder
 
 
@@ -82,11 +119,23 @@ def call_args(request: StreamRequest, timeout: float, connect_timeout: float = 1
 
 
 def status_failure(exc: openai.APIStatusError) -> StreamFailure:
+    headers = exc.response.headers
+    if exc.status_code < 400:  # a redirect (the client follows none): the SDK raises for any status not 2xx
+        return StreamFailure(response_failure(exc.status_code, headers.get("content-type"),
+                                              headers.get("content-encoding"), headers.get("location"))
+                             or f"HTTP {exc.status_code}")
     try:
         message = error_text(exc.response.content)
     except Exception:  # the body was not read (the SDK closed it): its own words will do
         message = exc.message
     return StreamFailure(f"HTTP {exc.status_code}: {message}")
+
+
+def stream_failure(response: Any) -> str | None:
+    """The verdict on a response the SDK took for a stream (any 2xx): status, Content-Type, encoding."""
+    h = response.headers
+    return response_failure(response.status_code, h.get("content-type"), h.get("content-encoding"),
+                            h.get("location"))
 
 
 def describe_openai_error(exc: Exception, timeout: float, mid_stream: bool) -> str:
@@ -107,30 +156,33 @@ def describe_openai_error(exc: Exception, timeout: float, mid_stream: bool) -> s
 
 
 class _OpenAIStream:
-    __slots__ = ("_chunks", "_decoder", "_record", "_stream", "_timeout")
+    __slots__ = ("_chunks", "_decoder", "_stream", "_timeout")
 
-    def __init__(self, stream: openai.Stream[Any], decoder: DoneNotingDecoder | None, record: StreamRecord,
-                 timeout: float) -> None:
+    def __init__(self, stream: openai.Stream[Any], decoder: EventDecoder, timeout: float) -> None:
         self._stream = stream
         self._chunks = iter(stream)
         self._decoder = decoder
-        self._record = record
         self._timeout = timeout
 
-    def items(self) -> Iterator[Any]:
+    def items(self) -> Iterator[tuple[Any, str]]:
+        decoder = self._decoder
         try:
-            for chunk in self._chunks:  # noqa: UP028  (`yield from` would close the SDK's when this closes)
-                yield chunk
-        except (openai.OpenAIError, json.JSONDecodeError) as exc:
+            for chunk in self._chunks:
+                yield chunk, decoder.last_data
+        except openai.APIConnectionError as exc:  # timeouts too
             raise StreamFailure(describe_openai_error(exc, self._timeout, mid_stream=True)) from None
-        if self._decoder is not None and self._decoder.done:
-            self._record.done = True
+        except (openai.APIError, json.JSONDecodeError):  # an event the SDK refused: judged as every stack judges it
+            yield None, decoder.last_data
+            return
+        except openai.OpenAIError as exc:
+            raise StreamFailure(describe_openai_error(exc, self._timeout, mid_stream=True)) from None
+        yield from decoder.end()
 
     def close(self) -> None:
         self._stream.close()
 
 
-class _Client(DoneNotingMixin, openai.OpenAI):
+class _Client(EventDecoderMixin, openai.OpenAI):
     pass
 
 
@@ -158,7 +210,8 @@ class OpenAITransport:
         if client is None:
             client = self.clients[host] = _Client(
                 base_url=host + "/v1", api_key=api_key, max_retries=0,
-                http_client=openai.DefaultHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure)))
+                http_client=openai.DefaultHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure),
+                                                  follow_redirects=False))
         return client
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
@@ -175,7 +228,12 @@ class OpenAITransport:
             raise StreamFailure(describe_openai_error(exc, timeout, mid_stream=False)) from None
         record.headers = time.monotonic()
         record.status = stream.response.status_code
-        return _OpenAIStream(stream, client.last_decoder, record, timeout)
+        failure = stream_failure(stream.response)
+        if failure is not None:
+            stream.close()
+            raise StreamFailure(failure)
+        assert client.last_decoder is not None  # the SDK asked for one when it built the stream
+        return _OpenAIStream(stream, client.last_decoder, timeout)
 
     def shutdown(self) -> None:
         for client in self.clients.values():

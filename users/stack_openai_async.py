@@ -1,6 +1,6 @@
 """The `openai-async` stack: `openai.AsyncOpenAI` on the bridge's loop, iterated chunk by chunk.
 
-The twin of users/stack_openai.py (same call, same words for failures, same [DONE]-noting decoder). The SDK's
+The twin of users/stack_openai.py (same call, same words for failures, same decoder, same verdicts). The SDK's
 `AsyncStream` is an async generator in a reference cycle: dropped unclosed, the garbage collector finds it
 and asyncio's async-generator finaliser schedules its close on the loop.
 
@@ -26,12 +26,13 @@ from stopstorm.users.core import AsyncStreamingUser, StreamFailure
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.stack_openai import (
     HTTP_LIBRARY,
-    DoneNotingDecoder,
-    DoneNotingMixin,
+    EventDecoder,
+    EventDecoderMixin,
     api_key_of,
     call_args,
     describe_openai_error,
     status_failure,
+    stream_failure,
 )
 from stopstorm.users.tls import shared_ssl_context
 
@@ -41,30 +42,34 @@ platform.platform()  # cached from here on: see the module's docstring
 
 
 class _OpenAIAsyncStream:
-    __slots__ = ("_chunks", "_decoder", "_record", "_stream", "_timeout")
+    __slots__ = ("_chunks", "_decoder", "_stream", "_timeout")
 
-    def __init__(self, stream: openai.AsyncStream[Any], decoder: DoneNotingDecoder | None, record: StreamRecord,
-                 timeout: float) -> None:
+    def __init__(self, stream: openai.AsyncStream[Any], decoder: EventDecoder, timeout: float) -> None:
         self._stream = stream
         self._chunks = aiter(stream)
         self._decoder = decoder
-        self._record = record
         self._timeout = timeout
 
-    async def aitems(self) -> AsyncIterator[Any]:
+    async def aitems(self) -> AsyncIterator[tuple[Any, str]]:
+        decoder = self._decoder
         try:
             async for chunk in self._chunks:
-                yield chunk
-        except (openai.OpenAIError, json.JSONDecodeError) as exc:
+                yield chunk, decoder.last_data
+        except openai.APIConnectionError as exc:  # timeouts too
             raise StreamFailure(describe_openai_error(exc, self._timeout, mid_stream=True)) from None
-        if self._decoder is not None and self._decoder.done:
-            self._record.done = True
+        except (openai.APIError, json.JSONDecodeError):  # an event the SDK refused: judged as every stack judges it
+            yield None, decoder.last_data
+            return
+        except openai.OpenAIError as exc:
+            raise StreamFailure(describe_openai_error(exc, self._timeout, mid_stream=True)) from None
+        for item in decoder.end():
+            yield item
 
     async def aclose(self) -> None:
         await self._stream.close()
 
 
-class _AsyncClient(DoneNotingMixin, openai.AsyncOpenAI):
+class _AsyncClient(EventDecoderMixin, openai.AsyncOpenAI):
     pass
 
 
@@ -97,7 +102,8 @@ class OpenAIAsyncTransport:
         if client is None:
             client = self.clients[host] = _AsyncClient(
                 base_url=host + "/v1", api_key=api_key, max_retries=0,
-                http_client=openai.DefaultAsyncHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure)))
+                http_client=openai.DefaultAsyncHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure),
+                                                  follow_redirects=False))
         return client
 
     async def open(self, host: str, request: StreamRequest, record: StreamRecord,
@@ -114,7 +120,12 @@ class OpenAIAsyncTransport:
             raise StreamFailure(describe_openai_error(exc, timeout, mid_stream=False)) from None
         record.headers = time.monotonic()
         record.status = stream.response.status_code
-        return _OpenAIAsyncStream(stream, client.last_decoder, record, timeout)
+        failure = stream_failure(stream.response)
+        if failure is not None:
+            await stream.close()
+            raise StreamFailure(failure)
+        assert client.last_decoder is not None  # the SDK asked for one when it built the stream
+        return _OpenAIAsyncStream(stream, client.last_decoder, timeout)
 
     async def shutdown(self) -> None:
         for client in self.clients.values():

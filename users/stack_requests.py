@@ -1,4 +1,9 @@
-"""The `requests` stack (stream=True, iter_lines): only what is particular to requests lives here."""
+"""The `requests` stack (stream=True, iter_lines): only what is particular to requests lives here.
+
+Redirects are not followed (`allow_redirects=False`), as by every stack (users/verdicts.py). Over a body that
+is neither chunked nor sized (HTTP/1.0 style, closed to end it), `iter_lines` reads 512 bytes at a time and
+urllib3 waits for all 512: lines arrive late, and those still held when a timeout fires are not counted.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,14 @@ from urllib3.exceptions import ReadTimeoutError
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.verdicts import response_failure
 
 __all__ = ["RequestsTransport", "RequestsUser"]
 
 def _describe(exc: requests.RequestException, timeout: float) -> str:
     # Mid-stream, iter_lines raises a read timeout as ConnectionError(urllib3's ReadTimeoutError).
     if isinstance(exc, requests.Timeout) or (exc.args and isinstance(exc.args[0], ReadTimeoutError)):
-        return f"timeout: no response byte for {timeout:g} s ({type(exc).__name__})"
+        return f"timeout: no byte for {timeout:g} s ({type(exc).__name__})"
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return f"stream cut off: connection broken mid-stream ({exc})"
     if isinstance(exc, requests.ConnectionError):
@@ -60,7 +66,7 @@ class RequestsTransport:
              connect_timeout: float = 10.0) -> _RequestsStream:
         try:
             resp = self.session.post(host + request.path, data=request.body_bytes, headers=request.headers,
-                                     stream=True, timeout=(connect_timeout, timeout))
+                                     stream=True, timeout=(connect_timeout, timeout), allow_redirects=False)
         except requests.RequestException as exc:
             raise StreamFailure(_describe(exc, timeout)) from None
         record.headers = time.monotonic()
@@ -73,6 +79,12 @@ class RequestsTransport:
             finally:
                 resp.close()
             raise http_failure(resp.status_code, body)
+        h = resp.headers
+        failure = response_failure(resp.status_code, h.get("content-type"), h.get("content-encoding"),
+                                   h.get("location"))
+        if failure is not None:
+            resp.close()
+            raise StreamFailure(failure)
         return _RequestsStream(resp, timeout)
 
     def shutdown(self) -> None:

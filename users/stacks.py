@@ -37,7 +37,8 @@ def is_async(name: str) -> bool:
     return issubclass(user_class(name), AsyncStreamingUser)
 
 
-def transport_for(name: str) -> Any:
+def transport_for(name: str, insecure: bool = False) -> Any:
     """A new transport of stack `name` (a SyncTransport, or for async stacks an AsyncTransport that must be
-    built inside the bridge's loop: `get_bridge().run(lambda: transport_for(name))`)."""
-    return user_class(name).transport_class()  # type: ignore[attr-defined]
+    built inside the bridge's loop: `get_bridge().run(lambda: transport_for(name))`), built as the stack's
+    users build theirs (`insecure`: --insecure)."""
+    return user_class(name).transport_class(insecure=insecure)  # type: ignore[attr-defined]

@@ -40,7 +40,7 @@ from stopstorm.metrics.figures import (
     distribution,
     unknown,
 )
-from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.record import INTERRUPTED, StreamRecord
 from stopstorm.metrics.truth.ledger import LedgerSnapshot
 from stopstorm.metrics.truth.vllm_log import LogEvent, base_request_id
 from stopstorm.metrics.truth.vllm_metrics import MetricsDelta
@@ -80,8 +80,9 @@ class Figures:
 
     streams: Figure  # streams the clients reported
     stopped: Figure  # of which the user pressed Stop
-    failed: Figure  # of which failed (error text set)
+    failed: Figure  # of which failed (error text set), streams the run's end cut short aside
     failures: Figure  # failed streams by error text
+    interrupted: Figure  # streams the run's own end cut short (recorded, not failures: the server did no wrong)
     aborted: Figure  # stopped streams the server aborted
     abort_latency: Figure  # Stop → slot freed, aborted stopped streams (Distribution, s)
     wasted_tokens: Figure  # generated but never read
@@ -246,7 +247,8 @@ def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: f
              run_end: float | None, aborts: Mapping[str, LogEvent] | None = None) -> Figures:
     records = [j.record for j in group]
     stopped = [j for j in group if j.record.stopped]
-    failures = Counter(r.error for r in records if r.error is not None)
+    failures = Counter(r.error for r in records if r.error is not None and r.error != INTERRUPTED)
+    interrupted = sum(1 for r in records if r.error == INTERRUPTED)
     joined = [j for j in group if j.entry is not None]
     goodput = sum(r.tokens_read for r in records)
     rate = Figure(goodput / duration_s, "tokens/s", CLIENT_SOURCE) if duration_s > 0 else unknown("tokens/s")
@@ -255,6 +257,7 @@ def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: f
         "stopped": Figure(len(stopped), "streams", CLIENT_SOURCE),
         "failed": Figure(sum(failures.values()), "streams", CLIENT_SOURCE),
         "failures": Figure(dict(sorted(failures.items())), "streams", CLIENT_SOURCE, "by error text"),
+        "interrupted": Figure(interrupted, "streams", CLIENT_SOURCE, "cut short by the run's end, not failures"),
         "goodput_tokens": Figure(goodput, "tokens", CLIENT_SOURCE, "tokens read before Stop or to the end"),
         "goodput_rate": rate,
     }

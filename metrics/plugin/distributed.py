@@ -27,7 +27,6 @@ from typing import Any
 
 import gevent
 from locust import events
-from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 
@@ -214,24 +213,17 @@ class RecordCollector:
                                             if not t.final or t.records < t.claimed_sent)), out)
 
 
-def _add_arguments(parser: LocustArgumentParser) -> None:
-    group = options.argument_group(parser, "stopstorm master/worker")
-    group.add_argument(
-        "--records-interval", type=float, default=SEND_INTERVAL_S, env_var="STOPSTORM_RECORDS_INTERVAL",
-        help="seconds a worker may hold stream records before sending them to the master (default 1; a batch "
-        f"goes at once when it reaches {BATCH_RECORDS} records); what it holds at the end is sent at stop")
+TABLE = options.OptionTable("stopstorm master/worker", options=(
+    options.Option("--records-interval", "seconds a worker may hold stream records before sending them to the master "
+                   f"(default 1; a batch goes at once when it reaches {BATCH_RECORDS} records); what it holds at the "
+                   "end is sent at stop", SEND_INTERVAL_S, options.seconds(above=True), float),
+))
 
 
 _ROLE = _Role()
 
 
-def _check(opts: Any) -> None:
-    interval = getattr(opts, "records_interval", SEND_INTERVAL_S)
-    if not (isinstance(interval, (int, float)) and interval > 0):
-        raise ValueError(f"--records-interval must be > 0 seconds, got {interval}")
-
-
-options.register(_add_arguments, _check, rank=80)
+options.register(TABLE, rank=80)
 
 
 def _records_interval(environment: Environment) -> float:

@@ -7,31 +7,75 @@ from __future__ import annotations
 import atexit
 import logging
 import shlex
-from typing import Any
-
-from locust.argument_parser import LocustArgumentParser
+from typing import Any, NoReturn
 
 from stopstorm.metrics.plugin import options
 from stopstorm.metrics.plugin.state import RUN
+from stopstorm.simulator.config import build_parser, config_from_args
+from stopstorm.simulator.faults import FaultPlan
 from stopstorm.simulator.launcher import EmbeddedSimulator
 
-__all__ = ["embedded_simulator", "start_simulator", "stop_simulator"]
+__all__ = ["TABLE", "embedded_simulator", "simulator_args", "start_simulator", "stop_simulator"]
 
 _log = logging.getLogger("stopstorm")
 
 
-def _add_arguments(parser: LocustArgumentParser) -> None:
-    group = options.argument_group(parser, "stopstorm embedded simulator", "used when no --host is given")
-    group.add_argument("--sim-max-num-seqs", type=int, default=2, env_var="STOPSTORM_SIM_MAX_NUM_SEQS",
-                       help="running slots of the embedded simulator, as vLLM's --max-num-seqs (default 2)")
-    group.add_argument("--sim-args", default="", env_var="STOPSTORM_SIM_ARGS",
-                       help="more flags for the embedded simulator, e.g. \"--step-base-ms 20 --seed 1\" "
-                       "(see stopstorm simulator --help)")
-    group.add_argument("--sim-log", default="", env_var="STOPSTORM_SIM_LOG",
-                       help="file for the embedded simulator's vLLM-like request log (default: a temp file)")
+MAX_NUM_SEQS = 100_000
+_SET_BY_STOPSTORM = ("--host", "--port", "--parent-pid")  # the launcher's: a free loopback port, our PID
 
 
-options.register(_add_arguments, rank=50)
+def _starts(opts: Any) -> bool:
+    """The embedded simulator is used: no --host (checked where it would start, never on a worker)."""
+    return not getattr(opts, "host", None)
+
+
+def simulator_args(opts: Any) -> list[str]:
+    """The embedded simulator's command line (`--max-num-seqs N` and `--sim-args`), parsed with the simulator's
+    own parser, so a flag it does not know, a bad value or an unclosed quote is refused before it starts."""
+    text = getattr(opts, "sim_args", "") or ""
+    try:
+        extra = shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"--sim-args {text!r}: {exc} (quote it as a shell would)") from None
+    for arg in extra:
+        flag = arg.partition("=")[0]
+        if flag in _SET_BY_STOPSTORM:
+            raise ValueError(f"--sim-args {text!r}: {flag} is set by stopstorm (the embedded simulator listens on a "
+                             "free loopback port); run it yourself to choose: stopstorm simulator --help")
+        if flag in ("-h", "--help"):
+            raise ValueError(f"--sim-args {text!r}: for the simulator's flags run: stopstorm simulator --help")
+    args = ["--max-num-seqs", str(getattr(opts, "sim_max_num_seqs", 2)), *extra]
+    parser = build_parser()
+
+    def refuse(message: str) -> NoReturn:
+        raise ValueError(f"--sim-args {text!r}: {message} (see stopstorm simulator --help)")
+
+    setattr(parser, "error", refuse)  # noqa: B010  (argparse's error exits; this one raises, for one line and exit 2)
+    setattr(parser, "exit", lambda status=0, message=None: refuse(message or "the simulator's parser exited"))  # noqa: B010
+    config = config_from_args(parser.parse_args(args))
+    try:
+        FaultPlan(config.faults)
+    except ValueError as exc:
+        refuse(str(exc))
+    return args
+
+
+TABLE = options.OptionTable("stopstorm embedded simulator", description="used when no --host is given", options=(
+    options.Option("--sim-max-num-seqs", "running slots of the embedded simulator, as vLLM's --max-num-seqs "
+                   "(default 2)", 2, options.Number(low=1, high=MAX_NUM_SEQS, integer=True), int),
+    options.Option("--sim-args", "more flags for the embedded simulator, e.g. \"--step-base-ms 20 --seed 1\" (see "
+                   "stopstorm simulator --help); parsed with the simulator's own parser before it starts", ""),
+    options.Option("--sim-log", "file for the embedded simulator's vLLM-like request log (default: a temp file)",
+                   "", options.WritablePath(optional=True), master_only=True, when=_starts),
+))
+
+
+def _check(opts: Any) -> None:
+    if _starts(opts) and hasattr(opts, "sim_args"):
+        simulator_args(opts)
+
+
+options.register(TABLE, _check, rank=50)
 
 
 def embedded_simulator() -> EmbeddedSimulator | None:
@@ -42,7 +86,7 @@ def embedded_simulator() -> EmbeddedSimulator | None:
 def start_simulator(environment: Any) -> None:
     """Start the embedded simulator and point the run at it."""
     opts = environment.parsed_options
-    args = ["--max-num-seqs", str(getattr(opts, "sim_max_num_seqs", 2)), *shlex.split(getattr(opts, "sim_args", ""))]
+    args = simulator_args(opts)  # checked at init, before this
     sim = EmbeddedSimulator(args, log_path=getattr(opts, "sim_log", "") or None)
     url = sim.start()
     RUN.simulator = sim

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from locust import events
-from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -77,24 +76,32 @@ def parse_indices(text: str) -> list[int] | None:
     return out
 
 
-def _add_arguments(parser: LocustArgumentParser) -> None:
-    g = options.argument_group(parser, "stopstorm GPU", "GPU utilisation, power and energy through the run (NVML or "
-                                  "a DCGM exporter), tied to each Stop")
-    g.add_argument("--gpu-indices", default="", env_var="STOPSTORM_GPU_INDICES",
-                   help="GPUs to sample, by index, e.g. 0,1 (default: every GPU the source shows)")
-    g.add_argument("--gpu-interval", type=float, default=0.1, env_var="STOPSTORM_GPU_INTERVAL",
-                   help="seconds between GPU readings (default 0.1); NVML's own higher-rate utilisation "
-                   "samples are collected too")
-    g.add_argument("--dcgm-url", default="", env_var="STOPSTORM_DCGM_URL",
-                   help="read a GPU on another host from its dcgm-exporter, e.g. http://gpu-host:9400/metrics "
-                   "(default: NVML on this host)")
-    g.add_argument("--no-gpu", action="store_true", default=False, env_var="STOPSTORM_NO_GPU",
-                   help="no GPU figures this run")
-    g.add_argument("--gpu-host-worker", action="store_true", default=False, env_var="STOPSTORM_GPU_HOST_WORKER",
-                   help="distributed runs: give it to the worker that runs on the GPU host (it samples, the "
-                   "master does not); also to the master, so it leaves the sampling to that worker")
-    g.add_argument("--gpu-idle-pct", type=float, default=IDLE_PCT, env_var="STOPSTORM_GPU_IDLE_PCT",
-                   help=f"utilisation at or below which the GPU counts as idle after a Stop (default {IDLE_PCT:g})")
+def _dcgm_url(url: str) -> None:
+    if url and not url.startswith(("http://", "https://")):
+        raise ValueError(f"--dcgm-url must be an http(s) URL such as http://gpu-host:9400/metrics, got {url!r}")
+
+
+def _sampling(opts: Any) -> bool:
+    return not getattr(opts, "no_gpu", False)
+
+
+TABLE = options.OptionTable("stopstorm GPU", description="GPU utilisation, power and energy through the run (NVML or "
+                            "a DCGM exporter), tied to each Stop", options=(
+    options.Option("--gpu-indices", "GPUs to sample, by index, e.g. 0,1 (default: every GPU the source shows)", "",
+                   options.Parsed(parse_indices, "GPU numbers, comma-separated"), when=_sampling),
+    options.Option("--gpu-interval", "seconds between GPU readings (default 0.1); NVML's own higher-rate utilisation "
+                   "samples are collected too", 0.1, options.seconds(low=0.001), float, when=_sampling),
+    options.Option("--dcgm-url", "read a GPU on another host from its dcgm-exporter, e.g. "
+                   "http://gpu-host:9400/metrics (default: NVML on this host)", "",
+                   options.Parsed(_dcgm_url, "an http(s) URL"), when=_sampling),
+    options.Option("--no-gpu", "no GPU figures this run", False),
+    options.Option("--gpu-host-worker", "distributed runs: give it to the worker that runs on the GPU host (it "
+                   "samples, the master does not); also to the master, so it leaves the sampling to that worker",
+                   False),
+    options.Option("--gpu-idle-pct", f"utilisation at or below which the GPU counts as idle after a Stop (default "
+                   f"{IDLE_PCT:g})", IDLE_PCT, options.Number(low=0.0, high=100.0, below=True, unit="%"), float,
+                   when=_sampling),
+))
 
 
 def gpu_sampler() -> GpuSource | None:
@@ -104,15 +111,10 @@ def gpu_sampler() -> GpuSource | None:
 
 def _settings(opts: Any) -> tuple[list[int] | None, float, float, str]:
     indices = parse_indices(getattr(opts, "gpu_indices", ""))
+    TABLE.check(opts)  # each option's rule
     interval = float(getattr(opts, "gpu_interval", 0.1))
-    if not interval > 0:
-        raise ValueError(f"--gpu-interval must be above 0 seconds, got {interval:g}")
     idle = float(getattr(opts, "gpu_idle_pct", IDLE_PCT))
-    if not 0 <= idle < 100:
-        raise ValueError(f"--gpu-idle-pct must be from 0 to under 100, got {idle:g}")
     url = getattr(opts, "dcgm_url", "") or ""
-    if url and not url.startswith(("http://", "https://")):
-        raise ValueError(f"--dcgm-url must be an http(s) URL such as http://gpu-host:9400/metrics, got {url!r}")
     return indices, interval, idle, url
 
 
@@ -121,7 +123,7 @@ def _check(opts: Any) -> None:
         _settings(opts)
 
 
-options.register(_add_arguments, _check, rank=60)
+options.register(TABLE, _check, rank=60)
 
 
 @events.init.add_listener

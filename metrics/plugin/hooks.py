@@ -25,10 +25,10 @@ from typing import Any
 
 import locust
 from locust import events
-from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
+from stopstorm.metrics import redact
 from stopstorm.metrics.analysis.accounting import server_id
 from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor
 from stopstorm.metrics.plugin.record_sink import RecordSink
@@ -46,6 +46,7 @@ from stopstorm.metrics.truth.ledger import LedgerClient, LedgerSnapshot, server_
 from stopstorm.metrics.truth.log_command import PipeLogFollower
 from stopstorm.metrics.truth.vllm_log import LineFollower, LogFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper
+from stopstorm.simulator.launcher import SimulatorStartError
 
 __all__ = ["embedded_simulator"]
 
@@ -58,35 +59,32 @@ _META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "ma
                  "sim_args", "arrival_rate")
 
 
-def _add_arguments(parser: LocustArgumentParser) -> None:
-    report = options.argument_group(parser, "stopstorm report")
-    report.add_argument(
-        "--stopstorm-report", default="stopstorm-report.json", env_var="STOPSTORM_REPORT",
-        help="where to write the run's abort accounting as JSON; its summary is printed after Locust's "
-        "(default stopstorm-report.json)")
-    report.add_argument(
-        "--stopstorm-records", default="", env_var="STOPSTORM_RECORDS",
-        help="also write every stream's record to this JSONL file as the stream ends (flushed, so a killed run "
-        "keeps them; truncated at start; default: not written)")
-    report.add_argument(
-        "--server-log", default="", env_var="STOPSTORM_SERVER_LOG",
-        help="vLLM's log file (run it with --enable-log-requests), followed during the run to confirm each "
-        "stopped stream's abort; `-` reads it from standard input; the embedded simulator's log (--sim-log) "
-        "works too")
-    report.add_argument(
-        "--server-log-cmd", default="", env_var="STOPSTORM_SERVER_LOG_CMD",
-        help="a command whose standard output is vLLM's log, instead of --server-log (e.g. \"kubectl logs -f "
-        "deploy/vllm --since=1s\", \"docker logs -f --since 1s vllm\", \"ssh gpu-host tail -n 0 -F "
-        "/var/log/vllm.log\"): run by the master through /bin/sh for the run, its stderr kept apart; see "
-        "docs/guides/server-log.md. Taken from the command line, environment or config file only: not shown in "
-        "the web UI's form, and a value sent from it is ignored (it would be a shell command from the browser)",
-        include_in_web_ui=False)
-    report.add_argument(
-        "--metrics-interval", type=float, default=0.25, env_var="STOPSTORM_METRICS_INTERVAL",
-        help="seconds between scrapes of {host}/metrics during the run (default 0.25)")
+DEFAULT_REPORT = "stopstorm-report.json"
+
+TABLE = options.OptionTable("stopstorm report", options=(
+    options.Option("--stopstorm-report", "where to write the run's abort accounting as JSON; its summary is printed "
+                   f"after Locust's (default {DEFAULT_REPORT})", DEFAULT_REPORT,
+                   options.Parsed(lambda p: options.check_writable("--stopstorm-report", p or DEFAULT_REPORT),
+                                  "a file path stopstorm can write (the HTML goes beside it)"),
+                   env="STOPSTORM_REPORT", master_only=True),
+    options.Option("--stopstorm-records", "also write every stream's record to this JSONL file as the stream ends "
+                   "(flushed, so a killed run keeps them; truncated at start; default: not written)", "",
+                   options.WritablePath(optional=True), env="STOPSTORM_RECORDS", master_only=True),
+    options.Option("--server-log", "vLLM's log file (run it with --enable-log-requests), followed during the run to "
+                   "confirm each stopped stream's abort; `-` reads it from standard input; the embedded simulator's "
+                   "log (--sim-log) works too"),
+    options.Option("--server-log-cmd", "a command whose standard output is vLLM's log, instead of --server-log "
+                   "(e.g. \"kubectl logs -f deploy/vllm --since=1s\", \"docker logs -f --since 1s vllm\", \"ssh "
+                   "gpu-host tail -n 0 -F /var/log/vllm.log\"): run by the master through /bin/sh for the run, its "
+                   "stderr kept apart; see docs/guides/server-log.md. Taken from the command line, environment or "
+                   "config file only: not shown in the web UI's form, and a value sent from it is ignored (it would "
+                   "be a shell command from the browser)", in_web_ui=False),
+    options.Option("--metrics-interval", "seconds between scrapes of {host}/metrics during the run (default 0.25)",
+                   0.25, options.seconds(low=0.01), float),
+))
 
 
-def _check_arguments(opts: Any) -> None:
+def _check_server_log(opts: Any) -> None:
     path = getattr(opts, "server_log", "") or ""
     command = (getattr(opts, "server_log_cmd", "") or "").strip()
     if path and command:
@@ -98,7 +96,7 @@ def _check_arguments(opts: Any) -> None:
                          "--server-log-cmd")
 
 
-options.register(_add_arguments, _check_arguments, rank=40)
+options.register(TABLE, _check_server_log, rank=40)
 
 
 def _refuse(exc: Exception) -> None:
@@ -115,14 +113,20 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
     worker = isinstance(environment.runner, WorkerRunner)
     RUN.collects = not worker  # workers keep nothing: they ship their records to the master
     opts = environment.parsed_options
+    redact.install_log_filter()
+    if environment.host:
+        redact.secrets_of_url(environment.host)
     if opts is not None:
         try:
-            options.check_options(opts)
+            options.check_options(opts, worker=worker)  # every rule: nothing has started yet
         except ValueError as exc:
             _refuse(exc)
         RUN.server_log_cmd = (getattr(opts, "server_log_cmd", "") or "").strip()  # now: never the web UI's
     if not environment.host and not worker:
-        embedded.start_simulator(environment)
+        try:
+            embedded.start_simulator(environment)
+        except SimulatorStartError as exc:
+            _refuse(exc)
     if environment.host and not worker:  # workers get theirs checked by the master first
         try:
             options.preflight(environment)
@@ -132,7 +136,10 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         install_stop_signals()
         path = getattr(opts, "stopstorm_records", "") or ""
         if path:
-            RUN.sink = RecordSink(path)
+            try:
+                RUN.sink = RecordSink(path)
+            except OSError as exc:  # checked writable at init; gone since (a race): still one line, exit 2
+                _refuse(ValueError(f"--stopstorm-records {path}: cannot write there ({exc.strerror or exc})"))
     distributed.install(environment, lambda record: _collect_record(context={"record": record}))
     if getattr(environment, "web_ui", None) is not None:
         install_stops_tab(environment.web_ui, _tab_report)
@@ -163,11 +170,11 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
     RUN.log = _start_log(opts)
     if environment.host:
         try:
-            interval = float(getattr(opts, "metrics_interval", 0.25) or 0.25)
+            interval = float(getattr(opts, "metrics_interval", 0.25))  # checked at init: > 0, finite
             scraper = MetricsScraper(f"{environment.host.rstrip('/')}/metrics", interval=interval, timeout=2.0)
             if scraper.scrape_once() is None:  # a reading at the start, before the greenlet's first
                 _log.info("stopstorm: no /metrics at %s yet (%s); scraping on, errors counted",
-                          environment.host, scraper.last_error)
+                          redact.redact_url(environment.host), scraper.last_error)
             scraper.start()
             RUN.scraper = scraper
         except Exception as exc:
@@ -258,12 +265,14 @@ def _meta(env: Environment, duration: float, ledger: LedgerSnapshot | None, scra
                      clock.late, clock.arrivals)
     reason = stop_reason()
     return RunMeta(
-        host=env.host or "", locust_version=locust.__version__, started_at=RUN.started_wall, duration_s=duration,
+        host=redact.redact_url(env.host or ""), locust_version=locust.__version__, started_at=RUN.started_wall,
+        duration_s=duration,
         ledger_schema_version=ledger.schema_version if ledger is not None else None,
         options={k: getattr(opts, k) for k in _META_OPTIONS if hasattr(opts, k)},
         partial=reason is not None, partial_reason=reason,
-        metrics=(ScrapeInfo(scraper.url, scraper.interval, scraper.scrapes, scraper.errors, scraper.last_error,
-                            delta.duration if delta is not None else None) if scraper is not None else None),
+        metrics=(ScrapeInfo(redact.redact_url(scraper.url), scraper.interval, scraper.scrapes, scraper.errors,
+                            scraper.last_error, delta.duration if delta is not None else None)
+                 if scraper is not None else None),
         server_log=_server_log_meta(follower, list(RUN.records)) if follower is not None else None,
         open_model=(OpenModelInfo(clock.rate, clock.arrivals, clock.late, clock.late_s) if clock is not None
                     else None),
@@ -283,7 +292,7 @@ def _write_run_report(**_kwargs: Any) -> None:
     RUN.reported = True
     try:
         opts = env.parsed_options
-        path = getattr(opts, "stopstorm_report", "") or "stopstorm-report.json"
+        path = getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT
         host = env.host or ""
         ledger = _fetch_ledger(host) if host else None  # also lets the users' last aborts reach the log
         follower = _stop_log()

@@ -364,29 +364,26 @@ class SelfMonitor:
         }
 
 
+TABLE = options.OptionTable("stopstorm self-monitoring", options=(
+    options.Option("--max-loop-lag-ms", "an event-loop stall longer than this makes the TTFT/ITL figures taken during "
+                   "it flagged as possibly holding this tool's own delay (default 5)", 5.0,
+                   options.Number(low=0.0, unit="ms"), float),
+    options.Option("--loop-lag-interval-ms", "how often each event loop's lag is sampled, in ms (default 10)", 10.0,
+                   options.Number(low=1.0, high=options.MAX_SECONDS * 1e3, unit="ms"), float),
+))
+
+
 def add_arguments(parser: LocustArgumentParser) -> None:
     """The self-monitor's options (shown in the web UI and locust.conf like every stopstorm option)."""
-    group = options.argument_group(parser, "stopstorm self-monitoring")
-    group.add_argument(
-        "--max-loop-lag-ms", type=float, default=5.0, env_var="STOPSTORM_MAX_LOOP_LAG_MS",
-        help="an event-loop stall longer than this makes the TTFT/ITL figures taken during it flagged as "
-        "possibly holding this tool's own delay (default 5)")
-    group.add_argument(
-        "--loop-lag-interval-ms", type=float, default=10.0, env_var="STOPSTORM_LOOP_LAG_INTERVAL_MS",
-        help="how often each event loop's lag is sampled, in ms (default 10)")
+    TABLE.add_arguments(parser)
 
 
 def check_options(opts: Any) -> None:
-    """Refuse a bad value, naming its option."""
-    interval = float(getattr(opts, "loop_lag_interval_ms", 10.0))
-    if interval <= 0:
-        raise ValueError(f"--loop-lag-interval-ms must be > 0 (got {interval:g})")
-    bound = float(getattr(opts, "max_loop_lag_ms", 5.0))
-    if bound < 0:
-        raise ValueError(f"--max-loop-lag-ms must be >= 0 (got {bound:g})")
+    """Refuse a bad value, naming its option (each by its rule in TABLE)."""
+    TABLE.check(opts)
 
 
-options.register(add_arguments, check_options, rank=70)
+options.register(TABLE, rank=70)
 
 
 def from_options(opts: Any) -> SelfMonitor:

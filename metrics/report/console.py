@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from stopstorm.metrics.analysis.accounting import Accounting, Figures
 from stopstorm.metrics.analysis.gpu_attribution import GpuSection
 from stopstorm.metrics.figures import Distribution, Figure
-from stopstorm.metrics.record import INTERRUPTED
+from stopstorm.metrics.redact import redact
 from stopstorm.metrics.report.model import GPU_ON_WORKER, MonitorSummary, Report
 
 __all__ = ["format_accounting", "format_gpu", "format_report", "self_monitor_warnings"]
@@ -72,15 +72,13 @@ def format_accounting(accounting: Accounting) -> str:
         aborts = _num(run.ledger_aborts)
         out.append(f"vLLM blind spot:        {aborts} aborts in the ledger; vLLM's count unknown (no /metrics delta)"
                    if run.ledger_aborts.known else "vLLM blind spot:        unknown (needs the ledger and /metrics)")
-    failures = o.failures.value
-    if isinstance(failures, dict) and failures:
-        cut = failures.get(INTERRUPTED, 0)
-        failed = {text: n for text, n in failures.items() if text != INTERRUPTED}
-        if failed:
-            out.append("failed streams:")
-            out += [f"  {n:>6}  {text}" for text, n in sorted(failed.items(), key=lambda kv: -kv[1])]
-        if cut:
-            out.append(f"cut by the run's end:   {cut} stream{'s' if cut != 1 else ''} (recorded, not failures)")
+    failed = o.failures.value
+    if isinstance(failed, dict) and failed:
+        out.append("failed streams:")
+        out += [f"  {n:>6}  {text}" for text, n in sorted(failed.items(), key=lambda kv: -kv[1])]
+    cut = o.interrupted.value
+    if isinstance(cut, int) and cut:
+        out.append(f"cut by the run's end:   {cut} stream{'s' if cut != 1 else ''} (recorded, not failures)")
     extra = [f"{name.replace('_', ' ')}: {_num(f)}" for name, f in (("unmatched_requests", run.unmatched_requests),
                                                                    ("unjoined_streams", run.unjoined_streams))
              if isinstance(f.value, int) and f.value]
@@ -157,4 +155,4 @@ def format_report(report: Report, json_path: str | None = None, html_path: str |
     elif m.gpu_off == GPU_ON_WORKER:
         out.append(f"GPU: {m.gpu_off}; its timeline is written on that host")
     out += [f"stopstorm self-monitor: {line}" for line in self_monitor_warnings(report.self_monitor)]
-    return "\n".join(out)
+    return redact("\n".join(out))  # no key, no password (metrics/redact.py)

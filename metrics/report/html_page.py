@@ -31,6 +31,7 @@ from matplotlib.figure import Figure as PlotFigure
 
 from stopstorm.metrics.analysis.replay import ReplayResult
 from stopstorm.metrics.figures import Distribution
+from stopstorm.metrics.redact import redact
 from stopstorm.metrics.report.compare import FIGURES, Scenario, run_scenario
 from stopstorm.metrics.report.model import Report
 
@@ -237,8 +238,9 @@ def render_html(scenarios: Sequence[Scenario], title: str = "stopstorm report") 
     for name, body in sections:
         if body:
             parts += [f"<h2>{html.escape(name)}</h2>", body]
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    return redact(page)  # no key, no password (metrics/redact.py)
 
 
 def html_path_for(json_path: str | os.PathLike[str], taken: str | os.PathLike[str] | None = None) -> Path:

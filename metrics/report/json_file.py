@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 
+from stopstorm.metrics.redact import redact_tree
 from stopstorm.metrics.report.model import Report, report_from_json, report_to_json
 
 __all__ = ["read_report", "write_report"]
@@ -21,7 +22,8 @@ def write_report(path: str | os.PathLike[str], report: Report) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(orjson.dumps(report_to_json(report), default=str, option=orjson.OPT_INDENT_2))
+            # no key, no password, wherever a server's or a library's words put one (metrics/redact.py)
+            fh.write(orjson.dumps(redact_tree(report_to_json(report)), default=str, option=orjson.OPT_INDENT_2))
             fh.write(b"\n")
         os.replace(tmp, target)
     except BaseException:

@@ -19,31 +19,31 @@ JSON layout (schema_version 2):
      "gpu": {...},                       # when a GPU source was read
      "capacity": {...}}                  # when the simulator's ledger was read
 
-Every FIGURE is {"value", "unit", "source"} plus an optional "note". "value" is a number, a string (a finding),
-an object of counts by error text (`failures`), an object {"count", "p50", "p90", "p95", "p99", "max", "mean"}
-for a distribution, or null when its truth was unavailable (source "unavailable"); never 0 for unknown. Times
-are seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams, stopped, failed, failures,
-aborted, abort_latency, wasted_tokens, zombies, zombie_slot_seconds, queue_wait, freed_tokens,
-freed_slot_seconds, goodput_tokens, goodput_rate, log_aborted, log_abort_latency. Run figures: duration,
-freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
-unjoined_streams.
+Every FIGURE is {"value", "unit", "source"} plus an optional "note". "value" is a number, a string (a finding), an
+object of counts by error text (`failures`), an object {"count", "p50", "p90", "p95", "p99", "max", "mean"} for a
+distribution, or null when its truth was unavailable (source "unavailable"); never 0 for unknown. Times are
+seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams, stopped, failed, failures,
+interrupted (streams the run's end cut short: neither in failed nor in failures), aborted, abort_latency,
+wasted_tokens, zombies, zombie_slot_seconds, queue_wait, freed_tokens, freed_slot_seconds, goodput_tokens,
+goodput_rate, log_aborted, log_abort_latency. Run figures: duration, freed_tokens_rate, ledger_aborts,
+vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests, unjoined_streams.
 
 STOP (metrics/analysis/accounting.py `StopRow`): {"stack", "close_mode", "request_id", "tokens_read",
 "generated" (null without per-request truth), "wasted", "stop_to_freed_s", "state" (the server's finish
 reason, "zombie (still running)", "aborting" or "unknown"), "truth"}.
 
-"meta" blocks: "partial": false, or true with "partial_reason" (SIGTERM or Ctrl-C cut the run: figures cover
-it until then); "records": {"path", "written"} with --stopstorm-records; "metrics": the /metrics scraper's
-{"url", "interval_s", "scrapes", "errors", "last_error", "window_s"}; "server_log": the server-log
-follower's {"source" ("file", "command", "stdin"), "path", "lines", "events", "before_run" (history dropped),
-"matched" (events naming this run's requests), "errors", "last_error", "problems", and for --server-log-cmd
-"command", "pid", "exit", "bytes", "overlong_lines", "stderr_lines", "stderr_tail"}; "open_model": {"arrival_rate", "arrivals",
-"late", "late_s"} with --arrival-rate; "gpu": {"off": why} when no GPU source was read; "scenario": the label
-`stopstorm scenarios` gave the run; "distributed", only from a Locust master (metrics/plugin/distributed.py):
-{"records": N received from workers, "bad_records": N unreadable, "incomplete": [worker ids whose final batch
-never came, or whose count fell short of what they said they sent: died, or never answered], "workers": {ID:
-{"records", "batches", "claimed_sent", "final", "state", "clock_shift_s", "drained": records that came after
-the master asked for the final batches}}}.
+"meta" blocks: "partial": false, or true with "partial_reason" (SIGTERM or Ctrl-C cut the run: figures cover it
+until then); "records": {"path", "written"} with --stopstorm-records; "metrics": the /metrics scraper's {"url",
+"interval_s", "scrapes", "errors", "last_error", "window_s"}; "server_log": the server-log follower's {"source"
+("file", "command", "stdin"), "path", "lines", "events", "before_run" (history dropped), "matched" (events naming
+this run's requests), "errors", "last_error", "problems", and for --server-log-cmd "command", "pid", "exit",
+"bytes", "overlong_lines", "stderr_lines", "stderr_tail"}; "open_model": {"arrival_rate", "arrivals", "late",
+"late_s"} with --arrival-rate; "gpu": {"off": why} when no GPU source was read; "scenario": the label `stopstorm
+scenarios` gave the run; "distributed", only from a Locust master (metrics/plugin/distributed.py): {"records": N
+received from workers, "bad_records": N unreadable, "incomplete": [worker ids whose final batch never came, or
+whose count fell short of what they said they sent: died, or never answered], "workers": {ID: {"records",
+"batches", "claimed_sent", "final", "state", "clock_shift_s", "drained": records that came after the master asked
+for the final batches}}}.
 
 "self_monitor" (metrics/plugin/self_monitor.py): the load generator's own health, {PROCESS: SUMMARY} keyed
 "local", "master" or "worker <client id>". SUMMARY: {"pid", "interval_ms", "max_loop_lag_ms", "wall_s",

@@ -136,10 +136,10 @@ def test_both_forms_together_are_refused_with_one_line(tmp_path):
 def test_stdin_from_a_terminal_is_refused(monkeypatch):
     monkeypatch.setattr(sys, "stdin", SimpleNamespace(isatty=lambda: True))
     with pytest.raises(ValueError, match="standard input is a terminal"):
-        hooks._check_arguments(SimpleNamespace(server_log="-", server_log_cmd=""))
-    hooks._check_arguments(SimpleNamespace(server_log="vllm.log", server_log_cmd=""))
+        hooks._check_server_log(SimpleNamespace(server_log="-", server_log_cmd=""))
+    hooks._check_server_log(SimpleNamespace(server_log="vllm.log", server_log_cmd=""))
     monkeypatch.setattr(sys, "stdin", SimpleNamespace(isatty=lambda: False))
-    hooks._check_arguments(SimpleNamespace(server_log="-", server_log_cmd=""))
+    hooks._check_server_log(SimpleNamespace(server_log="-", server_log_cmd=""))
 
 
 @pytest.mark.slow
