@@ -157,8 +157,20 @@ def _events(sock: socket.socket) -> Iterator[bytes]:
                 yield line[5:].strip()
 
 
-def _one(port: int, rec: ClientRecord, stop: StopAt, max_tokens: int, timeout_s: float) -> None:
-    """Run one request and close it as `stop` says; fills `rec`, never raises."""
+def _drain(sock: socket.socket) -> None:
+    """Read whatever has arrived without waiting, so that close() sends FIN rather than RST."""
+    sock.setblocking(False)
+    with contextlib.suppress(OSError):
+        while sock.recv(65536):
+            pass
+
+
+def _one(port: int, rec: ClientRecord, stop: StopAt, max_tokens: int, timeout_s: float, fin: bool = False) -> None:
+    """Run one request and close it as `stop` says; fills `rec`, never raises.
+
+    A close with unread bytes in the receive buffer sends RST (Linux); with `fin` the buffer is drained first,
+    so the server sees an orderly FIN instead. Both must be noticed; both are tried.
+    """
     body = _body(max_tokens)
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
@@ -191,12 +203,14 @@ def _one(port: int, rec: ClientRecord, stop: StopAt, max_tokens: int, timeout_s:
     except OSError as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
     finally:
+        if fin:
+            _drain(sock)
         sock.close()  # FIN, or RST when unread bytes are still in our receive buffer
         rec.closed = time.monotonic()
 
 
 def run_clients(port: int, stop: StopAt, n: int, concurrency: int, max_tokens: int = 64, prefix: str = "rep",
-                think_s: float = 0.0, deadline_s: float = 300.0) -> list[ClientRecord]:
+                think_s: float = 0.0, deadline_s: float = 300.0, fin: bool = False) -> list[ClientRecord]:
     """`n` requests from `concurrency` threads, each closed as `stop` says; stops starting new ones at the
     deadline. Request ids are `{prefix}-{i}`."""
     records: list[ClientRecord] = []
@@ -212,7 +226,7 @@ def run_clients(port: int, stop: StopAt, n: int, concurrency: int, max_tokens: i
                     return
                 rec = ClientRecord(request_id=f"{prefix}-{i}", stop=str(stop))
                 records.append(rec)
-            _one(port, rec, stop, max_tokens, timeout_s=max(5.0, end - time.monotonic()))
+            _one(port, rec, stop, max_tokens, timeout_s=max(5.0, end - time.monotonic()), fin=fin)
             if think_s:
                 time.sleep(think_s)
 
@@ -394,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--concurrency", type=int, default=8, help="clients at once (default 8)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--think-ms", type=float, default=0.0, help="pause between one client's requests")
+    p.add_argument("--fin", action="store_true", help="drain what has arrived before closing (FIN, not RST)")
     p.add_argument("--deadline", type=float, default=300.0, help="start no request after this many seconds")
     p.add_argument("--url", help="use this running vLLM instead of starting one (needs --log)")
     p.add_argument("--log", help="the server's log (stdout+stderr); where a started server writes it")
@@ -416,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         gen0 = _metric(url, "vllm:generation_tokens_total")
         t0 = time.monotonic()
         records = run_clients(port, args.stop, args.n, args.concurrency, args.max_tokens, args.prefix,
-                              args.think_ms / 1e3, args.deadline)
+                              args.think_ms / 1e3, args.deadline, args.fin)
         wall = time.monotonic() - t0
         idle = _wait_settled(url, log_path)
         gen1 = _metric(url, "vllm:generation_tokens_total")
@@ -426,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     if ledger is not None:
         summary["ledger"] = ledger_counts(records, ledger)
     server = "simulator " + args.simulator if args.simulator is not None else (None if args.url else args.model)
-    summary.update(stop=str(args.stop), server=server, wall_s=round(wall, 1),
+    summary.update(stop=str(args.stop), close="fin" if args.fin else "rst-if-unread", server=server, wall_s=round(wall, 1),
                    concurrency=args.concurrency, max_tokens=args.max_tokens,
                    generated_tokens=int(gen1 - gen0), server_idle_after=idle)
     print(json.dumps(summary, indent=2))
