@@ -441,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     if ledger is not None:
         summary["ledger"] = ledger_counts(records, ledger)
     server = "simulator " + args.simulator if args.simulator is not None else (None if args.url else args.model)
-    summary.update(stop=str(args.stop), close="fin" if args.fin else "rst-if-unread", server=server, wall_s=round(wall, 1),
-                   concurrency=args.concurrency, max_tokens=args.max_tokens,
+    summary.update(stop=str(args.stop), close="fin" if args.fin else "rst-if-unread", server=server,
+                   wall_s=round(wall, 1), concurrency=args.concurrency, max_tokens=args.max_tokens,
                    generated_tokens=int(gen1 - gen0), server_idle_after=idle)
     print(json.dumps(summary, indent=2))
     if args.json:

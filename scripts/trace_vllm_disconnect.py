@@ -20,6 +20,9 @@ Two knobs vary the timing that a race would depend on, without changing anything
 
 * `STOPSTORM_TRACE_DELAY_MS` (float, default 0): an `asyncio.sleep` at the start of Starlette's listener, which
   widens the gap between the two listeners (a close landing in it finds neither waiting);
+* `STOPSTORM_TRACE_ACT_DELAY_MS` (float, default 0): an `asyncio.sleep` after Starlette's listener has seen the
+  close and before it returns (which cancels the stream and so aborts the request): a server that sees a close
+  and acts on it that much later, what the simulator's `--disconnect-delay-ms` models;
 * `STOPSTORM_TRACE_STALL_MS` and `STOPSTORM_TRACE_STALL_EVERY_MS` (floats, default 0): a task that blocks the API
   server's event loop for STALL ms every EVERY ms, as a process starved of CPU is (the engine core and worker are
   other processes and keep generating meanwhile).
@@ -37,6 +40,7 @@ from typing import Any
 
 _RID: contextvars.ContextVar[str | None] = contextvars.ContextVar("stopstorm_rid", default=None)
 _DELAY_S = float(os.environ.get("STOPSTORM_TRACE_DELAY_MS", "0") or 0) / 1e3
+_ACT_DELAY_S = float(os.environ.get("STOPSTORM_TRACE_ACT_DELAY_MS", "0") or 0) / 1e3
 _STALL_S = float(os.environ.get("STOPSTORM_TRACE_STALL_MS", "0") or 0) / 1e3
 _STALL_EVERY_S = float(os.environ.get("STOPSTORM_TRACE_STALL_EVERY_MS", "0") or 0) / 1e3
 
@@ -121,17 +125,20 @@ def install() -> None:
 
     proto_cls.connection_lost = connection_lost
 
-    def traced(name: str, listener: Any, delay_s: float = 0.0) -> Any:
+    def traced(name: str, listener: Any, delay_s: float = 0.0, act_delay_s: float = 0.0) -> Any:
         async def run(*args: Any) -> None:
             _emit(name + "_start")
             try:
                 if delay_s:
                     await asyncio.sleep(delay_s)
                 await listener(*args)
+                _emit(name + "_fired")
+                if act_delay_s:
+                    await asyncio.sleep(act_delay_s)
+                    _emit(name + "_acting")
             except asyncio.CancelledError:
                 _emit(name + "_cancelled")
                 raise
-            _emit(name + "_fired")
 
         return run
 
@@ -139,7 +146,7 @@ def install() -> None:
     api_utils.listen_for_disconnect = traced("vllm_listener", api_utils.listen_for_disconnect)
     orig_sr_listen = StreamingResponse.listen_for_disconnect
     StreamingResponse.listen_for_disconnect = traced(  # type: ignore[method-assign]
-        "starlette_listener", orig_sr_listen, _DELAY_S)
+        "starlette_listener", orig_sr_listen, _DELAY_S, _ACT_DELAY_S)
 
     orig_stream = StreamingResponse.stream_response
 
