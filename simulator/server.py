@@ -4,6 +4,8 @@ What matters for stops, copied from vLLM (DESIGN.md §5):
 - response headers go out at once; the first chunk (role) only once the first token exists;
 - every request, streaming or not, runs beside a disconnect listener: uvicorn wakes it on TCP FIN/RST, so a
   closed connection is seen within about a millisecond, and the engine aborts at its next step boundary;
+  `--disconnect-delay-ms` makes the server act on it later, and a request that finishes in between runs to its
+  end unaborted (`close_missed`), as vLLM's do when its API server acts after the stream's end;
 - the engine never waits for the writer: a client that stops reading but keeps its socket open blocks only
   the writer (TCP back-pressure), while its request keeps its slot and runs to the end.
 Ledger routes under `/stopstorm/` expose per-request truth; vLLM has no such routes.
@@ -320,6 +322,17 @@ class _Job:
         if work in done:
             work.result()
             return
+        self.entry.connection_lost = time.monotonic()
+        delay = self.sim.config.disconnect_delay_s
+        if delay > 0:
+            # The server acts on the close only after `delay`; the stream goes on meanwhile (uvicorn drops its
+            # writes to the closed connection), and if the request finishes first nothing is aborted.
+            finished, _ = await asyncio.wait((work,), timeout=delay)
+            if work in finished:
+                self.entry.close_missed = True
+                with contextlib.suppress(OSError):
+                    work.result()
+                return
         # The client closed its connection before we were done: abort, as vLLM does.
         self.sim.engine.client_gone(self.entry)
         work.cancel()
@@ -564,7 +577,8 @@ def create_app(config: SimulatorConfig) -> FastAPI:
             "max_num_batched_tokens": config.max_num_batched_tokens, "max_model_len": config.max_model_len,
             "step_base_s": config.step_base_s, "step_per_seq_s": config.step_per_seq_s,
             "prefill_per_token_s": config.prefill_per_token_s, "output_len": str(config.output_len),
-            "tokens_per_chunk": config.tokens_per_chunk, "vllm_flavour": config.vllm_flavour}}),
+            "tokens_per_chunk": config.tokens_per_chunk, "vllm_flavour": config.vllm_flavour,
+            "disconnect_delay_s": config.disconnect_delay_s}}),
             media_type="application/json")
 
     return app
