@@ -27,9 +27,9 @@ Then it reads vLLM's log (needs `--enable-log-requests`) and sorts every request
     python3 scripts/repro_missed_close.py --url http://127.0.0.1:8000 --log vllm.log --stop tokens:5
     /work/venv/bin/python scripts/repro_missed_close.py --simulator "--step-base-ms 5" --stop send:200
 
-`--simulator ARGS` runs the same clients against stopstorm's simulator (`python -m simulator ARGS`, pinned like
-a server we start), judged by the same parser: the simulator writes vLLM's Added / Aborted lines. It needs the
-project's virtualenv (FastAPI, uvicorn); the vLLM runs need only the standard library.
+`--simulator ARGS` runs the same clients against stopstorm's simulator (`python -m stopstorm.simulator ARGS`,
+pinned like a server we start), judged by the same parser: the simulator writes vLLM's Added / Aborted lines.
+It needs the project's virtualenv (FastAPI, uvicorn); the vLLM runs need only the standard library.
 
 A server it starts is pinned with `--server-cpus` (default 1) and the client to `--client-cpus` (default 0); it
 is stopped by PID at the end. Every run is bounded: `-n` requests, `--deadline` seconds, loopback only.
@@ -336,7 +336,7 @@ def _wait_settled(url: str, log_path: Path, quiet_s: float = 2.0, timeout_s: flo
 @contextlib.contextmanager
 def _simulator(args: argparse.Namespace) -> Iterator[tuple[str, int, Path]]:
     """The simulator, with `--max-num-seqs` and `--simulator`'s flags, its log where `--log` says."""
-    from simulator.launcher import EmbeddedSimulator  # stdlib-only itself; the child needs the project's venv
+    from stopstorm.simulator.launcher import EmbeddedSimulator  # stdlib-only itself; the child needs the project's venv
 
     flags = ["--max-num-seqs", str(args.max_num_seqs), *shlex.split(args.simulator)]
     sim = EmbeddedSimulator(flags, log_path=args.log)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from conftest import FIXTURES_DIR
 
 from scripts.repro_missed_close import parse_log
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "vllm-0.32-cpu-early-stop"
+FIXTURE = FIXTURES_DIR / "vllm-0.32-cpu-early-stop"
 VARIANTS = ("log-requests", "log-outputs")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from tests.conftest import FAST, SCHED_TOL_S, RawStream, SimHandle, chat_body
+from conftest import FAST, SCHED_TOL_S, RawStream, SimHandle, chat_body
 
 CHAT = "/v1/chat/completions"
 DELAY_MS = 100
