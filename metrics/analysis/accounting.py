@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -47,6 +47,7 @@ from stopstorm.metrics.truth.vllm_metrics import MetricsDelta
 from stopstorm.simulator.ledger import LedgerEntry
 
 __all__ = [
+    "NOT_STOPPED",
     "RUN_QUEUE_WAIT_NOTE",
     "ZOMBIE_GRACE_S",
     "Accounting",
@@ -56,6 +57,8 @@ __all__ = [
     "RunFigures",
     "StopRow",
     "account",
+    "by_outcome",
+    "by_plan",
     "ledger_occupancy",
     "server_id",
     "stop_rows",
@@ -64,6 +67,9 @@ __all__ = [
 
 ZOMBIE_GRACE_S = 0.1
 RUN_QUEUE_WAIT_NOTE = "arrival → scheduled, every request the server served"
+# The cell of a stream nobody stopped under `by_outcome`: its close mode was never used (a stream that ended
+# before its planned Stop, one planned never to stop, one the run's end cut), so it is filed once, here.
+NOT_STOPPED = "not stopped"
 
 
 class LogLookup(Protocol):
@@ -134,6 +140,17 @@ class Accounting:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def by_outcome(record: StreamRecord) -> tuple[str, str]:
+    """The report's cell of a stream: its stack and the close mode it used, or `NOT_STOPPED` when nobody pressed
+    Stop (so `none`, a close mode, only holds streams a user stopped and read on)."""
+    return record.stack, record.close_mode if record.stop is not None else NOT_STOPPED
+
+
+def by_plan(record: StreamRecord) -> tuple[str, str]:
+    """A stream's stack and planned close mode, stopped or not (`account`'s default grouping)."""
+    return record.stack, record.close_mode
 
 
 def server_id(record: StreamRecord) -> str:
@@ -323,13 +340,15 @@ def _metrics_aborts(delta: MetricsDelta | None) -> float | None:
 
 def account(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None,
             metrics_delta: MetricsDelta | None, duration_s: float, *, zombie_grace_s: float = ZOMBIE_GRACE_S,
-            run_end: float | None = None, log: LogLookup | None = None) -> Accounting:
+            run_end: float | None = None, log: LogLookup | None = None,
+            cell_of: Callable[[StreamRecord], tuple[str, str]] = by_plan) -> Accounting:
     """Account for every stream: per stack × close mode, overall, and run-wide findings.
 
     `ledger`: the simulator's ledger, None without a simulator. `metrics_delta`: vLLM `/metrics` over the run,
     None if not scraped. `duration_s`: the run's length, for rates. `run_end`: monotonic time a request still in
     flight is counted to; by default the ledger's `now`. `log`: vLLM's request log (`LogFollower` or
-    `LogIndex`), None if not read.
+    `LogIndex`), None if not read. `cell_of`: a stream's (stack, close mode) cell; the report files streams
+    `by_outcome` (unstopped ones once, as `NOT_STOPPED`).
     """
     has_ledger = ledger is not None
     entries = ledger.by_id if ledger is not None else {}
@@ -339,7 +358,7 @@ def account(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None,
     aborts = _abort_index(log) if log is not None else None
     groups: dict[tuple[str, str], list[_Joined]] = {}
     for j in joined:
-        groups.setdefault((j.record.stack, j.record.close_mode), []).append(j)
+        groups.setdefault(cell_of(j.record), []).append(j)
     cells = tuple(Cell(stack, mode, _figures(groups[(stack, mode)], has_ledger, duration_s, zombie_grace_s, run_end,
                                              aborts))
                   for stack, mode in sorted(groups))
@@ -422,6 +441,7 @@ class StopRow:
     stop_to_freed_s: float | None
     state: str  # the server's finish reason, "zombie (still running)", "aborting", or "unknown"
     truth: str
+    zombie_slot_s: float | None = None  # slot time it held after Stop as a zombie (0: not one; None: unknown)
 
 
 def stop_rows(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None, *, limit: int = 50,
@@ -451,6 +471,8 @@ def stop_rows(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None, *,
         else:
             freed = None
             state = "zombie (still running)" if ledger.now - r.stop > zombie_grace_s else "aborting"
+        held = _zombie_time(_Joined(r, e), zombie_grace_s, ledger.now)
         rows.append(StopRow(r.stack, r.close_mode, r.request_id, r.tokens_read, e.generated_tokens,
-                            wasted_tokens(e, r), freed, state, LEDGER_SOURCE))
+                            wasted_tokens(e, r), freed, state, LEDGER_SOURCE,
+                            round(held, 6) if held is not None else 0.0))
     return tuple(rows)

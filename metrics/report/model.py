@@ -89,7 +89,8 @@ from typing import Any
 from stopstorm.metrics.analysis.accounting import Accounting, Cell, Figures, RunFigures, StopRow
 from stopstorm.metrics.analysis.capacity import CapacitySection
 from stopstorm.metrics.analysis.gpu_attribution import GpuSection
-from stopstorm.metrics.figures import Figure
+from stopstorm.metrics.analysis.verdict import CapacitySearch, Summary, Verdict
+from stopstorm.metrics.figures import Figure, Table
 
 __all__ = [
     "GPU_ON_WORKER",
@@ -366,6 +367,10 @@ class Report:
     gpu: GpuSection | None = None
     capacity: CapacitySection | None = None
     schema_version: int = REPORT_SCHEMA_VERSION
+    summary: Summary | None = None  # the fixed block every view shows first, under the verdict
+    verdict: Verdict | None = None
+    over_time: Table | None = None  # t_s, zombies, generated_tok_s, delivered_tok_s (analysis/over_time.py)
+    capacity_search: CapacitySearch | None = None  # capacity.py's steps and knee, when it ran
 
     @property
     def label(self) -> str:
@@ -376,7 +381,7 @@ class Report:
 def _stop_json(s: StopRow) -> Json:
     return {"stack": s.stack, "close_mode": s.close_mode, "request_id": s.request_id, "tokens_read": s.tokens_read,
             "generated": s.generated, "wasted": s.wasted, "stop_to_freed_s": s.stop_to_freed_s, "state": s.state,
-            "truth": s.truth}
+            "truth": s.truth, "zombie_slot_s": s.zombie_slot_s}
 
 
 def report_to_json(report: Report) -> Json:
@@ -398,6 +403,14 @@ def report_to_json(report: Report) -> Json:
         out["gpu"] = report.gpu.to_json()
     if report.capacity is not None:
         out["capacity"] = report.capacity.to_json()
+    if report.summary is not None:
+        out["summary"] = report.summary.to_json()
+    if report.verdict is not None:
+        out["verdict"] = report.verdict.to_json()
+    if report.over_time is not None:
+        out["over_time"] = report.over_time.to_json()
+    if report.capacity_search is not None:
+        out["capacity_search"] = report.capacity_search.to_json()
     return out
 
 
@@ -424,4 +437,9 @@ def report_from_json(doc: Mapping[str, Any]) -> Report:
         gpu=GpuSection.from_json(doc["gpu"]) if isinstance(doc.get("gpu"), Mapping) else None,
         capacity=CapacitySection.from_json(doc["capacity"]) if isinstance(doc.get("capacity"), Mapping) else None,
         schema_version=int(doc.get("schema_version") or 1),
+        summary=Summary.from_json(doc["summary"]) if isinstance(doc.get("summary"), Mapping) else None,
+        verdict=Verdict.from_json(doc["verdict"]) if isinstance(doc.get("verdict"), Mapping) else None,
+        over_time=Table.from_json(doc["over_time"]) if isinstance(doc.get("over_time"), Mapping) else None,
+        capacity_search=(CapacitySearch.from_json(doc["capacity_search"])
+                         if isinstance(doc.get("capacity_search"), Mapping) else None),
     )
