@@ -237,7 +237,17 @@ def test_the_stops_tab_lists_the_reports_stops(report: Report, monkeypatch: pyte
     finally:
         env.runner.quit()
     rows = next(s for s in body["extended_stats"] if s["key"] == STOPS_KEY)["data"]
-    assert len(rows) == len(report.stops) == report.accounting.overall.stopped.value  # every stop, once
+    totals, rows = rows[0], rows[1:]
+    o = report.accounting.overall
+    assert len(rows) == len(report.stops) == o.stopped.value  # every stop, once
+    # The totals row is the Report's overall figures, the console's "all all" row
+    assert totals["stack"] == totals["mode"] == "all"
+    assert totals["request"] == f"{o.stopped.value} stopped, {o.aborted.value} aborted"
+    assert totals["wasted"] == o.wasted_tokens.value and totals["state"] == f"{o.zombies.value} zombies"
+    assert totals["zombie_s"] == round(o.zombie_slot_seconds.value, 2) and totals["read"] == o.goodput_tokens.value
+    # the zombie column adds up to the overall zombie slot-seconds (every stop is listed here)
+    assert sum(r["zombie_s"] for r in rows) == pytest.approx(o.zombie_slot_seconds.value, abs=0.005 * len(rows))
+    assert sum(1 for s in report.stops if (s.zombie_slot_s or 0) > 0) == o.zombies.value
     for row, stop in zip(rows, report.stops, strict=True):
         assert (row["request"], row["stack"], row["mode"], row["read"]) == (stop.request_id, stop.stack,
                                                                            stop.close_mode, stop.tokens_read)
