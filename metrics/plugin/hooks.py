@@ -309,7 +309,8 @@ def _write_run_report(**_kwargs: Any) -> None:
             started=RUN.started, ended=end, ledger=ledger, metrics=delta, log=follower,
             max_num_seqs=server_max_num_seqs(host) if ledger is not None else None,
             self_monitor=self_monitor.summaries(), gpu=readings, gpu_idle_pct=idle_pct,
-            gpu_files=gpu_file_names(path)))
+            gpu_files=gpu_file_names(path), planned_stacks=_planned_stacks(env),
+            capacity_search=RUN.capacity_search))
         RUN.report = report
         write_report(path, report)
         if report.gpu is not None:
@@ -323,6 +324,11 @@ def _write_run_report(**_kwargs: Any) -> None:
         sink, RUN.sink = RUN.sink, None
         if sink is not None:
             sink.close()
+
+
+def _planned_stacks(env: Environment) -> list[str]:
+    """The client stacks of the run's user classes (their `stack`), for the summary's "which stacks ran"."""
+    return [stack for cls in env.user_classes or () if (stack := getattr(cls, "stack", ""))]
 
 
 def _report_so_far() -> Report:

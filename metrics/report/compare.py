@@ -152,16 +152,18 @@ def replay_scenario(label: str, policy: str, r: ReplayResult) -> Scenario:
     }, counts=dict.fromkeys((k for k, _l, _d in FIGURES), n or None))
 
 
-def load_scenarios(paths: Sequence[str], with_replay: bool = False) -> list[Scenario]:
-    """The reports, each labelled by its scenario name (else its file name); reports that share a label are
-    repeats of one scenario (one column, their median and spread); with replay scenarios if asked."""
+def load_scenarios(paths: Sequence[str], with_replay: bool = False,
+                   labels: Sequence[str] | None = None) -> list[Scenario]:
+    """The reports, each labelled by `labels` (else its scenario name, else its file name); reports that share
+    a label are repeats of one scenario (one column, their median and spread); with replay scenarios if asked."""
     groups: dict[str, list[Report]] = {}
-    for p in paths:
+    for k, p in enumerate(paths):
         try:
             report = read_report(p)
         except ValueError as exc:
             raise SystemExit(f"stopstorm compare: {exc}") from None
-        groups.setdefault(report.meta.scenario or Path(p).stem, []).append(report)
+        label = labels[k] if labels is not None else report.meta.scenario or Path(p).stem
+        groups.setdefault(label, []).append(report)
     out: list[Scenario] = []
     for label, reports in groups.items():
         out.append(run_scenario(reports[0], label) if len(reports) == 1 else _repeated(label, reports))

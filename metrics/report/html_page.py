@@ -177,7 +177,7 @@ def _over_time_plot(scenarios: Sequence[Scenario]) -> str | None:
             ax.set_title(f"{label}: tokens" if len(runs) > 1 else "goodput against throughput", fontsize=9,
                          loc="left")
         ax.grid(alpha=.25)
-        ax.legend(loc="upper right", fontsize=7)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, borderaxespad=0)
     axes[-1, 0].set_xlabel("seconds since run start")
     fig.tight_layout()
     return _figure_html(_svg(fig), "Over time. Running and waiting: the simulator ledger at every change (dotted: "
