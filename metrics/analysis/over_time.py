@@ -95,8 +95,11 @@ def over_time(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None, st
         held = 0
         i = 0
         for k in range(n):
-            hi = started + (k + 1) * w
-            peak = held  # the zombies carried into the bin, then the most at once within it
+            lo, hi = started + k * w, started + (k + 1) * w
+            while i < len(events) and events[i][0] <= lo:  # what changed at or before the bin's start
+                held += events[i][1]
+                i += 1
+            peak = held  # the zombies held as the bin starts, then the most at once within it
             while i < len(events) and events[i][0] < hi:
                 held += events[i][1]
                 peak = max(peak, held)
