@@ -5,9 +5,9 @@ none edits another's output, so a figure shown in two places is one value. `repo
 `report_from_json` are its JSON form (the file a run writes, and what `stopstorm compare` reads back), layout
 below; reading a saved file is the one place a dict becomes a Report.
 
-JSON layout (schema_version 2):
+JSON layout (schema_version 3):
 
-    {"schema_version": 2,
+    {"schema_version": 3,
      "meta": {...},                      # the run's facts: host, options, library versions, times; blocks below
      "sources": ["client records", "simulator ledger", ...],   # the truths this run had
      "zombie_grace_s": 0.1,
@@ -17,7 +17,15 @@ JSON layout (schema_version 2):
      "stops": [STOP, ...],               # the latest stopped streams, newest first (the web UI's Stops tab)
      "self_monitor": {...},              # always (from Locust runs); sections below
      "gpu": {...},                       # when a GPU source was read
-     "capacity": {...}}                  # when the simulator's ledger was read
+     "capacity": {...},                  # when the simulator's ledger was read
+     "summary": {...},                   # the fixed summary block (metrics/analysis/verdict.py)
+     "verdict": {...},                   # the verdict in sentences, and what it was decided on
+     "over_time": TABLE,                 # the run in bins: zombies, generated and delivered tokens/s
+     "capacity_search": {...}}           # capacity.py's steps and knee, when it ran
+
+A cell is one client stack × close mode: "close_mode" is the mode a stopped stream used, or "not stopped" for
+every stream nobody stopped (whatever mode it would have used; version 2 filed those under their planned
+mode, which for a stream planned never to stop was "none").
 
 Every FIGURE is {"value", "unit", "source"} plus an optional "note". "value" is a number, a string (a finding), an
 object of counts by error text (`failures`), an object {"count", "p50", "p90", "p95", "p99", "max", "mean"} for a
@@ -30,7 +38,8 @@ vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests, unjoined_stream
 
 STOP (metrics/analysis/accounting.py `StopRow`): {"stack", "close_mode", "request_id", "tokens_read",
 "generated" (null without per-request truth), "wasted", "stop_to_freed_s", "state" (the server's finish
-reason, "zombie (still running)", "aborting" or "unknown"), "truth"}.
+reason, "zombie (still running)", "aborting" or "unknown"), "truth", "zombie_slot_s" (slot time it held after
+Stop as a zombie: 0 when it was none, null without per-request truth)}.
 
 "meta" blocks: "partial": false, or true with "partial_reason" (SIGTERM or Ctrl-C cut the run: figures cover it
 until then); "records": {"path", "written"} with --stopstorm-records; "metrics": the /metrics scraper's {"url",
@@ -75,9 +84,25 @@ first reading; a reading the GPU does not give is null.
 {"columns": ["t_s", "prompt_tokens", "target_tokens", "stop_tokens", "aborted_at_tokens"], "rows": [...]},
 "horizon_s"} (or {"source", "error"} when the replay could not run)}.
 
+"summary" (metrics/analysis/verdict.py `Summary`): {"figures": {"requests", "completed" (read to their end,
+nobody pressed Stop), "request_rate" (requests/s), "output_rate" (generated tokens/s: the ledger, else vLLM's
+counters), "goodput_rate", "ttft", "tpot", "itl" (the clients' timings: distributions, s), "queue_wait",
+"step" (the server's decode step: the median of its requests' mean inter-token time)}: FIGUREs, "stacks" (the
+client stacks that sent streams), "planned_stacks" (those the run's user classes name), "ttft_samples_s"
+[sorted seconds]}. "verdict" (`Verdict`): {"sentences": [...], "caveats": [...], "step_bound_s" (what "within
+one engine step" allowed), "zombie_share" (zombie slot-s over duration × max_num_seqs), "cells": [{"stack",
+"close_mode", "outcome" ("honoured", "late", "never", "unknown"), "stopped", "aborted", "zombies", "p99_s"}]}.
+"over_time" (metrics/analysis/over_time.py): {"columns": ["t_s", "zombies", "generated_tok_s",
+"delivered_tok_s"], "rows", "source"}, bins from the run's start (zombies: the most held at once in the bin;
+null without a ledger). "capacity_search" (`CapacitySearch`): {"slo", "quantile", "knee_users", "estimate",
+"min_requests", "steps": [{"users", "requests", "value_s", "held", "interval_s" ([lo, hi], the quantile's 95 %
+bootstrap interval), "request_rate", "output_rate", "rate_source", "end_s"}]}.
+
 Versions: 1, the accounting (cells, overall, run) and meta; 2 adds "self_monitor", "gpu", "capacity", "stops"
-and the meta blocks "partial", "records", "open_model", "gpu" and "distributed". Every version-1 field keeps
-its meaning, so a version-1 reader reads a version-2 report.
+and the meta blocks "partial", "records", "open_model", "gpu" and "distributed". 3 files a stream nobody
+stopped once, in its stack's "not stopped" cell (so a cell's figures mean what that close mode did to stopped
+streams), and adds "summary", "verdict", "over_time", "capacity_search" and each STOP's "zombie_slot_s". Every
+other field keeps its meaning; a version-2 reader that sums cells per close mode must read "not stopped" too.
 """
 
 from __future__ import annotations
@@ -109,7 +134,7 @@ __all__ = [
     "report_to_json",
 ]
 
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 # meta.gpu_off when a distributed run's GPU is sampled by the worker on the GPU host, not by this process
 GPU_ON_WORKER = "sampled by the worker on the GPU host (--gpu-host-worker)"
 
@@ -415,7 +440,7 @@ def report_to_json(report: Report) -> Json:
 
 
 def report_from_json(doc: Mapping[str, Any]) -> Report:
-    """A saved report read back (version 1 or 2); ValueError when `doc` is not a stopstorm report."""
+    """A saved report read back (version 1, 2 or 3); ValueError when `doc` is not a stopstorm report."""
     if not isinstance(doc, Mapping) or "overall" not in doc:
         raise ValueError("not a stopstorm report (no 'overall' section)")
     accounting = Accounting(
