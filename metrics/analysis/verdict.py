@@ -369,7 +369,7 @@ def _names(cells: Sequence[CellVerdict], all_cells: Sequence[CellVerdict]) -> st
     for mode, mine in by_mode.items():
         used = [c for c in all_cells if c.close_mode == mode]
         if len(mine) == len(used) and len(mine) > 1:
-            out.append(f"{mode} on all {len(mine)} stacks that used it")
+            out.append(f"{mode} on {'both' if len(mine) == 2 else f'all {len(mine)}'} stacks that used it")
         else:
             out += [c.words() for c in mine]
     return ", ".join(out)

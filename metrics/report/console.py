@@ -96,9 +96,10 @@ def format_accounting(accounting: Accounting, summary_lines: bool = True) -> str
         out.append(f"queue wait p50 / p95:   {_pct(qw, 'p50')} / {_pct(qw, 'p95')} ms  [{qw.source}]")
         out.append(f"goodput:                {_num(o.goodput_rate, digits=1)} tok/s ({_num(o.goodput_tokens)} tokens "
                    f"read in {_num(run.duration, digits=1)} s)  [{o.goodput_rate.source}]")
-    out.append(f"freed by aborts:        {_num(o.freed_tokens)} tokens, {_num(o.freed_slot_seconds, digits=2)} "
-               f"slot-s ({_num(run.freed_tokens_rate, digits=1)} tok/s) vs every stopped stream run to its end  "
-               f"[{o.freed_tokens.source}]")
+    if summary_lines:  # else the verdict says it
+        out.append(f"freed by aborts:        {_num(o.freed_tokens)} tokens, {_num(o.freed_slot_seconds, digits=2)} "
+                   f"slot-s ({_num(run.freed_tokens_rate, digits=1)} tok/s) vs every stopped stream run to its end  "
+                   f"[{o.freed_tokens.source}]")
     split = ledger_abort_split(accounting)
     split = f"; {split}" if split else ""
     if run.blind_spot.known:
