@@ -494,15 +494,17 @@ def _compare_html(scenarios: Sequence[Scenario]) -> str:
             n = s.counts.get(key)
             cells.append("–" if x is None else f"{x:,.{digits}f}" + (f" (n {n:,})" if n is not None else ""))
         rows.append(cells)
-    said = [c.words(d) for s in scenarios[1:] for key, _l, d in FIGURES if (c := compare(base, s, key)) is not None]
+    said = [c.words(d) for s in scenarios[1:] if s.report is not None  # runs only: a replay is in the table
+            for key, _l, d in FIGURES if (c := compare(base, s, key)) is not None]
     items = "".join(f"<li>{_e(w)}</li>" for w in said)
     warning = noise_warning(scenarios)
     head = ["figure", f"{base.label} (baseline)", *(s.label for s in scenarios[1:])]
     return ((f'<div class="caveat">{_e(warning)}</div>' if warning else "") + _table(head, rows, "compare")
             + (f"<p>Against {_e(base.label)}:</p><ul class=\"note\">{items}</ul>" if items else "")
             + '<p class="note">n: the requests behind a figure. Intervals: a 95 % bootstrap over the reports\' '
-              "per-request samples (queue wait); a difference whose interval spans 0, or whose repeats overlap, is "
-              "within noise.</p>")
+              "per-request samples (queue wait; it takes requests as independent, and neighbours in one queue are "
+              "not, so it is the least noise to expect: repeats are the firmer test); a difference whose interval "
+              "spans 0, or whose repeats overlap, is within noise.</p>")
 
 
 def render_html(scenarios: Sequence[Scenario], title: str = "stopstorm report") -> str:
