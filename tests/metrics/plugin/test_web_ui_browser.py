@@ -148,5 +148,10 @@ def test_a_run_s_stops_tab_shows_the_live_chart_totals_and_zombies(web_ui) -> No
     # The live page and its SVG answer; the report links answer once a run's report is written
     live = requests.get(f"{url}/stopstorm/live", timeout=30)
     assert live.status_code == 200 and "<svg" in live.text
+    shot = screenshot(f"{url}/stopstorm/live", out / "live.png", (1000, 700))
+    counts = colour_counts(shot)
+    missing = [name for name, rgb in _CHART.items() if seen(counts, rgb, tol=20) < 30]
+    assert not missing, f"the live page's chart lacks: {missing}"
+    keep_screenshot(shot, "web-ui-live.png")
     assert requests.get(f"{url}/stopstorm/report.json", timeout=30).status_code in (200, 404)
     assert Path(out).is_dir()

@@ -205,3 +205,21 @@ def test_the_page_never_overwrites_locust_s_own_html(tmp_path: Path) -> None:
     assert html_path_for(tmp_path / "r.json") == tmp_path / "r.html"
     assert html_path_for(tmp_path / "r.json", taken=tmp_path / "r.html") == tmp_path / "r.stopstorm.html"
     assert html_path_for(tmp_path / "r.json", taken=tmp_path / "locust.html") == tmp_path / "r.html"
+
+
+def test_the_comparison_page_renders_in_headless_chromium(tmp_path: Path) -> None:
+    """The page `stopstorm compare --html` writes: the table, the sentences and both runs' plots."""
+    from browser_tools import colour_counts, keep_screenshot, screenshot, seen
+
+    a, b = tmp_path / "zombies.json", tmp_path / "prompt.json"
+    a.write_text(json.dumps(_report(1.0, 100.0, 5.0, "zombies")))
+    b.write_text(json.dumps(_report(0.4, 120.0, 0.0, "prompt aborts")))
+    assert main(["compare", str(a), str(b), "--replay", "--html", str(tmp_path / "cmp.html")]) == 0
+    page = (tmp_path / "cmp.html").read_text()
+    assert 'id="compare"' in page and "prompt aborts waits 0.600 s less than zombies at p50" in page
+    shot = screenshot((tmp_path / "cmp.html").as_uri(), tmp_path / "cmp.png", (1200, 3600))
+    counts = colour_counts(shot)
+    assert seen(counts, (0xF0, 0xF0, 0xF0), tol=2) > 5_000  # the table's header cells
+    missing = [name for name, rgb in _COLOURS.items() if "GPU" not in name and seen(counts, rgb) < 50]
+    assert not missing, f"plots missing from the comparison page: {missing}"
+    keep_screenshot(shot, "compare.png")
