@@ -84,11 +84,24 @@ def format_accounting(accounting: Accounting) -> str:
              if isinstance(f.value, int) and f.value]
     if extra:
         out.append("; ".join(extra))
+    out += _ran_on_lines(accounting)
     if o.log_aborted.known and o.log_aborted.source != o.aborted.source:
         lat = o.log_abort_latency
         out.append(f"vLLM log:               {_num(o.log_aborted)} stopped streams' aborts logged; Stop → abort "
                    f"logged p50 / p99 {_pct(lat, 'p50')} / {_pct(lat, 'p99')} ms  [{o.log_aborted.source}]")
     return "\n".join(out)
+
+
+def _ran_on_lines(accounting: Accounting) -> list[str]:
+    """Missed closes (metrics/analysis/closes.py): the stopped streams whose close the server never acted on."""
+    run, o = accounting.run, accounting.overall
+    if not run.ran_on.known:
+        return []
+    lines = [f"ran on (missed closes): {run.ran_on.value}  [{run.ran_on.source}]"]
+    if isinstance(o.ran_on.value, int) and o.ran_on.value:
+        lines.append(f"{'':24}{_num(o.ran_on_tokens)} tokens unread, {_num(o.ran_on_slot_seconds, digits=2)} "
+                     f"slot-s after Stop  [{o.ran_on_tokens.source}; slot-s: {o.ran_on_slot_seconds.source}]")
+    return lines
 
 
 def format_gpu(g: GpuSection) -> list[str]:
