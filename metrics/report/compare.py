@@ -33,10 +33,11 @@ FIGURES: tuple[tuple[str, str, int], ...] = (
     ("goodput", "goodput (delivered tok/s)", 1),
     ("wasted_tokens", "wasted tokens", 0),
     ("zombie_slot_seconds", "zombie slot-seconds", 2),
+    ("ran_on", "stopped streams that ran on (missed closes)", 0),
     ("energy_per_delivered_token", "energy per delivered token (J)", 4),
 )
 _LOWER_IS_BETTER = {"queue_wait_p50", "queue_wait_p95", "queue_wait_p99", "ttft_p50", "ttft_p95",
-                    "wasted_tokens", "zombie_slot_seconds", "energy_per_delivered_token"}
+                    "wasted_tokens", "zombie_slot_seconds", "ran_on", "energy_per_delivered_token"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ def scenario_figures(report: Report) -> dict[str, float | None]:
         "goodput": _num(o.goodput_rate),
         "wasted_tokens": _num(o.wasted_tokens),
         "zombie_slot_seconds": _num(o.zombie_slot_seconds),
+        "ran_on": _num(o.ran_on),
         "energy_per_delivered_token": energy / delivered if energy is not None and delivered else None,
     }
 
@@ -86,7 +88,8 @@ def replay_scenario(label: str, policy: str, r: ReplayResult) -> Scenario:
         "queue_wait_p50": _q(qw, "p50"), "queue_wait_p95": _q(qw, "p95"), "queue_wait_p99": _q(qw, "p99"),
         "ttft_p50": _q(ttft, "p50"), "ttft_p95": _q(ttft, "p95"),
         "throughput": r.throughput, "goodput": r.goodput, "wasted_tokens": float(r.wasted_tokens),
-        "zombie_slot_seconds": 0.0 if policy == "perfect" else None, "energy_per_delivered_token": None,
+        "zombie_slot_seconds": 0.0 if policy == "perfect" else None, "ran_on": 0.0 if policy == "perfect" else None,
+        "energy_per_delivered_token": None,
     })
 
 

@@ -224,6 +224,10 @@ def render_html(scenarios: Sequence[Scenario], title: str = "stopstorm report") 
         html.escape(f"{label}: host {r.meta.host or '?'}, {_fmt(r.meta.duration_s, 1)} s, "
                     f"truth: {', '.join(r.accounting.sources)}")
         for label, r in _runs(scenarios)) + "</p>")
+    missed = [(label, r.accounting.run.ran_on) for label, r in _runs(scenarios) if r.accounting.run.ran_on.known]
+    if missed:  # the missed closes in words (metrics/analysis/closes.py)
+        parts.append('<p class="note">' + "<br>".join(html.escape(f"{label}: ran on (missed closes): {f.value} "
+                                                                 f"[{f.source}]") for label, f in missed) + "</p>")
     parts += ["<h2>Summary</h2>", _summary_table(scenarios)]
     sections = [("Running and waiting over time", _timeline_plot(scenarios)),
                 ("Queue wait", _cdf_plot(scenarios)),
