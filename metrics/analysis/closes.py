@@ -301,12 +301,15 @@ def ran_on_finding(outcomes: Sequence[CloseOutcome], source: str) -> Figure:
     tail = f"; {never} of {len(closed)} closed before the engine registered them" if never else ""
     if not registered:
         return Figure(f"none of {len(closed)} closed stops reached the engine", "finding", source)
+    if not ran:
+        return Figure(f"none of {len(registered)} stopped requests the engine registered kept generating: every one "
+                      f"was aborted{tail}", "finding", source)
     share = 100.0 * len(ran) / len(registered)
     to_end = [o for o in ran if o.ran_to_end]
     confirmed = (f", {len(to_end)} confirmed run to the end" if any(o.ran_to_end is not None for o in ran)
                  else "")
-    text = (f"{len(ran)} of {len(registered)} stopped requests the engine registered kept generating ({share:.0f} %): "
-            f"never aborted{confirmed}{tail}")
+    text = (f"{len(ran)} of {len(registered)} stopped requests the engine registered kept generating "
+            f"({share:.1f} %): never aborted{confirmed}{tail}")
     return Figure(text, "finding", source, "ran on: registered, no abort by the run's end (a missed close)")
 
 

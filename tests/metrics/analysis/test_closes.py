@@ -89,7 +89,7 @@ def test_the_accounting_counts_ran_on_streams_as_zombies_and_says_so(folder: str
     assert o.zombies.value == 4 and o.zombies.source == LOG_SOURCE
     finding = acc.run.ran_on.value
     assert isinstance(finding, str) and finding.startswith("4 of 22 stopped requests the engine registered kept "
-                                                           "generating (18 %)")
+                                                           "generating (18.2 %)")
     assert "6 of 28 closed before the engine registered them" in finding
     if folder == "log-outputs":
         assert o.ran_on_to_end.value == 4 and "4 confirmed run to the end" in finding
@@ -180,7 +180,7 @@ def test_the_ledger_classifier() -> None:
     assert figs.ran_on_tokens.value == 35 + 35 + 15 and figs.ran_on_tokens.source == LEDGER_SOURCE
     assert figs.ran_on_slot_seconds.value == pytest.approx(0.5 + 0.2 + 2.0)
     assert ran_on_finding(list(outcomes.values()), LEDGER_SOURCE).value == (
-        "3 of 4 stopped requests the engine registered kept generating (75 %): never aborted, 2 confirmed run to "
+        "3 of 4 stopped requests the engine registered kept generating (75.0 %): never aborted, 2 confirmed run to "
         "the end; 1 of 5 closed before the engine registered them")
     # With a ledger the ledger's zombies stand; the closed-stop figures sit beside them
     acc = account(records, snap, None, 3.0)
@@ -200,3 +200,12 @@ def test_an_estimate_is_labelled() -> None:
     assert o.ran_on_slot_seconds.value == pytest.approx(1.0) and o.ran_on_slot_seconds.source == CLIENT_ESTIMATE
     assert "inter-token gap" in (o.ran_on_slot_seconds.note or "")
     assert o.zombie_slot_seconds.source == CLIENT_ESTIMATE
+
+
+def test_no_missed_close_is_said_as_such() -> None:
+    records = [rec("a"), rec("b")]
+    snap = LedgerSnapshot.from_json({"requests": [entry("a", "abort", freed=1.01), entry("b", "abort", freed=1.02)]})
+    outcomes = classify_ledger(records, snap.by_id)
+    assert ran_on_finding(outcomes, LEDGER_SOURCE).value == (
+        "none of 2 stopped requests the engine registered kept generating: every one was aborted")
+    assert ran_on_finding([], LOG_SOURCE).value == "no stopped stream closed"
