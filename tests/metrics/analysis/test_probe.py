@@ -12,8 +12,8 @@ from conftest import ROOT
 
 from stopstorm.metrics.analysis.probe import ProbeCell, ProbeSample, summarise
 from stopstorm.metrics.report.probe_table import format_progress, format_table, probe_verdict, stop_words
-from stopstorm.users.probe import parse_early
 from stopstorm.users.policy import StopPlan
+from stopstorm.users.probe import parse_early
 
 
 def _sample(mode: str, stop: float, freed: float | None, reason: str | None, generated: int,
