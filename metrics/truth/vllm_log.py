@@ -68,6 +68,9 @@ _EVENT_WORDS = (b"Added request", b"borted request", b" aborted.")
 # `Generated response <id> (streaming complete): ...` when the stream has ended.
 _REQUEST_WORDS = (b"Received request", b"Generated response")
 _REQUEST_TEXT = tuple(w.decode() for w in _REQUEST_WORDS)
+_RECEIVED_WORD, _GENERATED_WORD = b"Received request ", b"] Generated response "
+# What a vLLM line has before its message (`INFO 12-02 14:15:07 [file.py:108]`): the fast path's only check
+_HEADER_HINT = re.compile(rb"(?:DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\s+\d\d-\d\d\s+\d\d:\d\d:\d\d")
 _RECEIVED = re.compile(r"^Received request (?P<id>\S+?):")
 _GENERATED = re.compile(r"^Generated response (?P<id>\S+) \(streaming (?P<what>delta|complete)\)")
 _MAX_TOKENS = re.compile(r"\bmax_tokens=(?P<n>\d+)")
@@ -425,7 +428,9 @@ class LineFollower(LogIndex):
     def _handle(self, raw: bytes, seen: float) -> None:
         self.lines += 1
         if not any(word in raw for word in _EVENT_WORDS):  # most lines: no regex at all
-            if any(word in raw for word in _REQUEST_WORDS):
+            if _GENERATED_WORD in raw:
+                self._output_line(raw, seen)
+            elif _RECEIVED_WORD in raw:
                 line = parse_request_line(raw.decode("utf-8", errors="replace").rstrip("\r"), seen)
                 if line is not None:
                     self.add_request_line(line)
@@ -446,6 +451,25 @@ class LineFollower(LogIndex):
                     self.on_event(ev)
                 except Exception as exc:  # a bad callback must not stop the follower
                     self._record(exc)
+
+    def _output_line(self, raw: bytes, seen: float) -> None:
+        """A `Generated response <id> (streaming delta|complete)` line, without a regex: --enable-log-outputs
+        writes one per chunk streamed, so on a busy server these are most of the log. The request's stamp comes
+        from its `Received request` line (a line like this with no header is not one of vLLM's: ignored)."""
+        at = raw.find(_GENERATED_WORD)
+        start = at + len(_GENERATED_WORD)
+        end = raw.find(b" ", start)
+        if end < 0 or not _HEADER_HINT.search(raw, 0, at):
+            return
+        what = raw[end + 1:end + 21]
+        kind: Literal["delta", "complete"]
+        if what.startswith(b"(streaming delta)"):
+            kind = "delta"
+        elif what.startswith(b"(streaming complete)"):
+            kind = "complete"
+        else:
+            return
+        self.add_request_line(RequestLine(kind, raw[start:end].decode("utf-8", errors="replace"), seen, None))
 
     def _seen_again(self, ev: LogEvent) -> bool:
         """A refused event (its raw id indexed already) stamped well apart from the one held: the same id in

@@ -140,6 +140,10 @@ def test_a_live_follower_indexes_request_lines(tmp_path: Path) -> None:
     assert follower.outputs_logged and follower.events > 0
     late = follower.request("chatcmpl-es-late-0")
     assert late is not None and late.max_tokens == 16 and late.complete is not None and late.deltas == 15
+    # the live follower's fast path for output lines reads what the saved index reads, request by request
+    saved = LogIndex.from_lines(text.splitlines())
+    assert {k: (r.deltas, r.complete is not None, r.max_tokens, r.ignore_eos) for k, r in follower.requests.items()} \
+        == {k: (r.deltas, r.complete is not None, r.max_tokens, r.ignore_eos) for k, r in saved.requests.items()}
 
 
 # --- the ledger ----------------------------------------------------------------------------------------------
