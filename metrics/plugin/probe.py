@@ -29,6 +29,7 @@ from stopstorm.metrics import redact
 from stopstorm.metrics.analysis.probe import PROBE_SCHEMA_VERSION, ProbeCell, ProbeSample, summarise
 from stopstorm.metrics.figures import LEDGER_SOURCE
 from stopstorm.metrics.plugin import gpu, self_monitor
+from stopstorm.metrics.plugin.signals import stop_reason
 from stopstorm.metrics.plugin.state import RUN
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.report.build import RunInputs, build_report
@@ -132,7 +133,9 @@ def probe_report(env: Any) -> Report:
     ended = RUN.stopped or time.monotonic()
     readings, idle_pct, gpu_off = gpu.readings()
     path = getattr(opts, "probe_report", "") or DEFAULT_PROBE_REPORT
+    reason = stop_reason()  # SIGTERM or Ctrl-C cut the probe: its report covers it until then
     meta = RunMeta(host=redact.redact_url(host), locust_version=locust.__version__, started_at=RUN.started_wall,
+                   partial=reason is not None, partial_reason=reason,
                    duration_s=ended - started,
                    ledger_schema_version=ledger.schema_version if ledger is not None else None,
                    options={k: getattr(opts, k) for k in _META_OPTIONS if hasattr(opts, k)}, gpu_off=gpu_off,
