@@ -4,6 +4,7 @@ caveats. A writer over the Report: it computes nothing the Report does not hold.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from stopstorm.metrics.analysis.accounting import Accounting, Figures
@@ -12,7 +13,8 @@ from stopstorm.metrics.figures import Distribution, Figure
 from stopstorm.metrics.redact import redact
 from stopstorm.metrics.report.model import GPU_ON_WORKER, MonitorSummary, Report
 
-__all__ = ["format_accounting", "format_gpu", "format_report", "self_monitor_warnings"]
+__all__ = ["TOO_MANY_FLAGGED", "format_accounting", "format_gpu", "format_report", "self_monitor_warnings",
+           "suggested_processes"]
 
 
 def _num(f: Figure, scale: float = 1.0, digits: int = 0) -> str:
@@ -137,9 +139,16 @@ def format_gpu(g: GpuSection) -> list[str]:
 
 
 def self_monitor_warnings(summaries: Mapping[str, MonitorSummary]) -> list[str]:
-    """One line per process whose loop lagged beyond its bound or whose CPU was near one core."""
+    """Per process: the timing figures' error bar (how late its stamps can be, measured), then what it doubts:
+    loops that lagged beyond their bound, CPU near one core, and when it carries too many streams to time."""
     lines = []
     for key, s in summaries.items():
+        if s.ttft_checked and s.ttft_late_p99_ms is not None:
+            itl = (f", ITL ≤ {s.itl_late_p99_ms:g} ms" if s.itl_checked and s.itl_late_p99_ms is not None else "")
+            lines.append(f"{key}: TTFT stamps late by ≤ {s.ttft_late_p99_ms:g} ms at p99 (max "
+                         f"{s.ttft_late_max_ms:g} ms){itl}; {s.ttft_flagged} of {s.ttft_checked} TTFTs and "
+                         f"{s.itl_flagged} of {s.itl_checked} ITL gaps stamped while the loop was late by more than "
+                         f"{s.max_loop_lag_ms:g} ms")
         bad = []
         for name, st in (("hub lag", s.hub_lag), ("bridge lag", s.bridge_lag)):
             if st is not None and st.lagged:
@@ -149,9 +158,22 @@ def self_monitor_warnings(summaries: Mapping[str, MonitorSummary]) -> list[str]:
         if s.cpu_pct is not None and s.cpu_pct >= 90:
             bad.append(f"CPU {s.cpu_pct:g} % of a core")
         if bad:
-            lines.append(f"{key}: {'; '.join(bad)}: flagged TTFT {s.ttft_flagged}/{s.ttft_checked}, "
-                         f"ITL {s.itl_flagged}/{s.itl_checked} (timings that may hold this tool's own delay)")
+            lines.append(f"{key}: {'; '.join(bad)}")
+        flagged = max(s.ttft_flagged / s.ttft_checked if s.ttft_checked else 0.0,
+                      s.itl_flagged / s.itl_checked if s.itl_checked else 0.0)
+        if flagged > TOO_MANY_FLAGGED:
+            lines.append(f"{key}: this process timed {100 * (1 - flagged):.0f} % of its stamps within "
+                         f"{s.max_loop_lag_ms:g} ms: it carries too many streams; spread them over more processes "
+                         f"(--processes {suggested_processes(s)})")
     return lines
+
+
+TOO_MANY_FLAGGED = 0.05  # more than this share of stamps taken on a late loop: the process carries too many streams
+
+
+def suggested_processes(s: MonitorSummary) -> int:
+    """Processes that would keep each under about half a core (its stamps on time), at least 2."""
+    return max(2, math.ceil((s.cpu_pct or 100.0) / 50.0))
 
 
 def format_report(report: Report, json_path: str | None = None, html_path: str | None = None) -> str:
