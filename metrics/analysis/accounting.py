@@ -30,6 +30,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
+from stopstorm.metrics.analysis.closes import (
+    CloseOutcome,
+    classify_ledger,
+    classify_log,
+    close_figures,
+    log_zombies,
+    ran_on_finding,
+)
 from stopstorm.metrics.figures import (
     CLIENT_ESTIMATE,
     CLIENT_SOURCE,
@@ -42,7 +50,7 @@ from stopstorm.metrics.figures import (
 )
 from stopstorm.metrics.record import INTERRUPTED, StreamRecord
 from stopstorm.metrics.truth.ledger import LedgerSnapshot
-from stopstorm.metrics.truth.vllm_log import LogEvent, base_request_id
+from stopstorm.metrics.truth.vllm_log import LogEvent, LogIndex, base_request_id
 from stopstorm.metrics.truth.vllm_metrics import MetricsDelta
 from stopstorm.simulator.ledger import LedgerEntry
 
@@ -80,6 +88,10 @@ class LogLookup(Protocol):
 
     def lookup(self, request_id: str) -> tuple[LogEvent | None, LogEvent | None]: ...
 
+# The closed-stop figures' defaults, until `_with_closes` fills them (a truth was read)
+_NO_STREAMS, _NO_TOKENS, _NO_SLOT_S, _NO_FINDING = (unknown(u) for u in ("streams", "tokens", "slot-s", "finding"))
+
+
 @dataclass(frozen=True, slots=True)
 class Figures:
     """The figures of one stack × close mode cell, or of the whole run (stack and mode "all")."""
@@ -101,6 +113,13 @@ class Figures:
     goodput_rate: Figure  # goodput_tokens / run duration
     log_aborted: Figure  # stopped streams whose abort the vLLM log shows
     log_abort_latency: Figure  # Stop → abort line read, those streams (Distribution, s)
+    # What the server made of each closed stop (metrics/analysis/closes.py; `_with_closes` fills them)
+    closed_stops: Figure = _NO_STREAMS  # stopped streams whose client closed (modes other than none)
+    never_reached: Figure = _NO_STREAMS  # of which the server has no trace
+    ran_on: Figure = _NO_STREAMS  # registered, never aborted by the run's end: missed closes (zombies)
+    ran_on_to_end: Figure = _NO_STREAMS  # of which the server confirmed ran to their end
+    ran_on_tokens: Figure = _NO_TOKENS  # generated for ran-on streams beyond what their users read
+    ran_on_slot_seconds: Figure = _NO_SLOT_S  # slot time ran-on streams held after Stop
 
     def items(self) -> list[tuple[str, Figure]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
@@ -125,6 +144,7 @@ class RunFigures:
     log_aborts: Figure  # every abort the vLLM log showed during the run, joined to a record or not
     unmatched_requests: Figure  # ledger requests no record reported (e.g. users killed at the run's end)
     unjoined_streams: Figure  # records the ledger does not know (with a ledger present)
+    ran_on: Figure = _NO_FINDING  # the missed closes in words (metrics/analysis/closes.py)
 
     def items(self) -> list[tuple[str, Figure]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
@@ -418,7 +438,38 @@ def account(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None,
         sources.append(LOG_SOURCE)
     if metrics_delta is not None:
         sources.append(METRICS_SOURCE)
+    cells, overall, run = _with_closes(cells, overall, run, records, ledger, log, run_end, zombie_grace_s)
     return Accounting(cells, overall, run, tuple(sources), zombie_grace_s)
+
+
+def _with_closes(cells: tuple[Cell, ...], overall: Figures, run: RunFigures, records: Sequence[StreamRecord],
+                 ledger: LedgerSnapshot | None, log: LogLookup | None, run_end: float | None,
+                 grace: float) -> tuple[tuple[Cell, ...], Figures, RunFigures]:
+    """Each closed stop classed never reached / aborted / ran on (metrics/analysis/closes.py), by the ledger
+    or else vLLM's log, as figures in every cell, the overall row and the run's finding. Without a ledger the
+    log's zombies (the ran-on streams and the aborts read later than `grace`) fill `zombies`, which the log
+    alone otherwise leaves unknown; with one, the ledger's zombies stand."""
+    outcomes: list[CloseOutcome]
+    if ledger is not None:
+        outcomes, source = classify_ledger(records, ledger.by_id, run_end), LEDGER_SOURCE
+    elif isinstance(log, LogIndex):
+        outcomes, source = classify_log(records, log), LOG_SOURCE
+    else:
+        return cells, overall, run
+    by_cell: dict[tuple[str, str], list[CloseOutcome]] = {}
+    for o in outcomes:
+        by_cell.setdefault((o.record.stack, o.record.close_mode), []).append(o)
+
+    def fill(figures: Figures, group: list[CloseOutcome]) -> Figures:
+        changes = dict(close_figures(group, source).items())
+        if ledger is None:
+            changes["zombies"], changes["zombie_slot_seconds"] = log_zombies(group, grace)
+        return _replace(figures, **changes)
+
+    cells = tuple(Cell(c.stack, c.close_mode, fill(c.figures, by_cell.get((c.stack, c.close_mode), [])))
+                  for c in cells)
+    run = RunFigures(**{**dict(run.items()), "ran_on": ran_on_finding(outcomes, source)})
+    return cells, fill(overall, outcomes), run
 
 
 def _replace(figures: Figures, **changes: Figure) -> Figures:

@@ -39,10 +39,11 @@ FIGURES: tuple[tuple[str, str, int], ...] = (
     ("goodput", "goodput (delivered tok/s)", 1),
     ("wasted_tokens", "wasted tokens", 0),
     ("zombie_slot_seconds", "zombie slot-seconds", 2),
+    ("ran_on", "stopped streams that ran on (missed closes)", 0),
     ("energy_per_delivered_token", "energy per delivered token (J)", 4),
 )
 _LOWER_IS_BETTER = {"queue_wait_p50", "queue_wait_p95", "queue_wait_p99", "ttft_p50", "ttft_p95",
-                    "wasted_tokens", "zombie_slot_seconds", "energy_per_delivered_token"}
+                    "wasted_tokens", "zombie_slot_seconds", "ran_on", "energy_per_delivered_token"}
 # How a difference of each figure is said: a template with {s} (the scenario), {x} (the amount), {w} (the word
 # for its direction: more or less) and {b} (the baseline), and the two direction words
 _WORDS: Mapping[str, tuple[str, str, str]] = {
@@ -53,11 +54,12 @@ _WORDS: Mapping[str, tuple[str, str, str]] = {
     "goodput": ("{s} delivers {x} {w} to its readers than {b}", "more", "less"),
     "wasted_tokens": ("{s} wastes {x} {w} than {b}", "more", "fewer"),
     "zombie_slot_seconds": ("{s_} zombies hold {x} {w} than {b_}", "more", "less"),
+    "ran_on": ("{s} has {x} {w} stopped streams that ran on than {b}", "more", "fewer"),
     "energy_per_delivered_token": ("{s} spends {x} {w} a delivered token than {b}", "more", "less"),
 }
 _UNITS = {"queue_wait_p50": "s", "queue_wait_p95": "s", "queue_wait_p99": "s", "ttft_p50": "s", "ttft_p95": "s",
           "throughput": "tok/s", "goodput": "tok/s", "wasted_tokens": "tokens", "zombie_slot_seconds": "slot-s",
-          "energy_per_delivered_token": "J"}
+          "ran_on": "", "energy_per_delivered_token": "J"}
 _QUANTILE = {"queue_wait_p50": 0.5, "queue_wait_p95": 0.95, "queue_wait_p99": 0.99}
 
 
@@ -97,6 +99,7 @@ def scenario_figures(report: Report) -> dict[str, float | None]:
         "goodput": _num(o.goodput_rate),
         "wasted_tokens": _num(o.wasted_tokens),
         "zombie_slot_seconds": _num(o.zombie_slot_seconds),
+        "ran_on": _num(o.ran_on),
         "energy_per_delivered_token": energy / delivered if energy is not None and delivered else None,
     }
 
@@ -109,6 +112,7 @@ def _counts(report: Report) -> dict[str, int | None]:
     served = len(cap.queue_wait_samples_s) if cap is not None else None
     return {"queue_wait_p50": qw, "queue_wait_p95": qw, "queue_wait_p99": qw, "ttft_p50": ttft, "ttft_p95": ttft,
             "throughput": served, "goodput": streams, "wasted_tokens": streams, "zombie_slot_seconds": streams,
+            "ran_on": int(o.stopped.value) if isinstance(o.stopped.value, int) else None,
             "energy_per_delivered_token": streams}
 
 
@@ -148,7 +152,8 @@ def replay_scenario(label: str, policy: str, r: ReplayResult) -> Scenario:
         "queue_wait_p50": _q(qw, "p50"), "queue_wait_p95": _q(qw, "p95"), "queue_wait_p99": _q(qw, "p99"),
         "ttft_p50": _q(ttft, "p50"), "ttft_p95": _q(ttft, "p95"),
         "throughput": r.throughput, "goodput": r.goodput, "wasted_tokens": float(r.wasted_tokens),
-        "zombie_slot_seconds": 0.0 if policy == "perfect" else None, "energy_per_delivered_token": None,
+        "zombie_slot_seconds": 0.0 if policy == "perfect" else None, "ran_on": 0.0 if policy == "perfect" else None,
+        "energy_per_delivered_token": None,
     }, counts=dict.fromkeys((k for k, _l, _d in FIGURES), n or None))
 
 

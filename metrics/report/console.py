@@ -10,6 +10,7 @@ its stack's "not stopped" row."""
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Mapping
 
@@ -22,6 +23,7 @@ from stopstorm.metrics.report.model import GPU_ON_WORKER, MonitorSummary, Report
 
 __all__ = [
     "CELL_COLUMNS",
+    "TOO_MANY_FLAGGED",
     "cell_row",
     "format_accounting",
     "format_gpu",
@@ -30,6 +32,7 @@ __all__ = [
     "format_verdict",
     "ledger_abort_split",
     "self_monitor_warnings",
+    "suggested_processes",
     "summary_rows",
 ]
 
@@ -121,11 +124,24 @@ def format_accounting(accounting: Accounting, summary_lines: bool = True) -> str
              if isinstance(f.value, int) and f.value]
     if extra:
         out.append("; ".join(extra))
+    out += _ran_on_lines(accounting)
     if o.log_aborted.known and o.log_aborted.source != o.aborted.source:
         lat = o.log_abort_latency
         out.append(f"vLLM log:               {_num(o.log_aborted)} stopped streams' aborts logged; Stop → abort "
                    f"logged p50 / p99 {_pct(lat, 'p50')} / {_pct(lat, 'p99')} ms  [{o.log_aborted.source}]")
     return "\n".join(out)
+
+
+def _ran_on_lines(accounting: Accounting) -> list[str]:
+    """Missed closes (metrics/analysis/closes.py): the stopped streams whose close the server never acted on."""
+    run, o = accounting.run, accounting.overall
+    if not run.ran_on.known:
+        return []
+    lines = [f"ran on (missed closes): {run.ran_on.value}  [{run.ran_on.source}]"]
+    if isinstance(o.ran_on.value, int) and o.ran_on.value:
+        lines.append(f"{'':24}{_num(o.ran_on_tokens)} tokens unread, {_num(o.ran_on_slot_seconds, digits=2)} "
+                     f"slot-s after Stop  [{o.ran_on_tokens.source}; slot-s: {o.ran_on_slot_seconds.source}]")
+    return lines
 
 
 def format_gpu(g: GpuSection) -> list[str]:
@@ -161,9 +177,16 @@ def format_gpu(g: GpuSection) -> list[str]:
 
 
 def self_monitor_warnings(summaries: Mapping[str, MonitorSummary]) -> list[str]:
-    """One line per process whose loop lagged beyond its bound or whose CPU was near one core."""
+    """Per process: the timing figures' error bar (how late its stamps can be, measured), then what it doubts:
+    loops that lagged beyond their bound, CPU near one core, and when it carries too many streams to time."""
     lines = []
     for key, s in summaries.items():
+        if s.ttft_checked and s.ttft_late_p99_ms is not None:
+            itl = (f", ITL ≤ {s.itl_late_p99_ms:g} ms" if s.itl_checked and s.itl_late_p99_ms is not None else "")
+            lines.append(f"{key}: TTFT stamps late by ≤ {s.ttft_late_p99_ms:g} ms at p99 (max "
+                         f"{s.ttft_late_max_ms:g} ms){itl}; {s.ttft_flagged} of {s.ttft_checked} TTFTs and "
+                         f"{s.itl_flagged} of {s.itl_checked} ITL gaps stamped while the loop was late by more than "
+                         f"{s.max_loop_lag_ms:g} ms")
         bad = []
         for name, st in (("hub lag", s.hub_lag), ("bridge lag", s.bridge_lag)):
             if st is not None and st.lagged:
@@ -173,9 +196,22 @@ def self_monitor_warnings(summaries: Mapping[str, MonitorSummary]) -> list[str]:
         if s.cpu_pct is not None and s.cpu_pct >= 90:
             bad.append(f"CPU {s.cpu_pct:g} % of a core")
         if bad:
-            lines.append(f"{key}: {'; '.join(bad)}: flagged TTFT {s.ttft_flagged}/{s.ttft_checked}, "
-                         f"ITL {s.itl_flagged}/{s.itl_checked} (timings that may hold this tool's own delay)")
+            lines.append(f"{key}: {'; '.join(bad)}")
+        flagged = max(s.ttft_flagged / s.ttft_checked if s.ttft_checked else 0.0,
+                      s.itl_flagged / s.itl_checked if s.itl_checked else 0.0)
+        if flagged > TOO_MANY_FLAGGED:
+            lines.append(f"{key}: this process timed {100 * (1 - flagged):.0f} % of its stamps within "
+                         f"{s.max_loop_lag_ms:g} ms: it carries too many streams; spread them over more processes "
+                         f"(--processes {suggested_processes(s)})")
     return lines
+
+
+TOO_MANY_FLAGGED = 0.05  # more than this share of stamps taken on a late loop: the process carries too many streams
+
+
+def suggested_processes(s: MonitorSummary) -> int:
+    """Processes that would keep each under about half a core (its stamps on time), at least 2."""
+    return max(2, math.ceil((s.cpu_pct or 100.0) / 50.0))
 
 
 def _wrap(text: str, indent: str = "  ", width: int = 118) -> list[str]:

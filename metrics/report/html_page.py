@@ -398,6 +398,8 @@ def _cells_html(r: Report) -> str:
     run = a.run
     if split:
         notes.append(split + ".")
+    if run.ran_on.known:  # the missed closes in words (metrics/analysis/closes.py)
+        notes.append(f"ran on (missed closes): {run.ran_on.value} [{run.ran_on.source}].")
     if run.blind_spot.known:
         notes.append(f"vLLM blind spot: {run.blind_spot.value} [{run.blind_spot.source} vs "
                      f"{run.vllm_counted_aborts.source}].")

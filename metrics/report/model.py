@@ -33,8 +33,11 @@ distribution, or null when its truth was unavailable (source "unavailable"); nev
 seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams, stopped, failed, failures,
 interrupted (streams the run's end cut short: neither in failed nor in failures), aborted, abort_latency,
 wasted_tokens, zombies, zombie_slot_seconds, queue_wait, freed_tokens, freed_slot_seconds, goodput_tokens,
-goodput_rate, log_aborted, log_abort_latency. Run figures: duration, freed_tokens_rate, ledger_aborts,
-vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests, unjoined_streams.
+goodput_rate, log_aborted, log_abort_latency, and the closed stops' classes (metrics/analysis/closes.py):
+closed_stops, never_reached, ran_on, ran_on_to_end, ran_on_tokens, ran_on_slot_seconds. Run figures: duration,
+freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
+unjoined_streams, ran_on (a finding: the missed closes in words). A reader of an older report gets the newer
+figures as unavailable.
 
 STOP (metrics/analysis/accounting.py `StopRow`): {"stack", "close_mode", "request_id", "tokens_read",
 "generated" (null without per-request truth), "wasted", "stop_to_freed_s", "state" (the server's finish
@@ -58,9 +61,11 @@ for the final batches}}}.
 "local", "master" or "worker <client id>". SUMMARY: {"pid", "interval_ms", "max_loop_lag_ms", "wall_s",
 "cpu_s", "cpu_pct" (of one core), "bridge_cpu_s" (the asyncio bridge thread's, null without one), "hub_lag"
 and "bridge_lag" ({"count", "p50_ms", "p99_ms", "max_ms", "mean_ms", "lagged" (stalls over the bound),
-"lagged_s"}, null when not sampled), "ttft": {"checked", "flagged"}, "itl": {"checked", "flagged"}, "gc":
-{"collections" (by generation), "pause_total_s", "pause_max_ms"}}; a flagged TTFT or ITL gap overlapped a
-stall of its loop longer than max_loop_lag_ms, so it may hold the tool's own delay.
+"lagged_s"}, null when not sampled), "ttft" and "itl": {"checked", "flagged", "late_p99_ms", "late_max_ms"},
+"gc": {"collections" (by generation), "pause_total_s", "pause_max_ms"}}. A stamp (a first token, a chunk) is
+flagged when the loop that took it was late at that moment by more than max_loop_lag_ms; late_p99_ms and
+late_max_ms are the checked stamps' measured lateness bounds (max_loop_lag_ms for a stamp taken on time): the
+error bar of the TTFT and ITL figures. An ITL gap is flagged when either of its stamps is.
 
 "gpu" (metrics/analysis/gpu_attribution.py): {"source": "nvml"|"dcgm", "devices": [{"index", "name",
 "uuid"}], "interval_s", "idle_pct", "errors", "last_error", "timeline": {"columns": ["t_s", "gpu",
@@ -344,9 +349,13 @@ class MonitorSummary:
     hub_lag: LagStats | None = None
     bridge_lag: LagStats | None = None
     ttft_checked: int = 0
-    ttft_flagged: int = 0
+    ttft_flagged: int = 0  # stamped while its loop was late by more than max_loop_lag_ms
+    ttft_late_p99_ms: float | None = None  # the stamps' measured lateness bound: the TTFT figures' error bar
+    ttft_late_max_ms: float | None = None
     itl_checked: int = 0
     itl_flagged: int = 0
+    itl_late_p99_ms: float | None = None
+    itl_late_max_ms: float | None = None
     gc_collections: tuple[int, ...] = ()
     gc_pause_total_s: float = 0.0
     gc_pause_max_ms: float = 0.0
@@ -357,8 +366,10 @@ class MonitorSummary:
                 "bridge_cpu_s": self.bridge_cpu_s,
                 "hub_lag": None if self.hub_lag is None else _plain_json(self.hub_lag),
                 "bridge_lag": None if self.bridge_lag is None else _plain_json(self.bridge_lag),
-                "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged},
-                "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged},
+                "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged,
+                         "late_p99_ms": self.ttft_late_p99_ms, "late_max_ms": self.ttft_late_max_ms},
+                "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged,
+                        "late_p99_ms": self.itl_late_p99_ms, "late_max_ms": self.itl_late_max_ms},
                 "gc": {"collections": list(self.gc_collections), "pause_total_s": self.gc_pause_total_s,
                        "pause_max_ms": self.gc_pause_max_ms}}
 
@@ -372,7 +383,9 @@ class MonitorSummary:
             hub_lag=_plain(LagStats, d["hub_lag"]) if isinstance(d.get("hub_lag"), Mapping) else None,
             bridge_lag=_plain(LagStats, d["bridge_lag"]) if isinstance(d.get("bridge_lag"), Mapping) else None,
             ttft_checked=int(ttft.get("checked") or 0), ttft_flagged=int(ttft.get("flagged") or 0),
+            ttft_late_p99_ms=ttft.get("late_p99_ms"), ttft_late_max_ms=ttft.get("late_max_ms"),
             itl_checked=int(itl.get("checked") or 0), itl_flagged=int(itl.get("flagged") or 0),
+            itl_late_p99_ms=itl.get("late_p99_ms"), itl_late_max_ms=itl.get("late_max_ms"),
             gc_collections=tuple(gc.get("collections") or ()), gc_pause_total_s=float(gc.get("pause_total_s") or 0),
             gc_pause_max_ms=float(gc.get("pause_max_ms") or 0),
         )

@@ -148,6 +148,11 @@ def test_the_html_and_a_comparison_show_the_same_run_figures_as_the_console(repo
     assert scenario.counts["queue_wait_p50"] == o.queue_wait.value.count
     assert scenario.figures["wasted_tokens"] == o.wasted_tokens.value
     assert scenario.figures["zombie_slot_seconds"] == o.zombie_slot_seconds.value
+    assert scenario.figures["ran_on"] == o.ran_on.value
+    # the missed closes in words: the same sentence on the page as on the console
+    finding = report.accounting.run.ran_on
+    assert finding.known and htmllib.escape(f"ran on (missed closes): {finding.value}") in page
+    assert f"ran on (missed closes): {finding.value}  [{finding.source}]" in format_report(report)
     assert scenario.figures["goodput"] == o.goodput_rate.value
     assert scenario.figures["throughput"] == cap.throughput.value
     assert sorted(cap.queue_wait_samples_s) == list(cap.queue_wait_samples_s)  # the CDF's samples
