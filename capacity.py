@@ -34,7 +34,6 @@ from stopstorm.locustfile import (
 from stopstorm.metrics.analysis.verdict import CapacitySearch, SearchStep, bootstrap_interval, few_requests
 from stopstorm.metrics.figures import CLIENT_SOURCE, LEDGER_SOURCE, distribution
 from stopstorm.metrics.plugin.state import RUN
-from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.truth.ledger import LedgerClient, LedgerSnapshot, server_max_num_seqs
 from stopstorm.users.shapes import Slo, StepResult, capacity_sentence, parse_slo
 
@@ -42,29 +41,14 @@ __all__ = ["FastHttpStreamUser", "HttpxAsyncUser", "HttpxUser", "OpenAIAsyncUser
            "SloStepShape"]
 
 _log = logging.getLogger("stopstorm.capacity")
-_ttft: list[tuple[float, float]] = []  # (sent, ttft) of every stream that got a first token
-_streams: list[StreamRecord] = []  # every stream, for the rates of a step without a ledger
-_env: dict[str, Any] = {}
-
-
-@events.init.add_listener
-def _keep_env(environment: Any, **_kwargs: Any) -> None:
-    _env["env"] = environment
+# The streams are the run's own records (RUN.records: on a master, every worker's too, as they arrive), so a TTFT
+# SLO is judged on the same streams in master/worker mode as in one process.
 
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: LocustArgumentParser) -> None:
     parser.add_argument("--capacity-json", default="stopstorm-capacity.json", env_var="STOPSTORM_CAPACITY_JSON",
                         help="capacity.py: where to write the steps and the knee (default stopstorm-capacity.json)")
-
-
-@events.request.add_listener
-def _keep_ttft(context: dict[str, Any] | None = None, **_kwargs: Any) -> None:
-    record = (context or {}).get("record")
-    if isinstance(record, StreamRecord):
-        _streams.append(record)
-        if record.ttft is not None:
-            _ttft.append((record.sent, record.ttft))
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -94,7 +78,7 @@ def _ledger_tokens(ledger: LedgerSnapshot, start: float, end: float) -> float:
 def _client_tokens(start: float, end: float) -> int:
     """Tokens the clients read within [start, end), from each stream's chunk marks."""
     total = 0
-    for r in _streams:
+    for r in RUN.records:
         last = 0
         for t, tokens in zip(r.chunk_times, r.chunk_tokens, strict=False):
             if start <= t < end:
@@ -124,8 +108,8 @@ class SloStepShape(LoadTestShape):
         assert slo is not None
         window = end - start
         if slo.metric == "ttft":
-            values = [t for sent, t in _ttft if start <= sent < end]
-            sent = sum(1 for r in _streams if start <= r.sent < end)
+            values = [r.ttft for r in RUN.records if r.ttft is not None and start <= r.sent < end]
+            sent = sum(1 for r in RUN.records if start <= r.sent < end)
             rate, tokens, source = sent / window, _client_tokens(start, end) / window, CLIENT_SOURCE
         else:
             client = LedgerClient(self.runner.environment.host or "")  # type: ignore[union-attr]
@@ -198,11 +182,11 @@ class SloStepShape(LoadTestShape):
 
 @events.quit.add_listener
 def _print_capacity(**_kwargs: Any) -> None:
-    env = _env.get("env")
+    env = RUN.environment
     shape = getattr(env, "shape_class", None) if env is not None else None
     if not isinstance(shape, SloStepShape) or shape._slo is None:
         return
-    opts = env.parsed_options  # type: ignore[union-attr]
+    opts = env.parsed_options
     search = shape.search()
     assert search is not None
     knee = search.knee
