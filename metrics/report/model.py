@@ -17,7 +17,8 @@ JSON layout (schema_version 2):
      "stops": [STOP, ...],               # the latest stopped streams, newest first (the web UI's Stops tab)
      "self_monitor": {...},              # always (from Locust runs); sections below
      "gpu": {...},                       # when a GPU source was read
-     "capacity": {...}}                  # when the simulator's ledger was read
+     "capacity": {...},                  # when the simulator's ledger was read
+     "thresholds": [THRESHOLD, ...]}     # with --fail-on
 
 Every FIGURE is {"value", "unit", "source"} plus an optional "note". "value" is a number, a string (a finding), an
 object of counts by error text (`failures`), an object {"count", "p50", "p90", "p95", "p99", "max", "mean"} for a
@@ -25,8 +26,9 @@ distribution, or null when its truth was unavailable (source "unavailable"); nev
 seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams, stopped, failed, failures,
 interrupted (streams the run's end cut short: neither in failed nor in failures), aborted, abort_latency,
 wasted_tokens, zombies, zombie_slot_seconds, queue_wait, freed_tokens, freed_slot_seconds, goodput_tokens,
-goodput_rate, log_aborted, log_abort_latency. Run figures: duration, freed_tokens_rate, ledger_aborts,
-vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests, unjoined_streams.
+goodput_rate, log_aborted, log_abort_latency, ttft (send → first token, client side). Run figures: duration,
+freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
+unjoined_streams.
 
 STOP (metrics/analysis/accounting.py `StopRow`): {"stack", "close_mode", "request_id", "tokens_read",
 "generated" (null without per-request truth), "wasted", "stop_to_freed_s", "state" (the server's finish
@@ -44,6 +46,10 @@ received from workers, "bad_records": N unreadable, "incomplete": [worker ids wh
 whose count fell short of what they said they sent: died, or never answered], "workers": {ID: {"records",
 "batches", "claimed_sent", "final", "state", "clock_shift_s", "drained": records that came after the master asked
 for the final batches}}}.
+
+THRESHOLD (metrics/analysis/thresholds.py): {"expr" (as given, spaces dropped), "value" (the figure's, null when
+it could not be checked), "held" (false: broken, the run's exit status 3), "note" (why unknown, which cells
+broke)}.
 
 "self_monitor" (metrics/plugin/self_monitor.py): the load generator's own health, {PROCESS: SUMMARY} keyed
 "local", "master" or "worker <client id>". SUMMARY: {"pid", "interval_ms", "max_loop_lag_ms", "wall_s",
@@ -76,8 +82,9 @@ first reading; a reading the GPU does not give is null.
 "horizon_s"} (or {"source", "error"} when the replay could not run)}.
 
 Versions: 1, the accounting (cells, overall, run) and meta; 2 adds "self_monitor", "gpu", "capacity", "stops"
-and the meta blocks "partial", "records", "open_model", "gpu" and "distributed". Every version-1 field keeps
-its meaning, so a version-1 reader reads a version-2 report.
+and the meta blocks "partial", "records", "open_model", "gpu" and "distributed"; later, within version 2 and
+additive, the figure ttft and "thresholds". Every version-1 field keeps its meaning, so a version-1 reader reads
+a version-2 report.
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ from typing import Any
 from stopstorm.metrics.analysis.accounting import Accounting, Cell, Figures, RunFigures, StopRow
 from stopstorm.metrics.analysis.capacity import CapacitySection
 from stopstorm.metrics.analysis.gpu_attribution import GpuSection
+from stopstorm.metrics.analysis.thresholds import ThresholdResult
 from stopstorm.metrics.figures import Figure
 
 __all__ = [
@@ -366,6 +374,7 @@ class Report:
     gpu: GpuSection | None = None
     capacity: CapacitySection | None = None
     schema_version: int = REPORT_SCHEMA_VERSION
+    thresholds: tuple[ThresholdResult, ...] = ()  # --fail-on, judged on this Report's figures
 
     @property
     def label(self) -> str:
@@ -398,6 +407,8 @@ def report_to_json(report: Report) -> Json:
         out["gpu"] = report.gpu.to_json()
     if report.capacity is not None:
         out["capacity"] = report.capacity.to_json()
+    if report.thresholds:
+        out["thresholds"] = [t.to_json() for t in report.thresholds]
     return out
 
 
@@ -424,4 +435,5 @@ def report_from_json(doc: Mapping[str, Any]) -> Report:
         gpu=GpuSection.from_json(doc["gpu"]) if isinstance(doc.get("gpu"), Mapping) else None,
         capacity=CapacitySection.from_json(doc["capacity"]) if isinstance(doc.get("capacity"), Mapping) else None,
         schema_version=int(doc.get("schema_version") or 1),
+        thresholds=tuple(ThresholdResult.from_json(t) for t in doc.get("thresholds") or () if isinstance(t, Mapping)),
     )

@@ -260,7 +260,7 @@ def test_report_json_and_summary(tmp_path: Path) -> None:
     doc = report_to_json(report)
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["meta"]["host"] == "http://x"
     figs = every_figure(doc)
-    assert len(figs) == 3 * 17 + 8  # 17 figures a cell and overall (interrupted among them), 8 run-wide
+    assert len(figs) == 3 * 18 + 8  # 18 figures a cell and overall (interrupted and ttft among them), 8 run-wide
     for name, fig in figs:
         assert {"value", "unit", "source"} <= fig.keys(), name
     assert doc["overall"]["figures"]["abort_latency"]["value"]["count"] == 2
