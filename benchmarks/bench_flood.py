@@ -229,7 +229,8 @@ def main() -> None:
                  "lateness), a 0.5 s timer's, the bridge loop's")
         tables = {}
         for name, want in (("flood_no_yield", True), ("flood", False)):
-            picked = [r for r in rows if (r["yield"] == "off") == want]
+            shown = {c.get("key") for c in RESULTS_COLUMNS} | {k for c in RESULTS_COLUMNS for k in c.get("keys", ())}
+            picked = [{k: v for k, v in r.items() if k in shown} for r in rows if (r["yield"] == "off") == want]
             if picked:
                 tables[name] = results_table(RESULTS_COLUMNS, picked, title + (" (read loops that never yield: "
                                                                               "before the fix)" if want else ""))
