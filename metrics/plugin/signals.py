@@ -95,16 +95,16 @@ def _python_handler(signum: int, _frame: FrameType | None) -> None:
 def _first_sigterm() -> None:
     """Beside Locust's own SIGTERM watcher (libev runs both): Locust's shutdown has begun; from now on SIGTERM
     goes to the Python handler, so Locust's watcher never starts a second one."""
+    count = 0
     if _STATE.self_sent:
-        _STATE.self_sent -= 1  # the Ctrl-C's, already noted
+        _STATE.self_sent -= 1  # the Ctrl-C's, already noted (and any later one answered by the Python handler)
     else:
-        _note(signal.SIGTERM)
+        count = _note(signal.SIGTERM)
     if not _STATE.taken_over:
         _STATE.taken_over = True
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, _python_handler)
-    count = len(_STATE.received)
-    if count > 1:
+    if count > 1:  # a SIGTERM after a Ctrl-C whose own SIGTERM had not been handled yet
         _again(count)
 
 

@@ -230,3 +230,37 @@ def test_a_killed_worker_and_a_broken_threshold_on_the_master(sim_pool, tmp_path
     assert len(doc["meta"]["distributed"]["incomplete"]) == 1  # the killed worker, named
     assert [t["held"] for t in doc["thresholds"]] == [False, True]
     assert "BROKEN  streams>0" in output and "held    failed_ratio>0.5" in output
+
+
+# --- the pieces, without a run -------------------------------------------------------------------------------
+
+
+def test_a_web_ui_run_numbers_its_files_and_a_headless_one_keeps_the_path():
+    from stopstorm.metrics.plugin.hooks import run_path
+
+    assert run_path("out/stopstorm-report.json", 1, web_ui=False) == Path("out/stopstorm-report.json")
+    assert run_path("out/stopstorm-report.json", 3, web_ui=True) == Path("out/stopstorm-report-run3.json")
+    assert run_path("records.jsonl", 1, web_ui=True) == Path("records-run1.jsonl")
+
+
+def test_a_later_run_reads_only_its_own_requests_from_the_ledger():
+    from stopstorm.metrics.plugin.hooks import _this_run
+    from stopstorm.metrics.truth.ledger import LedgerSnapshot
+
+    def entry(rid: str, arrival: float) -> dict[str, Any]:
+        return {"request_id": rid, "endpoint": "chat", "stream": True, "prompt_tokens": 1, "max_tokens": 4,
+                "target_tokens": 4, "arrival": arrival, "freed": arrival + 1}
+
+    snapshot = LedgerSnapshot.from_json({"now": 50.0, "requests": [entry("old", 10.0), entry("new", 30.0)]})
+    assert [e.request_id for e in _this_run(snapshot, None).entries] == ["old", "new"]  # a process's first run
+    assert [e.request_id for e in _this_run(snapshot, 20.0).entries] == ["new"]  # after run 1's reading at 20
+
+
+def test_a_signal_cuts_a_run_short_only_before_its_end_began(monkeypatch):
+    from stopstorm.metrics.plugin import signals
+
+    assert signals.stop_reason() is None or signals.first_signal() is not None
+    monkeypatch.setattr(signals._STATE, "received", [("SIGTERM", 100.0, 1_700_000_000.0)])
+    assert "SIGTERM received" in (signals.stop_reason(before=None) or "")
+    assert "SIGTERM received" in (signals.stop_reason(before=101.0) or "")  # the run was still going
+    assert signals.stop_reason(before=99.0) is None  # its -t had already ended it
