@@ -77,10 +77,19 @@ _META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "ma
 
 DEFAULT_REPORT = "stopstorm-report.json"
 
+
+def _check_report_path(path: str) -> None:
+    """The JSON's path, and its HTML page's beside it (same folder; written by rename, so only a directory in
+    its place could stop it), before any load: found after the run, the summary would be lost."""
+    options.check_writable("--stopstorm-report", path)
+    page = Path(path).with_suffix(".html")
+    if page.is_dir():
+        raise ValueError(f"--stopstorm-report {path}: its HTML page {page} would go where a directory is")
+
 TABLE = options.OptionTable("stopstorm report", options=(
     options.Option("--stopstorm-report", "where to write the run's abort accounting as JSON; its summary is printed "
                    f"after Locust's (default {DEFAULT_REPORT})", DEFAULT_REPORT,
-                   options.Parsed(lambda p: options.check_writable("--stopstorm-report", p or DEFAULT_REPORT),
+                   options.Parsed(lambda p: _check_report_path(p or DEFAULT_REPORT),
                                   "a file path stopstorm can write (the HTML goes beside it)"),
                    env="STOPSTORM_REPORT", master_only=True),
     options.Option("--stopstorm-records", "also write every stream's record to this JSONL file as the stream ends "

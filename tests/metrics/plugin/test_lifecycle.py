@@ -264,3 +264,13 @@ def test_a_signal_cuts_a_run_short_only_before_its_end_began(monkeypatch):
     assert "SIGTERM received" in (signals.stop_reason(before=None) or "")
     assert "SIGTERM received" in (signals.stop_reason(before=101.0) or "")  # the run was still going
     assert signals.stop_reason(before=99.0) is None  # its -t had already ended it
+
+
+def test_a_report_whose_html_page_has_a_directory_in_its_place_is_refused_before_load(tmp_path):
+    from stopstorm.metrics.plugin.hooks import _check_report_path
+
+    (tmp_path / "r.html").mkdir()
+    with pytest.raises(ValueError, match=r"--stopstorm-report .*r\.json: its HTML page .*r\.html would go where a "
+                                         r"directory is"):
+        _check_report_path(str(tmp_path / "r.json"))
+    _check_report_path(str(tmp_path / "other.json"))  # a free place passes
