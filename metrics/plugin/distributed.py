@@ -263,6 +263,15 @@ def _install_worker(environment: Environment, runner: WorkerRunner) -> None:
         shipper.start(_records_interval(environment))  # the master's value, from its spawn message
 
     def on_test_stop(**_kwargs: Any) -> None:
+        # Locust's stats report first (it carries what rides on report_to_master: the self-monitor's summary),
+        # then the final batch: the master writes its report at test_stop once every final batch is in, and the
+        # one connection keeps the order, so the summary is there by then (Locust's own comes only at quit).
+        send_stats = getattr(runner, "_send_stats", None)
+        if send_stats is not None:
+            try:
+                send_stats()
+            except Exception as exc:
+                _log.warning("stopstorm: sending the last stats report to the master failed: %s", exc)
         shipper.flush(final=True)  # a stop from the master, or a quit: before Locust says it has stopped
 
     def on_flush(environment: Environment, msg: Any, **_kwargs: Any) -> None:
