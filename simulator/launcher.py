@@ -2,6 +2,10 @@
 
 A separate process keeps the simulator's event loop off the load generator's CPU and its GIL, as a real
 server would be. The child is told our PID and exits by itself if we die; we stop it by its PID only.
+
+It runs in a session (and process group) of its own: a terminal's Ctrl-C, or `timeout`, signals the whole
+foreground process group, and the simulator must outlive that signal long enough for the run's report to read
+its ledger; the run stops it afterwards, by PID.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class EmbeddedSimulator:
                "--parent-pid", str(os.getpid()), *self.args]
         with open(self.log_path, "a", encoding="utf-8") as stderr:
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
-                                          text=True, env=env)
+                                          text=True, env=env, start_new_session=True)
         try:
             self.url = self._wait_ready()
         except BaseException:
@@ -121,6 +125,12 @@ class EmbeddedSimulator:
         if proc.stdout is not None:
             proc.stdout.close()
         return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL by PID, without waiting (a forced exit: nothing else may be left running)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def __enter__(self) -> EmbeddedSimulator:
         self.start()

@@ -14,6 +14,10 @@ A single short run says little about the next: `--repeat N` runs every scenario 
 B, …, so a drift of the machine's load falls on all alike), as NAME.1.json … NAME.N.json, and the comparison
 pools each scenario's repeats (the median, the spread, n summed, queue-wait samples pooled for the bootstrap
 interval), saying which differences lie within their noise.
+
+`--fail-on EXPR` (repeatable) gates every scenario's run on its own report, as it gates one run
+(docs/guides/ci-gating.md); each scenario's thresholds are listed at the end. The exit status: 1 when a scenario
+wrote no report, else 4 when a signal cut one short, else 3 when one broke a threshold, else 0.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from pathlib import Path
 
 import requests
 
+from stopstorm.metrics.analysis.thresholds import EXIT_THRESHOLD_BROKEN, describe, parse_thresholds
+from stopstorm.metrics.plugin.signals import EXIT_CUT_SHORT
 from stopstorm.metrics.report.compare import format_table, load_scenarios
 from stopstorm.metrics.report.html_page import render_html
+from stopstorm.metrics.report.json_file import read_report
 from stopstorm.simulator.launcher import EmbeddedSimulator
 
 # The shipped locustfile, and the folder that holds the `stopstorm` package (the checkout or site-packages).
@@ -46,8 +53,9 @@ def _scenario(text: str) -> tuple[str, list[str]]:
 
 
 def run_scenarios(host: str, scenarios: list[tuple[str, list[str]]], common: list[str], out: Path,
-                  timeout_s: float, repeat: int = 1) -> list[tuple[str, Path]]:
-    """Each scenario `repeat` times against `host`, interleaved; (scenario name, report) of those written."""
+                  timeout_s: float, repeat: int = 1, codes: dict[str, int] | None = None) -> list[tuple[str, Path]]:
+    """Each scenario `repeat` times against `host`, interleaved; (scenario name, report) of those written
+    (`codes`: each run's exit status, by its file stem)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = (str(_IMPORT_ROOT), os.environ.get("PYTHONPATH"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
@@ -67,6 +75,8 @@ def run_scenarios(host: str, scenarios: list[tuple[str, list[str]]], common: lis
             print(f"scenario {stem}: did not end within {timeout_s:g} s (set -t); skipped", flush=True)
             continue
         (out / f"{stem}.log").write_text(proc.stdout + proc.stderr)
+        if codes is not None:
+            codes[stem] = proc.returncode
         if report.exists():
             written.append((name, report))
         else:
@@ -90,9 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds one scenario may run (default 900)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each scenario, interleaved; the comparison shows their spread (default 1)")
+    ap.add_argument("--fail-on", action="append", default=[], metavar="EXPR",
+                    help="a threshold every scenario's run is judged by (repeat it; see docs/guides/ci-gating.md)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
+    try:
+        parse_thresholds(args.fail_on)  # refused here, before any scenario runs
+    except ValueError as exc:
+        ap.error(str(exc))
+    for expr in args.fail_on:
+        common = [*common, "--fail-on", expr]
     out = Path(args.out)
     sim = None
     host = args.host
@@ -100,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         sim = EmbeddedSimulator(shlex.split(args.sim_args))
         host = sim.start()
         print(f"embedded simulator at {host} ({args.sim_args}); its log: {sim.log_path}", flush=True)
+    codes: dict[str, int] = {}
     try:
-        reports = run_scenarios(host, args.scenario, common, out, args.timeout, args.repeat)
+        reports = run_scenarios(host, args.scenario, common, out, args.timeout, args.repeat, codes)
     finally:
         if sim is not None:
             sim.stop()
@@ -113,7 +132,26 @@ def main(argv: list[str] | None = None) -> int:
     page = out / "compare.html"
     page.write_text(render_html(docs, title="stopstorm scenarios"), encoding="utf-8")
     print(f"\nHTML: {page}")
-    return 0 if len(reports) == len(args.scenario) * args.repeat else 1
+    verdicts = _verdicts([p for _name, p in reports])
+    if verdicts:
+        print("\n" + verdicts)
+    if len(reports) != len(args.scenario) * args.repeat:
+        return 1
+    if any(code == EXIT_CUT_SHORT for code in codes.values()):
+        return EXIT_CUT_SHORT
+    return EXIT_THRESHOLD_BROKEN if any(code == EXIT_THRESHOLD_BROKEN for code in codes.values()) else 0
+
+
+def _verdicts(reports: list[Path]) -> str:
+    """Each scenario's thresholds, as its run judged them (held or broken, with the value)."""
+    lines = []
+    for path in reports:
+        try:
+            results = read_report(path).thresholds
+        except ValueError:
+            continue
+        lines += [f"{path.stem}: {describe(r)}" for r in results]
+    return ("stopstorm thresholds, per scenario:\n" + "\n".join(f"  {line}" for line in lines)) if lines else ""
 
 
 if __name__ == "__main__":

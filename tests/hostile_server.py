@@ -28,6 +28,8 @@ from typing import Any
 TOKENS = 5  # content tokens in a well-formed stream
 HANG_S = 30.0  # how long a "silent" behaviour holds the connection (the client's timeout ends it first)
 RUNAWAY_LIMIT = 100_000  # chunks a runaway stream sends at most if nobody stops reading (a bound for the test)
+FLOOD_TOKENS = 20_000  # content chunks a flood sends, as fast as the socket takes them (read with max_tokens >= it)
+FLOOD_BIG_TOKENS = 200_000  # flood-big: seconds of reading for the fast raw stacks too
 
 Handler = Callable[["Conn"], None]
 
@@ -335,6 +337,35 @@ def _runaway(c: Conn, empty: bool = False) -> None:
         pass  # the client stopped reading and closed
 
 
+_FLOOD_BODIES: dict[tuple[int, bool], bytes] = {}
+
+
+def _flood_body(tokens: int, comments: bool) -> bytes:
+    """Built once per shape (200k tokens take the server ~0.5 s of CPU: not while a client is being measured)."""
+    key = (tokens, comments)
+    with _lock:
+        body = _FLOOD_BODIES.get(key)
+        if body is None:
+            keep_alive = b": keep-alive\n" * 8 if comments else b""
+            body = _FLOOD_BODIES[key] = b"".join([
+                event(chunk(role=True)), *(event(chunk(f" f{i}")) + keep_alive for i in range(tokens)),
+                event(chunk(finish="length")), event(b"[DONE]")])
+    return body
+
+
+def _flood(c: Conn, comments: bool = False, tokens: int = FLOOD_TOKENS) -> None:
+    """A well-formed stream of `tokens` tokens written as fast as the socket takes them (64 KiB writes, no
+    pause): the client's socket buffer is never empty, so a read loop that waits for no byte never yields.
+    With `comments`, keep-alive comment lines between the tokens (SSE without events, many of them)."""
+    body = _flood_body(tokens, comments)
+    c.head()
+    try:
+        for i in range(0, len(body), 65536):
+            c.send(body[i:i + 65536])
+    except OSError:
+        pass  # the client stopped reading and closed
+
+
 BEHAVIOURS: dict[str, Handler] = {
     # valid SSE in every shape a server may use: read to the end, every token counted
     "ok": _ok,
@@ -393,6 +424,14 @@ BEHAVIOURS: dict[str, Handler] = {
     # runaway and flooding
     "runaway": _runaway,
     "flood-empty": lambda c: _runaway(c, empty=True),
+}
+
+# Well-formed but as fast as the socket goes (benchmarks/bench_flood.py, tests/users/test_flood.py): read with a
+# max_tokens of at least FLOOD_TOKENS they are valid streams, so they stay out of BEHAVIOURS and its /mix.
+FLOODS: dict[str, Handler] = {
+    "flood": _flood,
+    "flood-comments": lambda c: _flood(c, comments=True),
+    "flood-big": lambda c: _flood(c, tokens=FLOOD_BIG_TOKENS),
 }
 
 _received: list[tuple[str, str]] = []
@@ -463,7 +502,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 name = "?"
             with _lock:
                 _received.append((name, headers.get("x-request-id", "")))
-            handler = BEHAVIOURS.get(name)
+            handler = BEHAVIOURS.get(name) or FLOODS.get(name)
             if handler is None:
                 conn.status(400, _vllm_error(f"no behaviour {name!r}", 400))
                 return

@@ -9,6 +9,21 @@ chunks), close it, and translate its own exceptions into `StreamFailure`. Everyt
   `hold` (keep the response and its socket for `hold_seconds` without reading, then close), `none` (the user
   stops looking but the client reads to the end);
 - `StreamingUser` is the abstract Locust user: one stream per task, one `request` event after it ends.
+
+No stream holds the hub: a read whose bytes are already in the socket buffer returns without waiting, so a fast
+server (or a flooding one) would keep a read loop running with no turn for any other greenlet: Locust's `-t`,
+the Stop timers, `hold`'s end, the other users. Both loops give the hub a turn at least every `HUB_YIELD_S` of
+reading, whatever the bytes; `HubTurn` is the one clock, also used inside the SDK's iterator
+(users/stack_openai.py), where events it swallows never reach the loop here. The turn is a timer, not
+`gevent.sleep(0)`: gevent runs a greenlet woken by sleep(0) from its callback queue, up to 50 of them before it
+looks at its timers, so two busy readers taking sleep(0) turns kept a 1 ms ticker waiting ~200 ms; a timer's
+turn lets the loop poll and run every due timer first (seen here: p50 1 ms, max 16 ms under load 6 on 2 cores).
+The bridge's asyncio loop runs its due timers at every iteration, so `asyncio.sleep(0)` is its turn there; but
+the bridge is another OS thread, and a turn of its loop drops and retakes the GIL at once (a poll with no
+timeout), which resets the hub thread's wait for a forced switch: a flooding async stream then starved the hub
+for up to 1.7 s. So the hub beats (`watch_hub`: a 1 ms timer noting that it ran), and an async turn that finds
+the beat stale sleeps for real, GIL released, until the hub has run (at most HANDOVER_MAX_S).
+benchmarks/bench_flood.py measures it.
 """
 
 from __future__ import annotations
@@ -23,6 +38,7 @@ from typing import Any, ClassVar, Protocol
 import gevent
 import orjson
 from gevent import GreenletExit
+from gevent.monkey import get_original
 from locust import User, task
 
 from stopstorm.metrics.record import INTERRUPTED, StreamRecord
@@ -44,10 +60,12 @@ from stopstorm.users.verdicts import (
 
 __all__ = [
     "ERROR_BODY_LIMIT",
+    "HUB_YIELD_S",
     "REQUEST_TYPE",
     "AsyncStream",
     "AsyncStreamingUser",
     "AsyncTransport",
+    "HubTurn",
     "StreamFailure",
     "StreamReader",
     "StreamingUser",
@@ -62,7 +80,74 @@ __all__ = [
     "run_stream",
     "seal",
     "stream_record",
+    "watch_hub",
 ]
+
+
+HUB_YIELD_S = 0.002
+"""A read loop runs at most this long (seconds) without giving the hub a turn (benchmarks/bench_flood.py)."""
+_TURN_S = 1e-6  # the timer a turn waits on: due at once, so it costs one loop iteration
+HUB_BEAT_S = 0.001  # how often the hub notes that it ran (only once an async stream has started)
+HANDOVER_MAX_S = 0.02  # the longest an async turn waits, GIL released, for a starved hub to run
+_HANDOVER_STEP_S = 0.0002
+_os_sleep: Any = get_original("time", "sleep")  # blocks the bridge's thread itself (gevent's would not)
+_hub_beat: list[Any] = [None, 0.0]  # [the beating timer, when the hub last ran (monotonic)]
+
+
+def watch_hub() -> None:
+    """Start the hub's beat (idempotent; from a greenlet of the hub's own thread): async turns read it."""
+    if _hub_beat[0] is not None:
+        return
+    timer = gevent.get_hub().loop.timer(HUB_BEAT_S, HUB_BEAT_S, ref=False)  # never keeps the process alive
+
+    def beat() -> None:
+        _hub_beat[1] = time.monotonic()
+
+    _hub_beat[1] = time.monotonic()
+    timer.start(beat)
+    _hub_beat[0] = timer
+
+
+def _hand_over() -> None:
+    """In the bridge's thread: if the hub has not run lately, sleep with the GIL released until it has (the
+    hub thread waiting for the GIL then takes it), at most HANDOVER_MAX_S."""
+    seen = _hub_beat[1]
+    if _hub_beat[0] is None or time.monotonic() - seen < 2 * HUB_BEAT_S + HUB_YIELD_S:
+        return
+    deadline = time.monotonic() + HANDOVER_MAX_S
+    while _hub_beat[1] == seen and time.monotonic() < deadline:
+        _os_sleep(_HANDOVER_STEP_S)
+
+
+class HubTurn:
+    """When a read loop owes the hub (or the bridge's asyncio loop) a turn: `due()` is True at most every
+    HUB_YIELD_S seconds of running. One clock read per item (~50 ns) against a turn's ~10 µs."""
+
+    __slots__ = ("_at", "_every")
+
+    def __init__(self) -> None:
+        self._every = HUB_YIELD_S
+        self._at = time.monotonic() + self._every
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._at:
+            return False
+        self._at = now + self._every
+        return True
+
+    def take(self) -> None:
+        """Give the hub its turn now if one is due (sync stacks, under gevent)."""
+        if self.due():
+            gevent.sleep(_TURN_S)
+            self._at = time.monotonic() + self._every  # the turn's own time does not count as reading
+
+    async def atake(self) -> None:
+        """The same on the bridge's asyncio loop (async stacks): other tasks and due timers run."""
+        if self.due():
+            await asyncio.sleep(0)
+            _hand_over()  # the hub's thread, if it is waiting for the GIL, gets it now
+            self._at = time.monotonic() + self._every
 
 
 class StreamFailure(Exception):
@@ -341,9 +426,11 @@ def run_stream(transport: SyncTransport, settings: RunSettings, request: StreamR
                                             connect_timeout=settings.connect_timeout)
             except _HeadersLate:
                 raise headers_late(settings) from None
+            turn = HubTurn()
             for item in stream.items():
                 if reader.feed(item, transport.yields_chunks):
                     break
+                turn.take()  # however fast the bytes come: timers, Stops and -t keep their time
             else:
                 reader.finish_unended(time.monotonic())
         except _StopPressed:
@@ -392,9 +479,11 @@ async def arun_stream(transport: AsyncTransport, settings: RunSettings, request:
                                                       connect_timeout=settings.connect_timeout)
                 except TimeoutError:
                     raise headers_late(settings) from None
+                turn = HubTurn()
                 async for item in stream.aitems():
                     if reader.feed(item, transport.yields_chunks):
                         break
+                    await turn.atake()
                 else:
                     reader.finish_unended(time.monotonic())
         except TimeoutError:
@@ -567,4 +656,5 @@ class AsyncStreamingUser(StreamingUser):
 
     def stream_once(self, request: StreamRequest, record: StreamRecord, plan: StopPlan) -> None:
         settings = self._settings()
+        watch_hub()  # (here, in the hub's thread: the stream's turns on the bridge read its beat)
         self.bridge.run(lambda: arun_stream(self.transport, settings, request, record, plan))

@@ -14,7 +14,7 @@ from typing import Any
 
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.bridge import get_bridge
-from stopstorm.users.core import arun_stream, run_stream, seal, stream_record
+from stopstorm.users.core import arun_stream, run_stream, seal, stream_record, watch_hub
 from stopstorm.users.options import RunSettings
 from stopstorm.users.policy import StopPlan
 from stopstorm.users.request import StreamRequest
@@ -48,6 +48,7 @@ class SingleStreams:
         def go() -> None:
             try:
                 if is_async(stack):
+                    watch_hub()  # the hub's beat, which the stream's turns on the bridge read
                     self.bridge.run(lambda: arun_stream(transport, settings, request, record, plan))
                 else:
                     run_stream(transport, settings, request, record, plan)

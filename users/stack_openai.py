@@ -30,7 +30,7 @@ import openai
 from openai._streaming import ServerSentEvent  # the SDK's event type, which its stream reads from our decoder
 
 from stopstorm.metrics.record import StreamRecord
-from stopstorm.users.core import StreamFailure, SyncStreamingUser, error_text
+from stopstorm.users.core import HubTurn, StreamFailure, SyncStreamingUser, error_text
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.sse import DONE, SSEDecoder, SSEEvent
 from stopstorm.users.tls import shared_ssl_context
@@ -69,17 +69,21 @@ class EventDecoder:
 
     def iter_bytes(self, iterator: Iterator[bytes]) -> Iterator[ServerSentEvent]:
         decoder = SSEDecoder()
+        turn = HubTurn()  # the SDK reads on inside its own iterator through bytes that make no event (comments)
         for chunk in iterator:
             for event in decoder.decode(chunk):
                 yield self._sse(event)
+            turn.take()
         for event in decoder.flush():  # the body's end: its last event, even without its blank line
             yield self._sse(event)
 
     async def aiter_bytes(self, iterator: AsyncIterator[bytes]) -> AsyncIterator[ServerSentEvent]:
         decoder = SSEDecoder()
+        turn = HubTurn()
         async for chunk in iterator:
             for event in decoder.decode(chunk):
                 yield self._sse(event)
+            await turn.atake()
         for event in decoder.flush():
             yield self._sse(event)
 

@@ -113,6 +113,7 @@ class Figures:
     goodput_rate: Figure  # goodput_tokens / run duration
     log_aborted: Figure  # stopped streams whose abort the vLLM log shows
     log_abort_latency: Figure  # Stop → abort line read, those streams (Distribution, s)
+    ttft: Figure  # send → first token, as the client saw it (Distribution, s): what a user waits
     # What the server made of each closed stop (metrics/analysis/closes.py; `_with_closes` fills them)
     closed_stops: Figure = _NO_STREAMS  # stopped streams whose client closed (modes other than none)
     never_reached: Figure = _NO_STREAMS  # of which the server has no trace
@@ -289,6 +290,7 @@ def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: f
     joined = [j for j in group if j.entry is not None]
     goodput = sum(r.tokens_read for r in records)
     rate = Figure(goodput / duration_s, "tokens/s", CLIENT_SOURCE) if duration_s > 0 else unknown("tokens/s")
+    ttft = distribution(t for r in records if (t := r.ttft) is not None)
     base = {
         "streams": Figure(len(records), "streams", CLIENT_SOURCE),
         "stopped": Figure(len(stopped), "streams", CLIENT_SOURCE),
@@ -297,6 +299,8 @@ def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: f
         "interrupted": Figure(interrupted, "streams", CLIENT_SOURCE, "cut short by the run's end, not failures"),
         "goodput_tokens": Figure(goodput, "tokens", CLIENT_SOURCE, "tokens read before Stop or to the end"),
         "goodput_rate": rate,
+        "ttft": (Figure(ttft, "s", CLIENT_SOURCE, "send → first token, as the client saw it") if ttft is not None
+                 else unknown("s")),
     }
     log_aborted, log_latency = _log_figures(stopped, aborts)
     base["log_aborted"], base["log_abort_latency"] = log_aborted, log_latency

@@ -86,6 +86,10 @@ class RecordShipper:
         if len(self._pending) >= self._batch_records or self._pending_chunks >= self._batch_chunks:
             self._send_batch(final=False)
 
+    def reset(self) -> None:
+        """A new run (the web UI's next Start): its counts start from zero, as the master's do."""
+        self.sent = self.batches = 0
+
     def start(self, interval_s: float | None = None) -> RecordShipper:
         if interval_s is not None:
             self._interval_s = interval_s
@@ -151,6 +155,12 @@ class RecordCollector:
     def __init__(self, sink: Callable[[StreamRecord], None]) -> None:
         self._sink = sink
         self.workers: dict[str, _WorkerTally] = {}
+        self.bad_records = 0
+        self._draining = False
+
+    def reset(self) -> None:
+        """A new run: every worker's tally starts from zero (its shipper's counts do too)."""
+        self.workers.clear()
         self.bad_records = 0
         self._draining = False
 
@@ -249,9 +259,19 @@ def _install_worker(environment: Environment, runner: WorkerRunner) -> None:
             shipper.add(context["record"])
 
     def on_test_start(**_kwargs: Any) -> None:
+        shipper.reset()  # a new run: what the last one sent was flushed, marked final, at its stop
         shipper.start(_records_interval(environment))  # the master's value, from its spawn message
 
     def on_test_stop(**_kwargs: Any) -> None:
+        # Locust's stats report first (it carries what rides on report_to_master: the self-monitor's summary),
+        # then the final batch: the master writes its report at test_stop once every final batch is in, and the
+        # one connection keeps the order, so the summary is there by then (Locust's own comes only at quit).
+        send_stats = getattr(runner, "_send_stats", None)
+        if send_stats is not None:
+            try:
+                send_stats()
+            except Exception as exc:
+                _log.warning("stopstorm: sending the last stats report to the master failed: %s", exc)
         shipper.flush(final=True)  # a stop from the master, or a quit: before Locust says it has stopped
 
     def on_flush(environment: Environment, msg: Any, **_kwargs: Any) -> None:
@@ -276,6 +296,7 @@ def _install_master(environment: Environment, runner: MasterRunner, sink: Callab
         collector.drain(runner, float(environment.stop_timeout or 0.0) + FINAL_WAIT_S)
 
     runner.register_message(MSG_RECORDS, on_records)
+    environment.events.test_start.add_listener(lambda **_kwargs: collector.reset())  # each run from zero
     environment.events.test_stopping.add_listener(on_test_stopping)
 
 

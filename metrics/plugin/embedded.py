@@ -1,6 +1,8 @@
-"""The embedded simulator: with no `--host`, the run starts one (its own process, a free loopback port), points
-Locust at it, and stops it by PID when Locust quits (normal end, Ctrl-C, SIGTERM or an error), after the run
-report has read its ledger. Its options are here too, so `stopstorm --help` groups them."""
+"""The embedded simulator: with no `--host`, the run starts one (its own process in its own session, a free
+loopback port), points Locust at it, and stops it by PID when Locust quits (normal end, Ctrl-C, SIGTERM or an
+error), after the run report has read its ledger. A Ctrl-C to the terminal's process group does not reach it
+(simulator/launcher.py); a forced exit (a third signal, metrics/plugin/signals.py) kills it by PID first. Its
+options are here too, so `stopstorm --help` groups them."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import logging
 import shlex
 from typing import Any, NoReturn
 
-from stopstorm.metrics.plugin import options
+from stopstorm.metrics.plugin import options, signals
 from stopstorm.metrics.plugin.state import RUN
 from stopstorm.simulator.config import build_parser, config_from_args
 from stopstorm.simulator.faults import FaultPlan
@@ -91,11 +93,18 @@ def start_simulator(environment: Any) -> None:
     url = sim.start()
     RUN.simulator = sim
     atexit.register(stop_simulator)
+    signals.on_force(_kill_simulator)
     environment.host = url
     if opts is not None:
         opts.host = url
     _log.info("no --host given: started the embedded simulator at %s (pid %s, %s); its log: %s",
               url, sim.pid, " ".join(args), sim.log_path)
+
+
+def _kill_simulator() -> None:
+    sim = RUN.simulator
+    if sim is not None:
+        sim.kill()
 
 
 def stop_simulator(**_kwargs: Any) -> None:

@@ -1,19 +1,28 @@
 """The run's lifecycle on Locust's events: importing this module registers every stopstorm listener, so a
 locustfile needs one import (the shipped ones do it).
 
-- init: every option checked (stopstorm/metrics/plugin/options.py) before anything starts; with no `--host`
-  the embedded simulator is started (plugin/embedded.py); then the target is checked (it answers, serves the
-  model). A bad value or an unusable target stops the run before any load, the option named, exit 2.
+- init: every option checked (stopstorm/metrics/plugin/options.py: the report's, records' and simulator log's
+  paths among them) before anything starts; with no `--host` the embedded simulator is started
+  (plugin/embedded.py); then the target is checked (it answers, serves the model). A bad value or an unusable
+  target stops the run before any load, the option named, exit 2. SIGINT and SIGTERM are taken over
+  (plugin/signals.py).
 - Locust master/worker mode (plugin/distributed.py): workers ship their records to the master, whose
   collection is the one below; only the master (or the single process) scrapes, reads the ledger, reports.
-- Every stream's record is kept (from the `request` event's context); `{host}/metrics` is scraped in the
-  background every `--metrics-interval` seconds from test_start to test_stop (its first and latest good
-  snapshots give the vLLM counters' delta; a host without /metrics only counts errors); with `--server-log PATH`
-  (`-`: standard input) or `--server-log-cmd CMD` (a command whose output is the log, run by the master in its
-  own process group) vLLM's request log is followed from test_start to quit (per-request abort confirmation,
-  each line stamped as it is read; events stamped before the run dropped); at quit the simulator's ledger is
-  fetched once (before the simulator stops), the run is accounted (metrics/analysis/accounting.py), its
-  summary printed after Locust's and its JSON and HTML written.
+- test_start begins a run from zero (the web UI may start several in one process): its records, its
+  `--stopstorm-records` file, `{host}/metrics` scraped in the background every `--metrics-interval` seconds
+  (its first and latest good snapshots give the vLLM counters' delta; a host without /metrics only counts
+  errors), and with `--server-log PATH` (`-`: standard input) or `--server-log-cmd CMD` (a command whose output
+  is the log, run by the master in its own process group) vLLM's request log followed (per-request abort
+  confirmation, each line stamped as it is read; events stamped before the run dropped).
+- test_stop ends it, whatever ended it (headless `-t`, the web UI's Stop or its run time, a signal, the load
+  shape): the simulator's ledger is read (this run's requests only), the run accounted
+  (metrics/analysis/accounting.py), its `--fail-on` thresholds judged (metrics/analysis/thresholds.py), and its
+  JSON and HTML written atomically; a web-UI run's files are numbered (`stopstorm-report-run2.json`) and linked
+  from the UI's Download data tab. A run is partial exactly when a signal came before its end began.
+- quit prints the latest run's summary after Locust's own (headless), and the exit status says what a CI needs:
+  `EXIT_CUT_SHORT` (4) when a signal cut the run, `EXIT_THRESHOLD_BROKEN` (3) when a threshold broke, else
+  Locust's own. Locust runs its shutdown twice after a SIGTERM (the signal's greenlet and its main one): the
+  second waits here for the first, which exits the process once the report is written.
 """
 
 from __future__ import annotations
@@ -21,18 +30,21 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import gevent
 import locust
 from locust import events
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from stopstorm.metrics import redact
+from stopstorm.metrics.analysis import thresholds
 from stopstorm.metrics.analysis.accounting import server_id
-from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor
+from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor, signals
 from stopstorm.metrics.plugin.record_sink import RecordSink
-from stopstorm.metrics.plugin.signals import install_stop_signals, stop_reason
 from stopstorm.metrics.plugin.state import RUN
 from stopstorm.metrics.plugin.web_stops import LiveReport, install_stops_tab
 from stopstorm.metrics.record import StreamRecord
@@ -48,7 +60,11 @@ from stopstorm.metrics.truth.vllm_log import LineFollower, LogFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper
 from stopstorm.simulator.launcher import SimulatorStartError
 
-__all__ = ["embedded_simulator"]
+__all__ = ["EXIT_CUT_SHORT", "EXIT_THRESHOLD_BROKEN", "embedded_simulator", "run_path"]
+
+EXIT_CUT_SHORT = signals.EXIT_CUT_SHORT
+EXIT_THRESHOLD_BROKEN = thresholds.EXIT_THRESHOLD_BROKEN
+REPORT_WAIT_S = 300.0  # how long a second shutdown, or the next web-UI run, waits for a report being written
 
 embedded_simulator = embedded.embedded_simulator
 _log = logging.getLogger("stopstorm")
@@ -61,15 +77,31 @@ _META_OPTIONS = ("num_users", "spawn_rate", "run_time", "endpoint", "model", "ma
 
 DEFAULT_REPORT = "stopstorm-report.json"
 
+
+def _check_report_path(path: str) -> None:
+    """The JSON's path, and its HTML page's beside it (same folder; written by rename, so only a directory in
+    its place could stop it), before any load: found after the run, the summary would be lost."""
+    options.check_writable("--stopstorm-report", path)
+    page = Path(path).with_suffix(".html")
+    if page.is_dir():
+        raise ValueError(f"--stopstorm-report {path}: its HTML page {page} would go where a directory is")
+
 TABLE = options.OptionTable("stopstorm report", options=(
     options.Option("--stopstorm-report", "where to write the run's abort accounting as JSON; its summary is printed "
                    f"after Locust's (default {DEFAULT_REPORT})", DEFAULT_REPORT,
-                   options.Parsed(lambda p: options.check_writable("--stopstorm-report", p or DEFAULT_REPORT),
+                   options.Parsed(lambda p: _check_report_path(p or DEFAULT_REPORT),
                                   "a file path stopstorm can write (the HTML goes beside it)"),
                    env="STOPSTORM_REPORT", master_only=True),
     options.Option("--stopstorm-records", "also write every stream's record to this JSONL file as the stream ends "
                    "(flushed, so a killed run keeps them; truncated at start; default: not written)", "",
                    options.WritablePath(optional=True), env="STOPSTORM_RECORDS", master_only=True),
+    options.Option("--fail-on", "a threshold that fails the run, e.g. zombie_slot_seconds>0, abort_latency.p99>0.05, "
+                   "failed_ratio>0.01 (repeat it, or separate with commas): judged on the run's final report, each "
+                   "printed held or broken; any broken one makes the exit status 3 (4: a signal cut the run short). "
+                   "See docs/guides/ci-gating.md", None,
+                   options.Parsed(thresholds.parse_thresholds, "FIGURE OP NUMBER, e.g. zombies[openai/*]>0",
+                                  optional=True),
+                   env="STOPSTORM_FAIL_ON", master_only=True, in_web_ui=False, repeat=True),
     options.Option("--server-log", "vLLM's log file (run it with --enable-log-requests), followed during the run to "
                    "confirm each stopped stream's abort; `-` reads it from standard input; the embedded simulator's "
                    "log (--sim-log) works too"),
@@ -97,6 +129,19 @@ def _check_server_log(opts: Any) -> None:
 
 
 options.register(TABLE, _check_server_log, rank=40)
+
+
+
+
+def run_path(path: str | Path, number: int, web_ui: bool) -> Path:
+    """Where run `number` of this process writes `path`'s file: as given for a headless run, numbered for each
+    run of the web UI (`stopstorm-report.json` → `stopstorm-report-run2.json`), so no run overwrites another."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}-run{number}{p.suffix}") if web_ui else p
+
+
+def _web_ui(env: Environment | None) -> bool:
+    return env is not None and getattr(env, "web_ui", None) is not None
 
 
 def _refuse(exc: Exception) -> None:
@@ -132,17 +177,22 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
             options.preflight(environment)
         except ValueError as exc:
             _refuse(exc)
-    if RUN.collects:
-        install_stop_signals()
-        path = getattr(opts, "stopstorm_records", "") or ""
-        if path:
-            try:
-                RUN.sink = RecordSink(path)
-            except OSError as exc:  # checked writable at init; gone since (a race): still one line, exit 2
-                _refuse(ValueError(f"--stopstorm-records {path}: cannot write there ({exc.strerror or exc})"))
+    signals.install_stop_signals()  # every process: a worker's Ctrl-C ends it cleanly too
+    signals.on_force(lost=_what_a_forced_exit_loses)
     distributed.install(environment, lambda record: _collect_record(context={"record": record}))
-    if getattr(environment, "web_ui", None) is not None:
+    if _web_ui(environment):
         install_stops_tab(environment.web_ui, _tab_report)
+        _install_report_links(environment.web_ui)
+
+
+def _what_a_forced_exit_loses() -> str:
+    if RUN.in_progress:
+        sink = RUN.sink
+        kept = f"; its {sink.written} records so far are in {sink.path}" if sink is not None else ""
+        return f"run {RUN.runs}'s report (JSON, HTML and summary, not written){kept}"
+    if RUN.simulator is not None:
+        return "nothing of the report (written); the embedded simulator was killed by PID"
+    return "nothing (every run's report was written)"
 
 
 @events.request.add_listener
@@ -161,12 +211,36 @@ def _collect_record(context: dict[str, Any] | None = None, **_kwargs: Any) -> No
         record.compact()  # kept until the report: its per-chunk marks packed (benchmarks/bench_soak.py)
 
 
+def _wait_for_report(what: str) -> None:
+    """A report is being written (in another greenlet): let it finish first, within REPORT_WAIT_S."""
+    deadline = time.monotonic() + REPORT_WAIT_S
+    if RUN.reporting:
+        _log.info("stopstorm: %s waits for run %d's report", what, RUN.runs)
+    while RUN.reporting and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+
+
 @events.test_start.add_listener
 def _run_started(environment: Environment, **_kwargs: Any) -> None:
-    if not RUN.collects or RUN.started is not None:
+    if not RUN.collects:
         return
+    if RUN.started is not None and not RUN.reported:
+        return  # this run already began (Locust fires test_start once per run; a master may see it again)
+    _wait_for_report("the next run")
+    number = RUN.begin_run()
     RUN.started, RUN.started_wall = time.monotonic(), time.time()
     opts = environment.parsed_options
+    web_ui = _web_ui(environment)
+    records_path = getattr(opts, "stopstorm_records", "") or ""
+    if records_path:
+        try:
+            RUN.sink = RecordSink(run_path(records_path, number, web_ui))
+        except OSError as exc:  # checked writable at init; gone since: the report still gets every record
+            _log.error("stopstorm: --stopstorm-records %s: cannot write there (%s); records go to the report only",
+                       records_path, exc.strerror or exc)
+    if web_ui:
+        _log.info("stopstorm: run %d started; its report will be %s", number,
+                  run_path(getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT, number, True))
     RUN.log = _start_log(opts)
     if environment.host:
         try:
@@ -181,11 +255,24 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
             _log.warning("stopstorm: scraping /metrics failed: %s", exc)
 
 
+@events.test_stopping.add_listener
+def _run_stopping(**_kwargs: Any) -> None:
+    """The run's end has begun (-t, Stop, the shape, a signal): a signal after this does not cut it short."""
+    if RUN.collects and RUN.started is not None and RUN.stopping is None:
+        RUN.stopping = time.monotonic()
+
+
 @events.test_stop.add_listener
 def _run_stopped(**_kwargs: Any) -> None:
+    """The run has ended, whatever ended it: its report, now."""
+    if not RUN.collects or RUN.started is None or RUN.reported or RUN.reporting:
+        return  # not collecting, no run, or this run's report is written or being written (a second stop)
+    if RUN.stopping is None:
+        RUN.stopping = time.monotonic()
     if RUN.stopped is None:
         RUN.stopped = time.monotonic()
     _stop_scraper()
+    _write_run_report()
 
 
 def _stop_scraper() -> None:
@@ -240,6 +327,15 @@ def _server_log_meta(follower: LineFollower, records: list[StreamRecord]) -> Log
     return LogInfo.from_json({**follower.describe(), "matched": follower.matched(server_id(r) for r in records)})
 
 
+def _this_run(snapshot: LedgerSnapshot, since: float | None) -> LedgerSnapshot:
+    """The entries of this run: those that arrived after the previous run's last reading (on the ledger's own
+    clock, so no clock is compared across hosts); the whole ledger for a process's first run."""
+    if since is None:
+        return snapshot
+    return LedgerSnapshot(snapshot.now, tuple(e for e in snapshot.entries if e.arrival > since),
+                          snapshot.schema_version, snapshot.epoch_offset)
+
+
 def _fetch_ledger(host: str, settle_s: float = 1.0) -> tuple[LedgerSnapshot | None, int | None]:
     """The simulator's ledger once every request has left the engine (users killed at the end are closing
     theirs), or as it is after `settle_s`, and its `max_num_seqs`; (None, None) for a server without a ledger
@@ -265,7 +361,7 @@ def _meta(env: Environment, duration: float, ledger: LedgerSnapshot | None, scra
     if clock is not None and clock.late:  # open model: too few users made the arrivals late
         _log.warning("stopstorm: %d of %d open-model arrivals went out late (no free user): raise -u",
                      clock.late, clock.arrivals)
-    reason = stop_reason()
+    reason = signals.stop_reason(before=RUN.stopping)
     return RunMeta(
         host=redact.redact_url(env.host or ""), locust_version=locust.__version__, started_at=RUN.started_wall,
         duration_s=duration,
@@ -284,19 +380,27 @@ def _meta(env: Environment, duration: float, ledger: LedgerSnapshot | None, scra
     )
 
 
-@events.quit.add_listener
-def _write_run_report(**_kwargs: Any) -> None:
-    """After Locust's own stats (and the probe's table); before the simulator stops, so its ledger is there."""
+_LEDGER_MARK: list[float] = []  # the ledger's `now` at the previous run's reading (runs ≥ 2 read after it)
+
+
+def _write_run_report() -> None:
+    """This run's report: the ledger read (before the simulator stops), the accounting, the thresholds, the
+    JSON and HTML written atomically. Never raises: Locust's own results stand whatever happens here."""
     env = RUN.environment
-    if env is None or not RUN.collects or RUN.started is None or RUN.reported:
-        _stop_log()  # (after SIGTERM Locust's shutdown runs twice: the report is written once)
+    if env is None or not RUN.collects or RUN.started is None or RUN.reported or RUN.reporting:
         return
-    RUN.reported = True
+    RUN.reporting = True
+    number = RUN.runs
     try:
         opts = env.parsed_options
-        path = getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT
+        web_ui = _web_ui(env)
+        path = run_path(getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT, number, web_ui)
         host = env.host or ""
         ledger, max_num_seqs = _fetch_ledger(host) if host else (None, None)  # also lets the last aborts be logged
+        if ledger is not None:
+            since = _LEDGER_MARK[-1] if _LEDGER_MARK else None
+            _LEDGER_MARK.append(ledger.now)
+            ledger = _this_run(ledger, since)
         follower = _stop_log()
         _stop_scraper()
         scraper, RUN.scraper = RUN.scraper, None
@@ -305,20 +409,27 @@ def _write_run_report(**_kwargs: Any) -> None:
             delta = scraper.delta()
             scraper.close()
         end = RUN.stopped if RUN.stopped is not None else time.monotonic()
-        readings, idle_pct, gpu_off = gpu.readings()
+        readings, idle_pct, gpu_off = gpu.readings() if number == 1 else (None, 0.0, _GPU_FIRST_RUN_ONLY)
         report = build_report(RunInputs(
             records=list(RUN.records), meta=_meta(env, end - RUN.started, ledger, scraper, delta, follower, gpu_off),
             started=RUN.started, ended=end, ledger=ledger, metrics=delta, log=follower,
             max_num_seqs=max_num_seqs,
             self_monitor=self_monitor.summaries(), gpu=readings, gpu_idle_pct=idle_pct,
-            gpu_files=gpu_file_names(path), planned_stacks=_planned_stacks(env),
+            gpu_files=gpu_file_names(str(path)), planned_stacks=_planned_stacks(env),
             capacity_search=RUN.capacity_search))
+        report = _judge(report, opts)
         RUN.report = report
         write_report(path, report)
         if report.gpu is not None:
             write_gpu_files(report.gpu)
         html_path = write_html_report(path, report, taken=getattr(opts, "html_file", None))  # never over Locust's
-        print(f"\n{format_report(report, path, str(html_path))}\n", flush=True)
+        RUN.report_path = path
+        RUN.written.append((number, path, html_path))
+        text = format_report(report, str(path), str(html_path))
+        verdicts = thresholds.result_lines(report.thresholds)
+        RUN.summary = f"{text}\n\n{verdicts}" if verdicts else text
+        if web_ui:  # no Locust summary to follow: said now, with the run's number
+            print(f"\nstopstorm run {number}:\n{RUN.summary}\n", flush=True)
     except Exception:
         _log.exception("stopstorm: the abort accounting failed; Locust's own results stand")
     finally:
@@ -326,6 +437,75 @@ def _write_run_report(**_kwargs: Any) -> None:
         sink, RUN.sink = RUN.sink, None
         if sink is not None:
             sink.close()
+        RUN.reported = True
+        RUN.reporting = False
+
+
+_GPU_FIRST_RUN_ONLY = "GPU sampling covers a process's first run only (this is a later run from the web UI)"
+
+
+def _judge(report: Report, opts: Any) -> Report:
+    """The run's --fail-on thresholds judged on its Report (parsed at init: a bad one never got this far)."""
+    try:
+        wanted = thresholds.parse_thresholds(getattr(opts, "fail_on", None))
+    except ValueError as exc:  # only from a namespace the init check never saw (an embedded Environment)
+        _log.error("stopstorm: %s", exc)
+        return report
+    if not wanted:
+        return report
+    results = thresholds.evaluate(wanted, report.accounting, report.capacity, report.gpu)
+    if not all(r.held for r in results):
+        RUN.thresholds_broken = True
+        env = RUN.environment
+        if env is not None and signals.stop_reason(before=RUN.stopping) is None:
+            env.process_exit_code = EXIT_THRESHOLD_BROKEN  # read by Locust's shutdown (a cut run's is set there)
+    return replace(report, thresholds=results)
+
+
+@dataclass
+class _Shutdown:
+    began: bool = False
+
+
+_SHUTDOWN = _Shutdown()
+
+
+@events.quitting.add_listener
+def _one_shutdown(environment: Environment, **_kwargs: Any) -> None:
+    """The first of Locust's shutdowns goes on (after a report being written, e.g. for a web-UI Stop, is done);
+    a second one (Locust runs two after a SIGTERM) waits here until the first exits the process. The exit status
+    is set here, before Locust reads it: a run a signal cut short, else a broken threshold."""
+    if _SHUTDOWN.began:
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while time.monotonic() < deadline:  # the first one's exit ends this wait (SystemExit thrown in here)
+            gevent.sleep(0.5)
+        return
+    _SHUTDOWN.began = True
+    _wait_for_report("Locust's shutdown")
+    if not RUN.collects:
+        return
+    cut = RUN.in_progress and signals.stop_reason(before=RUN.stopping) is not None
+    if cut:
+        environment.process_exit_code = EXIT_CUT_SHORT
+    elif RUN.thresholds_broken:
+        environment.process_exit_code = EXIT_THRESHOLD_BROKEN
+
+
+@events.quit.add_listener
+def _print_summary(**_kwargs: Any) -> None:
+    """After Locust's own stats (and the probe's table); before the simulator stops, so a run that never saw its
+    test_stop (a fallback: Locust fires it on every path known) still reads its ledger."""
+    if RUN.collects and RUN.in_progress:
+        if RUN.stopped is None:
+            RUN.stopped = time.monotonic()
+        _write_run_report()
+    _stop_log()
+    if RUN.collects and RUN.summary is not None and not _web_ui(RUN.environment):
+        print(f"\n{RUN.summary}\n", flush=True)
+    if RUN.collects and RUN.thresholds_broken:
+        env = RUN.environment
+        if env is not None and env.process_exit_code is None:
+            env.process_exit_code = EXIT_THRESHOLD_BROKEN
 
 
 def _planned_stacks(env: Environment) -> list[str]:
@@ -345,6 +525,8 @@ def _report_so_far() -> Report:
             ledger = client.ledger()
         finally:
             client.close()
+        if ledger is not None:
+            ledger = _this_run(ledger, _LEDGER_MARK[-1] if _LEDGER_MARK else None)
     return build_report(RunInputs(records=list(RUN.records), meta=RunMeta(host=host), started=started,
                                   ended=RUN.stopped or time.monotonic(), ledger=ledger, counterfactuals=False))
 
@@ -353,10 +535,59 @@ _LIVE = LiveReport(_report_so_far)
 
 
 def _tab_report() -> Report | None:
-    """What the web UI's Stops tab shows: the run's Report once written, else the run so far."""
-    if RUN.report is not None:
-        return RUN.report
-    return _LIVE.get() if RUN.started is not None else None
+    """What the web UI's Stops tab shows: the run so far while one runs, else the latest run's Report."""
+    if RUN.in_progress and not RUN.reporting:
+        return _LIVE.get()
+    return RUN.report
+
+
+def _install_report_links(web_ui: Any) -> None:
+    """The Download data tab links each run's report once written: `/stopstorm/report` (the latest run's HTML),
+    `/stopstorm/report.json`, and `/stopstorm/reports` (every run of this process)."""
+    web_ui.template_args["extendedCsvFiles"] = [
+        *web_ui.template_args.get("extendedCsvFiles", []),
+        {"href": "./stopstorm/report", "title": "stopstorm report, latest run (HTML)"},
+        {"href": "./stopstorm/report.json", "title": "stopstorm report, latest run (JSON)"},
+        {"href": "./stopstorm/reports", "title": "stopstorm reports, every run"},
+    ]
+    guard = getattr(web_ui, "auth_required_if_enabled", lambda view: view)
+
+    def latest(kind: str) -> Any:
+        from flask import Response, send_file
+
+        if not RUN.written:
+            state = "is running" if RUN.in_progress else "has not started"
+            return Response(f"no stopstorm report yet: the first run {state}", status=404, mimetype="text/plain")
+        _, json_path, html_path = RUN.written[-1]
+        target = html_path if kind == "html" else json_path
+        return send_file(Path(target).resolve(), mimetype="text/html" if kind == "html" else "application/json")
+
+    def every() -> Any:
+        from html import escape
+
+        from flask import Response
+
+        rows = "".join(f"<li>run {n}: <a href='./report/{n}'>{escape(str(h))}</a> "
+                       f"(<a href='./report/{n}.json'>{escape(str(j))}</a>)</li>" for n, j, h in RUN.written)
+        return Response(f"<!doctype html><title>stopstorm reports</title><h1>stopstorm reports</h1>"
+                        f"<ul>{rows or '<li>none yet</li>'}</ul>", mimetype="text/html")
+
+    def one(number: str) -> Any:
+        from flask import Response, send_file
+
+        n, _, kind = number.partition(".")
+        for run, json_path, html_path in RUN.written:
+            if n.isdigit() and int(n) == run:
+                target = json_path if kind == "json" else html_path
+                return send_file(Path(target).resolve(),
+                                 mimetype="application/json" if kind == "json" else "text/html")
+        return Response(f"no report of run {number}", status=404, mimetype="text/plain")
+
+    app = web_ui.app
+    app.add_url_rule("/stopstorm/report", "stopstorm_report_html", guard(lambda: latest("html")))
+    app.add_url_rule("/stopstorm/report.json", "stopstorm_report_json", guard(lambda: latest("json")))
+    app.add_url_rule("/stopstorm/reports", "stopstorm_reports", guard(every))
+    app.add_url_rule("/stopstorm/report/<number>", "stopstorm_report_run", guard(one))
 
 
 # Last: the run report above reads the simulator's ledger before this stops it.

@@ -172,6 +172,7 @@ class Option:
     master_only: bool = False  # checked where the run is collected, never on a Locust worker (files it writes)
     when: Callable[[Any], bool] | None = None  # checked only when this says the option is in use
     in_web_ui: bool = True  # False: never in Locust's start form (a value a browser must not set)
+    repeat: bool = False  # may be given more than once: its value is the list of every one given
 
     @property
     def dest(self) -> str:
@@ -185,6 +186,8 @@ class Option:
         kwargs: dict[str, Any] = {"default": self.default, "env_var": self.env_var, "help": self.help}
         if isinstance(self.default, bool):
             kwargs["action"] = "store_true"
+        elif self.repeat:
+            kwargs["action"] = "append"
         else:
             if self.type is not None:
                 kwargs["type"] = self.type

@@ -21,7 +21,8 @@ JSON layout (schema_version 3):
      "summary": {...},                   # the fixed summary block (metrics/analysis/verdict.py)
      "verdict": {...},                   # the verdict in sentences, and what it was decided on
      "over_time": TABLE,                 # the run in bins: zombies, generated and delivered tokens/s
-     "capacity_search": {...}}           # capacity.py's steps and knee, when it ran
+     "capacity_search": {...},           # capacity.py's steps and knee, when it ran
+     "thresholds": [THRESHOLD, ...]}     # with --fail-on
 
 A cell is one client stack × close mode: "close_mode" is the mode a stopped stream used, or "not stopped" for
 every stream nobody stopped (whatever mode it would have used; version 2 filed those under their planned
@@ -33,7 +34,8 @@ distribution, or null when its truth was unavailable (source "unavailable"); nev
 seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams, stopped, failed, failures,
 interrupted (streams the run's end cut short: neither in failed nor in failures), aborted, abort_latency,
 wasted_tokens, zombies, zombie_slot_seconds, queue_wait, freed_tokens, freed_slot_seconds, goodput_tokens,
-goodput_rate, log_aborted, log_abort_latency, and the closed stops' classes (metrics/analysis/closes.py):
+goodput_rate, log_aborted, log_abort_latency, ttft (send → first token, client side), and the closed stops'
+classes (metrics/analysis/closes.py):
 closed_stops, never_reached, ran_on, ran_on_to_end, ran_on_tokens, ran_on_slot_seconds. Run figures: duration,
 freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
 unjoined_streams, ran_on (a finding: the missed closes in words). A reader of an older report gets the newer
@@ -56,6 +58,10 @@ received from workers, "bad_records": N unreadable, "incomplete": [worker ids wh
 whose count fell short of what they said they sent: died, or never answered], "workers": {ID: {"records",
 "batches", "claimed_sent", "final", "state", "clock_shift_s", "drained": records that came after the master asked
 for the final batches}}}.
+
+THRESHOLD (metrics/analysis/thresholds.py): {"expr" (as given, spaces dropped), "value" (the figure's, null when
+it could not be checked), "held" (false: broken, the run's exit status 3), "note" (why unknown, which cells
+broke)}.
 
 "self_monitor" (metrics/plugin/self_monitor.py): the load generator's own health, {PROCESS: SUMMARY} keyed
 "local", "master" or "worker <client id>". SUMMARY: {"pid", "interval_ms", "max_loop_lag_ms", "wall_s",
@@ -104,7 +110,8 @@ null without a ledger). "capacity_search" (`CapacitySearch`): {"slo", "quantile"
 bootstrap interval), "request_rate", "output_rate", "rate_source", "end_s"}]}.
 
 Versions: 1, the accounting (cells, overall, run) and meta; 2 adds "self_monitor", "gpu", "capacity", "stops"
-and the meta blocks "partial", "records", "open_model", "gpu" and "distributed". 3 files a stream nobody
+and the meta blocks "partial", "records", "open_model", "gpu" and "distributed"; later, within version 2 and
+additive, the figure ttft and "thresholds". 3 files a stream nobody
 stopped once, in its stack's "not stopped" cell (so a cell's figures mean what that close mode did to stopped
 streams), and adds "summary", "verdict", "over_time", "capacity_search" and each STOP's "zombie_slot_s". Every
 other field keeps its meaning; a version-2 reader that sums cells per close mode must read "not stopped" too.
@@ -119,6 +126,7 @@ from typing import Any
 from stopstorm.metrics.analysis.accounting import Accounting, Cell, Figures, RunFigures, StopRow
 from stopstorm.metrics.analysis.capacity import CapacitySection
 from stopstorm.metrics.analysis.gpu_attribution import GpuSection
+from stopstorm.metrics.analysis.thresholds import ThresholdResult
 from stopstorm.metrics.analysis.verdict import CapacitySearch, Summary, Verdict
 from stopstorm.metrics.figures import Figure, Table
 
@@ -409,6 +417,7 @@ class Report:
     verdict: Verdict | None = None
     over_time: Table | None = None  # t_s, zombies, generated_tok_s, delivered_tok_s (analysis/over_time.py)
     capacity_search: CapacitySearch | None = None  # capacity.py's steps and knee, when it ran
+    thresholds: tuple[ThresholdResult, ...] = ()  # --fail-on, judged on this Report's figures
 
     @property
     def label(self) -> str:
@@ -449,6 +458,8 @@ def report_to_json(report: Report) -> Json:
         out["over_time"] = report.over_time.to_json()
     if report.capacity_search is not None:
         out["capacity_search"] = report.capacity_search.to_json()
+    if report.thresholds:
+        out["thresholds"] = [t.to_json() for t in report.thresholds]
     return out
 
 
@@ -480,4 +491,5 @@ def report_from_json(doc: Mapping[str, Any]) -> Report:
         over_time=Table.from_json(doc["over_time"]) if isinstance(doc.get("over_time"), Mapping) else None,
         capacity_search=(CapacitySearch.from_json(doc["capacity_search"])
                          if isinstance(doc.get("capacity_search"), Mapping) else None),
+        thresholds=tuple(ThresholdResult.from_json(t) for t in doc.get("thresholds") or () if isinstance(t, Mapping)),
     )

@@ -260,8 +260,9 @@ def test_report_json_and_summary(tmp_path: Path) -> None:
     doc = report_to_json(report)
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["meta"]["host"] == "http://x"
     figs = every_figure(doc)
-    # 23 figures a cell and overall (interrupted among them; the 6 closed-stop classes of closes.py), 9 run-wide
-    assert len(figs) == 3 * 23 + 9
+    # 24 figures a cell and overall (interrupted and ttft among them; the 6 closed-stop classes of closes.py),
+    # 9 run-wide
+    assert len(figs) == 3 * 24 + 9
     for name, fig in figs:
         assert {"value", "unit", "source"} <= fig.keys(), name
     assert doc["overall"]["figures"]["abort_latency"]["value"]["count"] == 2

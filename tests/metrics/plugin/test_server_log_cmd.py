@@ -219,5 +219,6 @@ def test_the_web_ui_cannot_set_the_command(tmp_path):
     text = out.read_text()
     assert marks.read_text() == "cli\n", text[-3000:]
     assert "ignored --server-log-cmd from the web UI" in text
-    meta = json.loads(report.read_text())["meta"]["server_log"]
+    # (a web-UI run's report is numbered: the first run's is r-run1.json)
+    meta = json.loads((tmp_path / "r-run1.json").read_text())["meta"]["server_log"]
     assert meta["command"] == cli and pid_gone(meta["pid"])
