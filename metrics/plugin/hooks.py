@@ -389,6 +389,8 @@ def _write_run_report() -> None:
     env = RUN.environment
     if env is None or not RUN.collects or RUN.started is None or RUN.reported or RUN.reporting:
         return
+    if probe.PROBE.active:  # the probe writes its own report, from its own streams (metrics/plugin/probe.py)
+        return
     RUN.reporting = True
     number = RUN.runs
     try:
