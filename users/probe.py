@@ -22,9 +22,9 @@ from stopstorm.metrics.plugin import options
 from stopstorm.metrics.plugin.options import Number, Option, Parsed, WritablePath, seconds
 from stopstorm.metrics.plugin.probe import PROBE
 from stopstorm.metrics.plugin.state import RUN
+from stopstorm.metrics.plugin.truth_target import StreamTruthReader, stream_truth, truth_host, truth_source
 from stopstorm.metrics.truth.ledger import LedgerClient
 from stopstorm.metrics.truth.vllm_log import LineFollower
-from stopstorm.metrics.truth.vllm_stream import VLLM_TRUTH_SOURCE, VllmStreamTruth
 from stopstorm.users.options import MAX_TOKENS, settings_for
 from stopstorm.users.policy import CLOSE_MODES, StopPlan
 from stopstorm.users.single import SingleStreams
@@ -85,11 +85,12 @@ class StopProbeUser(User):
     def walk_matrix(self) -> None:
         opts = self.environment.parsed_options
         settings = settings_for(self.environment, self.host or "")
-        ledger = LedgerClient(settings.host)
-        vllm: VllmStreamTruth | None = None
+        truth = truth_host(self.environment)  # the server's own, behind any proxy (--truth-url)
+        ledger = LedgerClient(truth)
+        vllm: StreamTruthReader | None = None
         if not ledger.available():
             ledger.close()
-            vllm = self._vllm_truth(settings.host, opts)
+            vllm = self._vllm_truth(truth, opts)
         stacks, modes = parse_stacks(opts.probe_stacks), parse_modes(opts.probe_modes)  # checked at init
         plan = StopPlan(tokens=opts.probe_stop_tokens)
         settle = settings.hold_seconds + 10.0
@@ -122,7 +123,7 @@ class StopProbeUser(User):
         ledger.close()
         self._end_run()
 
-    def _vllm_truth(self, host: str, opts: Any) -> VllmStreamTruth:
+    def _vllm_truth(self, host: str, opts: Any) -> StreamTruthReader:
         """Real vLLM's truth (its log + /metrics), or the end of the run when there is none. A log read through
         a command or stdin is the plugin's follower (a pipe has one reader); a file is followed here."""
         log_path = getattr(opts, "server_log", "") or ""
@@ -136,14 +137,14 @@ class StopProbeUser(User):
             _log.error("the probe needs server truth: %s has no simulator ledger; for real vLLM give --server-log "
                        "with its log file, or --server-log-cmd (served with --enable-log-requests)", host)
             self._end_run()
-        truth = VllmStreamTruth(host, log)
+        truth = stream_truth(self.environment, log)
         if not truth.available():
             _log.error("the probe needs server truth: %s has neither a simulator ledger nor vLLM's /metrics (%s)",
                        host, truth.metrics.last_error)
             truth.close()
             self._end_run()
         truth.start()
-        PROBE.truth_source = VLLM_TRUTH_SOURCE
+        PROBE.truth_source = truth_source(truth)
         return truth
 
     def _end_run(self) -> NoReturn:

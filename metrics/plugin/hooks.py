@@ -34,6 +34,7 @@ from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe,
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.plugin.signals import install_stop_signals, stop_reason
 from stopstorm.metrics.plugin.state import RUN
+from stopstorm.metrics.plugin.truth_target import truth_host
 from stopstorm.metrics.plugin.web_stops import LiveReport, install_stops_tab
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.report.build import RunInputs, build_report
@@ -79,7 +80,8 @@ TABLE = options.OptionTable("stopstorm report", options=(
                    "stderr kept apart; see docs/guides/server-log.md. Taken from the command line, environment or "
                    "config file only: not shown in the web UI's form, and a value sent from it is ignored (it would "
                    "be a shell command from the browser)", in_web_ui=False),
-    options.Option("--metrics-interval", "seconds between scrapes of {host}/metrics during the run (default 0.25)",
+    options.Option("--metrics-interval", "seconds between scrapes of {host}/metrics (--truth-url's when given) during "
+                   "the run (default 0.25)",
                    0.25, options.seconds(low=0.01), float),
 ))
 
@@ -171,10 +173,11 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
     if environment.host:
         try:
             interval = float(getattr(opts, "metrics_interval", 0.25))  # checked at init: > 0, finite
-            scraper = MetricsScraper(f"{environment.host.rstrip('/')}/metrics", interval=interval, timeout=2.0)
+            truth = truth_host(environment)  # --truth-url when --host is a proxy in front of the server
+            scraper = MetricsScraper(f"{truth}/metrics", interval=interval, timeout=2.0)
             if scraper.scrape_once() is None:  # a reading at the start, before the greenlet's first
                 _log.info("stopstorm: no /metrics at %s yet (%s); scraping on, errors counted",
-                          redact.redact_url(environment.host), scraper.last_error)
+                          redact.redact_url(truth), scraper.last_error)
             scraper.start()
             RUN.scraper = scraper
         except Exception as exc:
@@ -293,7 +296,7 @@ def _write_run_report(**_kwargs: Any) -> None:
     try:
         opts = env.parsed_options
         path = getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT
-        host = env.host or ""
+        host = truth_host(env) if env.host else ""  # the server's truth, behind any proxy (--truth-url)
         ledger = _fetch_ledger(host) if host else None  # also lets the users' last aborts reach the log
         follower = _stop_log()
         _stop_scraper()
@@ -329,10 +332,11 @@ def _report_so_far() -> Report:
     """A Report of the run until now, from its records and the simulator's ledger (no replay: it is live)."""
     env = RUN.environment
     host = (env.host if env is not None else "") or ""
+    truth = truth_host(env) if host else ""  # the server's truth, behind any proxy (--truth-url)
     started = RUN.started if RUN.started is not None else time.monotonic()
     ledger = None
-    if host:
-        client = LedgerClient(host, timeout=2.0)
+    if truth:
+        client = LedgerClient(truth, timeout=2.0)
         try:
             ledger = client.ledger()
         finally:
