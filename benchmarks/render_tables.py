@@ -31,6 +31,8 @@ from results_doc import dumps  # beside this script (benchmarks/ is not a packag
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAGES = ROOT / "docs" / "benchmarks"
+# Guides whose tables are measured results too (rendered the same way).
+GUIDES = [ROOT / "docs" / "guides" / "proxies.md"]
 
 __all__ = ["load_results", "main", "render_page", "take"]
 
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"updated {take(Path(args.take)).relative_to(ROOT)}")
     results = load_results()
     stale = []
-    for page in sorted(PAGES.glob("*.md")):
+    for page in [*sorted(PAGES.glob("*.md")), *GUIDES]:
         old = page.read_text(encoding="utf-8")
         new = render_page(old, results)
         if new == old:
