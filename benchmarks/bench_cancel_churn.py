@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
          {"label": "%", "key": "added_pct", "format": "{:.1f}", "align": "right"}],
         cancels["reached_engine"], title=f"Which cancels reached vLLM's engine, by how soon the client closed "
                                           f"({name}; the rest were dropped before `Added request`)")
+    for t in tables.values():  # a table's rows hold what its columns show; the rest stays in the raw data
+        keys = {k for c in t["columns"] for k in c.get("keys", [c.get("key")])}
+        t["rows"] = [{k: v for k, v in row.items() if k in keys} for row in t["rows"]]
     doc = document("bench_cancel_churn", tables, blind_spot=bs, churn=cancels, control=control, server=name)
     if args.json is not None:
         args.json.write_text(dumps(doc))
