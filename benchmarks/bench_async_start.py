@@ -21,7 +21,6 @@ by its PID; every run has a timeout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -35,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_tools import get_json, pin  # noqa: E402
 from benchmarks.ledger_join import join, pct, summary  # noqa: E402
 from stopstorm.simulator.launcher import EmbeddedSimulator  # noqa: E402
 
@@ -42,15 +42,6 @@ SIM_CPU, CLIENT_CPU = 0, 1
 CHILD_TIMEOUT_S = 180.0
 
 
-def pin(pid: int, cpu: int) -> None:
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(tid), {cpu})
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
 
 
 def reset_ledger(url: str) -> None:

@@ -169,7 +169,7 @@ def run_probe(target: Target, url: str, stacks: str, repeats: int, out: Path) ->
            "-u", "1", "-r", "1", "-t", "600s", "--ignore-eos", "--max-tokens", str(MAX_TOKENS),
            "--probe-stacks", stacks, "--probe-modes", "close,drop,hold", "--probe-repeats", str(repeats),
            "--probe-stop-tokens", str(STOP_TOKENS), "--hold-seconds", str(HOLD_S), "--probe-json", str(out),
-           "--stopstorm-report", str(out.with_suffix(".report.json")), *target.probe_flags]
+           "--probe-early", "none", "--probe-report", str(out.with_suffix(".report.json")), *target.probe_flags]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=660,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if proc.returncode != 0 or not out.exists():

@@ -75,6 +75,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_tools import pin
+
 if not _WORKER:
     import gevent
 
@@ -459,13 +461,6 @@ def verify(url: str, stack: str, variant: str, result: dict[str, Any], max_token
 
 
 # --- the benchmark -------------------------------------------------------------------------------------------------
-
-
-def pin(pid: int, cpu: int) -> None:
-    """Pin every thread of a process (sched_setaffinity on a PID moves only that thread)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(tid), {cpu})
 
 
 def shapes(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:

@@ -34,9 +34,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse
-import contextlib
 import gc
-import json
 import os
 import random
 import sys
@@ -50,10 +48,12 @@ import gevent
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stopstorm.metrics.analysis.accounting import ledger_by_id
+from benchmarks.bench_tools import get_json, pin
 from stopstorm.metrics.plugin.self_monitor import SelfMonitor
 from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.ledger import LedgerSnapshot
 from stopstorm.simulator.launcher import EmbeddedSimulator
+from stopstorm.simulator.ledger import LedgerEntry
 from stopstorm.users.bridge import get_bridge
 from stopstorm.users.core import arun_stream, run_stream
 from stopstorm.users.options import RunSettings, build_settings
@@ -74,15 +74,6 @@ def settings(url: str, tokens: int, stop_tokens: int | None) -> RunSettings:
     return build_settings(opts, url)
 
 
-def pin(pid: int, cpu: int) -> None:
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(tid), {cpu})
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -141,20 +132,20 @@ def run_users(stack: str, url: str, n: int, st: RunSettings, spread: float, stop
     return records, cpu, wall
 
 
-def timing_errors(records: list[StreamRecord], ledger: dict[str, Any], monitor: SelfMonitor,
+def timing_errors(records: list[StreamRecord], ledger: dict[str, LedgerEntry], monitor: SelfMonitor,
                   sampler_name: str) -> dict[str, Any]:
     ttft, ttft_clean, chunk, itl = [], [], [], []
     sampler = getattr(monitor, sampler_name)
     missing = 0
     for rec in records:
         e = ledger.get(f"chatcmpl-{rec.request_id}")
-        if e is None or rec.first_token is None or e.get("first_sent") is None or rec.error:
+        if e is None or rec.first_token is None or e.first_sent is None or rec.error:
             missing += 1
             continue
-        ttft.append(rec.first_token - e["first_sent"])
-        if not sampler.overlaps(rec.sent, rec.first_token):
+        ttft.append(rec.first_token - e.first_sent)
+        if sampler.lateness(rec.first_token) <= monitor.bound:  # the self-monitor would not flag this stamp
             ttft_clean.append(ttft[-1])
-        sent_at = {int(n): t for t, n in e.get("send_times") or []}
+        sent_at = {int(n): t for t, n in e.send_times or []}
         prev = None
         for t, n in zip(rec.chunk_times, rec.chunk_tokens, strict=True):
             s = sent_at.get(n)
@@ -169,7 +160,7 @@ def timing_errors(records: list[StreamRecord], ledger: dict[str, Any], monitor: 
             "chunk_err": chunk, "itl_err": itl}
 
 
-def stop_latency(records: list[StreamRecord], ledger: dict[str, Any]) -> dict[str, list[float]]:
+def stop_latency(records: list[StreamRecord], ledger: dict[str, LedgerEntry]) -> dict[str, list[float]]:
     client, server = [], []
     for rec in records:
         if rec.stop is None:
@@ -177,8 +168,8 @@ def stop_latency(records: list[StreamRecord], ledger: dict[str, Any]) -> dict[st
         if rec.closed is not None:
             client.append(rec.closed - rec.stop)
         e = ledger.get(f"chatcmpl-{rec.request_id}")
-        if e is not None and e.get("disconnect_seen") is not None:
-            server.append(e["disconnect_seen"] - rec.stop)
+        if e is not None and e.disconnect_seen is not None:
+            server.append(e.disconnect_seen - rec.stop)
     return {"stop_to_close": client, "stop_to_disconnect_seen": server}
 
 
@@ -233,7 +224,7 @@ def main() -> None:
                         stack, url, n, settings(url, args.tokens, args.stop_tokens if stop else None),
                         args.spread_s, stop, monitor)
                     gevent.sleep(0.3)  # the last disconnects reach the ledger
-                    ledger = ledger_by_id(get_json(url + "/stopstorm/ledger"))
+                    ledger = LedgerSnapshot.from_json(get_json(url + "/stopstorm/ledger")).by_id
                     lag1 = sim_lag(url)
                     row: dict[str, Any] = {"stack": stack, "streams": n, "stop": stop, "cpu_pct": 100 * cpu / wall,
                                            "sim_step_lag_s": None if lag0 is None or lag1 is None else lag1 - lag0,

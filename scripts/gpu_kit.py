@@ -79,8 +79,10 @@ IMAGE_TORCH_NOTE = ("torch is in the image but not resolved here (its CUDA build
 NO_SPARE = frozenset({"torch", "numpy", "matplotlib", "contourpy", "fonttools", "kiwisolver", "pillow"})
 
 # The README's GPU section: its two commands, as argv after `python -m locust`.
+# The probe without its early-stop rows: against the simulator (which acts on every close at once) they would
+# only repeat its close rows, and at --probe-gap 2 each stream costs 2 s of the budget.
 PROBE_ARGS = ["-f", "probe.py", "--headless", "-u", "1", "-r", "1", "--ignore-eos", "--max-tokens", "200",
-              "--probe-gap", "2"]
+              "--probe-gap", "2", "--probe-early", "none"]
 LOAD_ARGS = ["-f", "locustfile.py", "--headless", "-u", "8", "-r", "8", "-t", "60s"]
 BUDGET_S = 480.0
 LOAD_RESERVE_S = 110.0  # what the load step needs: 60 s of load, the simulator's start with torch, the report
@@ -872,7 +874,7 @@ def _run_steps(args: argparse.Namespace, folder: Path, out: Path, manifest: dict
                        "budget (here: short runs without --gpu-work)"]
         probe_argv = ["-f", "probe.py", "--headless", "-u", "1", "-r", "1", "--ignore-eos", "--max-tokens", "40",
                       "--probe-stacks", "requests,openai-async", "--probe-modes", "close", "--probe-repeats", "1",
-                      "--probe-stop-tokens", "5"]
+                      "--probe-stop-tokens", "5", "--probe-early", "none"]
         load_argv = ["-f", "locustfile.py", "--headless", "-u", "2", "-r", "2", "-t", "4s", "--max-tokens", "40",
                      "--think-time", "0.2"]
         sim = ""
@@ -884,7 +886,9 @@ def _run_steps(args: argparse.Namespace, folder: Path, out: Path, manifest: dict
     runs = {}
     for name, argv in (("probe", probe_argv), ("load", load_argv)):
         report = out / f"{name}-report.json"
-        argv = [*argv, "--stopstorm-report", str(report), "--sim-log", str(out / f"{name}-simulator.log")]
+        # The probe writes its own report (--probe-report: its records, its GPU section), never --stopstorm-report
+        flag = "--probe-report" if name == "probe" else "--stopstorm-report"
+        argv = [*argv, flag, str(report), "--sim-log", str(out / f"{name}-simulator.log")]
         if name == "probe":
             argv += ["--probe-json", str(out / "probe.json")]
         if sim:  # with "=": a lone "--gpu-work" after "--sim-args" is read by argparse as an option of its own
@@ -902,8 +906,10 @@ def _run_steps(args: argparse.Namespace, folder: Path, out: Path, manifest: dict
 
 def _finish(out: Path, probe: Path | None, load: Path | None, record: dict[str, Any], steps: Steps) -> int:
     docs = {}
-    with contextlib.suppress(OSError, ValueError):  # the probe's own count; its report should hold them too
-        record["probe_streams"] = len(json.loads((out / "probe.json").read_text()).get("streams", []))
+    with contextlib.suppress(OSError, ValueError):  # the probe's own count and verdict; its report holds the matrix
+        probe_doc = json.loads((out / "probe.json").read_text())
+        record["probe_streams"] = sum(1 for s in probe_doc.get("streams", []) if not s.get("early"))
+        record["probe_verdict"] = list(probe_doc.get("verdict") or [])
     for name, path in (("probe", probe), ("load", load)):
         if path is not None and path.is_file():
             docs[name] = json.loads(path.read_text())
@@ -999,10 +1005,12 @@ def summary_page(probe: dict[str, Any] | None, load: dict[str, Any] | None, reco
             lines.append(f"- {name}: partial ({doc['meta'].get('partial_reason')}): figures cover it until then")
     judged = record.get("probe_streams")
     if probe is not None and judged and not _val(probe.get("overall", {}).get("figures", {}).get("streams")):
-        lines.append(f"- probe: its {judged} streams are in probe.json but not in its report (the probe does not "
-                     "hand its records to the run report), so the report has no Stop marks: no per-stack Stop → GPU "
-                     "idle and no energy per delivered token from the probe")
+        lines.append(f"- probe: its {judged} streams are in probe.json but not in its report (a probe that does not "
+                     "write its own report, --probe-report), so the report has no Stop marks: no per-stack Stop → "
+                     "GPU idle and no energy per delivered token from the probe")
     lines.append("")
+    if record.get("probe_verdict"):
+        lines += ["## The probe's verdict", "", *(f"- {v}" for v in record["probe_verdict"]), ""]
     cells = [(name, doc, c) for name, doc in runs if doc and doc.get("gpu") for c in doc["gpu"].get("cells", [])]
     if cells:
         lines += ["## Per client stack × close mode", "",

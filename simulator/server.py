@@ -327,8 +327,12 @@ class _Job:
         if delay > 0:
             # The server acts on the close only after `delay`; the stream goes on meanwhile (uvicorn drops its
             # writes to the closed connection), and if the request finishes first nothing is aborted.
-            finished, _ = await asyncio.wait((work,), timeout=delay)
-            if work in finished:
+            # (in a loop: an event loop's timer may fire a fraction of a millisecond early, and acting before
+            # `delay` would let a request that ends in that sliver be aborted)
+            deadline = self.entry.connection_lost + delay
+            while not work.done() and (left := deadline - time.monotonic()) > 0:
+                await asyncio.wait((work,), timeout=left)
+            if work.done():
                 self.entry.close_missed = True
                 with contextlib.suppress(OSError):
                     work.result()

@@ -30,10 +30,30 @@ def _has_locustfile(args: Sequence[str]) -> bool:
     return any(a in ("-f", "--locustfile") or a.startswith(("-f=", "--locustfile=")) for a in args)
 
 
+# Options whose value is itself a command line: `--sim-args "--gpu-work"` is read by argparse as an option with no
+# value, so the value is joined to its option (`--sim-args=--gpu-work`) before Locust parses it.
+_COMMAND_LINE_VALUES = ("--sim-args",)
+
+
+def _join_option_values(args: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in _COMMAND_LINE_VALUES and i + 1 < len(args) and args[i + 1].startswith("-"):
+            out.append(f"{a}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def _locust(locustfile: Path, args: list[str]) -> int:
     """Run Locust's own main with `locustfile` unless the command line names one."""
     import locust  # noqa: F401  (first: its gevent monkey-patching must precede every other import)
 
+    args = _join_option_values(args)
     if not _has_locustfile(args):
         args = ["-f", str(locustfile), *args]
     if any(a in ("-h", "--help") for a in args):

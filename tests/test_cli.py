@@ -39,6 +39,15 @@ def test_help_lists_locusts_and_stopstorms_options_grouped(tmp_path: Path) -> No
     assert probe.returncode == 0 and "--probe-stacks" in probe.stdout and "--stop-probability" in probe.stdout
 
 
+def test_a_command_line_value_that_starts_with_a_dash_reaches_its_option() -> None:
+    from stopstorm.cli import _join_option_values
+
+    assert _join_option_values(["--headless", "--sim-args", "--gpu-work", "-u", "2"]) == [
+        "--headless", "--sim-args=--gpu-work", "-u", "2"]
+    assert _join_option_values(["--sim-args", "--step-base-ms 5"]) == ["--sim-args=--step-base-ms 5"]
+    assert _join_option_values(["--sim-args", "x"]) == ["--sim-args", "x"]  # argparse reads that one itself
+
+
 def test_a_tool_subcommand_has_its_own_help(tmp_path: Path) -> None:
     out = _run(["-m", "stopstorm", "compare", "--help"], cwd=tmp_path)
     assert out.returncode == 0 and "stopstorm compare" in out.stdout

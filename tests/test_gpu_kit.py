@@ -276,8 +276,11 @@ def test_summary_puts_stop_to_idle_per_cell_and_energy_per_token_on_one_page():
     load = report(120, [("httpx", "close", None)])
     record = {"dry_run": False, "python": "3.12.3", "checkout": "abc123", "gpu": {"torch": "2.6.0", "cuda": "12.4"},
               "versions": {"locust": "2.47.0", "nvidia driver": "560.35"}, "probe_streams": 18,
-              "steps": [{"step": "the probe with --gpu-work", "seconds": 231.0}], "files": ["probe-report.json"]}
+              "steps": [{"step": "the probe with --gpu-work", "seconds": 231.0}], "files": ["probe-report.json"],
+              "probe_verdict": ["openai SDK, sync and async: `drop` never closes the stream — call `close()`"]}
     page = summary_page(probe, load, record)
+    # the probe's own verdict (probe.json), in words, under its own heading
+    assert "## The probe's verdict\n\n- openai SDK, sync and async: `drop` never closes the stream" in page
     assert "NVIDIA H200" in page and "driver 560.35" in page and "torch 2.6.0, CUDA 12.4" in page
     assert "| probe | requests | close | 15 | 1 | 31 | 31 | 120.0 | 1.00 |" in page
     assert "| probe | requests | hold | 15 | 1 | 5,020 | 5,020 |" in page

@@ -110,8 +110,8 @@ def test_probe_through_nginx_sse_aborts_every_close_within_two_steps(sim: SimHan
     proc = _locust(["-f", "probe.py", "--headless", "--host", nginx_sse.url, "--truth-url", sim.url,
                     "-u", "1", "-r", "1", "-t", "120s", "--ignore-eos", "--max-tokens", "300",
                     "--probe-stacks", "requests,httpx,httpx-async,openai-async,fasthttp", "--probe-modes", "close",
-                    "--probe-repeats", "3", "--probe-json", str(out),
-                    "--stopstorm-report", str(tmp_path / "report.json")], timeout=150)
+                    "--probe-repeats", "3", "--probe-early", "none", "--probe-json", str(out),
+                    "--probe-report", str(tmp_path / "probe-report.json")], timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["host"] == nginx_sse.url  # streamed through nginx, judged by the simulator's ledger

@@ -127,8 +127,8 @@ def test_probe_against_llama_cpp_python(llama: RealLlamaCpp, tmp_path: Path) -> 
         [sys.executable, "-m", "locust", "-f", "probe.py", "--headless", "--host", llama.url,
          "--server-log", str(llama.log_path), "--server-kind", "llama-cpp-python", "-u", "1", "-r", "1",
          "-t", "240s", "--max-tokens", "400", "--probe-stacks", "requests,httpx-async,openai,fasthttp",
-         "--probe-modes", "close,drop", "--probe-repeats", "2", "--probe-json", str(out),
-         "--stopstorm-report", str(tmp_path / "report.json")],
+         "--probe-modes", "close,drop", "--probe-repeats", "2", "--probe-early", "none", "--probe-json", str(out),
+         "--probe-report", str(tmp_path / "probe-report.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())

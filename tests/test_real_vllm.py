@@ -39,7 +39,7 @@ import pytest
 from stream_tools import Streams, make_settings
 
 from scripts.real_vllm import RealVllm, cache_dir, is_ready
-from stopstorm.metrics.analysis.accounting import account, server_id
+from stopstorm.metrics.analysis.accounting import account, by_outcome, server_id
 from stopstorm.metrics.figures import LOG_SOURCE, METRICS_SOURCE
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.truth.log_command import PipeLogFollower
@@ -296,13 +296,14 @@ def test_probe_against_vllm(real_vllm: Server, tmp_path: Path) -> None:
     proc = _locust(["-f", "probe.py", "--headless", "--host", srv.url, "--server-log", str(srv.log_path),
                     "-u", "1", "-r", "1", "-t", "120s", "--ignore-eos", "--max-tokens", "300",
                     "--probe-stacks", "requests,openai", "--probe-modes", "close,drop,hold", "--probe-repeats", "1",
-                    "--hold-seconds", str(HOLD_S), "--probe-json", str(out),
-                    "--stopstorm-report", str(tmp_path / "report.json")], timeout=150)
+                    "--hold-seconds", str(HOLD_S), "--probe-json", str(out), "--probe-report",
+                    str(tmp_path / "probe-report.json"), "--stopstorm-report", str(tmp_path / "report.json")],
+                   timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--run-time limit reached" not in proc.stderr, "the probe did not end the run by itself"
     doc = json.loads(out.read_text())
     assert doc["truth_source"] == VLLM_TRUTH_SOURCE
-    cells = {(c["stack"], c["close_mode"]): c for c in doc["cells"]}
+    cells = {(c["stack"], c["close_mode"]): c for c in doc["cells"] if c["stop"] == "tokens:20"}
     for stack in ("requests", "openai"):
         close, hold = cells[(stack, "close")], cells[(stack, "hold")]
         assert close["aborted"] == 1 and close["abort_latency_ms_max"] <= CLOSE_ABORT_S * 1e3
@@ -312,11 +313,62 @@ def test_probe_against_vllm(real_vllm: Server, tmp_path: Path) -> None:
     assert cells[("requests", "drop")]["aborted"] == 1
     # The openai SDK's dropped stream is closed only when the garbage collector gets to it, which may be before
     # vLLM's 300 tokens are out or not (it varies run to run): whichever it was, the probe must say what vLLM saw.
+    # The early-stop rows (a close 10 ms after the send, at the first token): every request vLLM registered
+    # was aborted or ran on, and the table's counts are what vLLM's log shows for those streams
+    early = [c for c in doc["cells"] if c["stop"] in ("seconds:0.010", "first-token")]
+    assert {(c["stack"], c["stop"]) for c in early} == {(s, st) for s in ("requests", "openai")
+                                                        for st in ("seconds:0.010", "first-token")}
+    for c in early:
+        assert c["streams"] == 5 and c["aborted"] + c["ran_on"] + c["never_reached"] == 5, c
+    streams = [s for s in doc["streams"] if s["early"]]
+    assert sum(c["ran_on"] for c in early) == sum(
+        1 for s in streams if s["ledger"]["log_added"] and s["ledger"]["finish_reason"] in ("length", "stop"))
+    assert any(line.startswith("an early `close`") for line in doc["verdict"])
+    assert not (tmp_path / "report.json").exists()  # a probe run writes its own report, not --stopstorm-report
     drop = cells[("openai", "drop")]
     if drop["aborted"] == 0:
         assert drop["outcome"] == "not aborted: ran to the end" and drop["wasted_tokens_mean"] == 300 - 20
     else:
         assert drop["outcome"] == "aborted: slot freed" and drop["wasted_tokens_mean"] < 300 - 20
+
+
+def test_early_stop_run_counts_the_streams_vllm_never_aborted(real_vllm: Server, tmp_path: Path) -> None:
+    """An early-stop Locust run (Stop 10 ms after the send; half the users close at once, half hold the socket
+    1 s, by when the 16-token stream has ended): stopstorm's ran-on count must be what vLLM's own log shows,
+    counted here by the reproduction script's own parser (scripts/repro_missed_close.py), not stopstorm's: the
+    run's stopped streams with an `Added request` line and no abort line. The hold streams run on for certain
+    (nothing is left to abort when they close), so the count is never trivially 0 = 0."""
+    from scripts.repro_missed_close import parse_log
+
+    srv = real_vllm
+    report, records = tmp_path / "report.json", tmp_path / "records.jsonl"
+    log_start = srv.log_path.stat().st_size
+    proc = _locust(["-f", "locustfile.py", "--headless", "--host", srv.url, "-u", "4", "-r", "4", "-t", "6s",
+                    "--server-log", str(srv.log_path), "--stopstorm-report", str(report), "--stopstorm-records",
+                    str(records), "--stop-probability", "1", "--stop-at", "seconds:fixed:0.01", "--close-mix",
+                    "close:1,hold:1", "--hold-seconds", "1", "--max-tokens", "16", "--ignore-eos", "--think-time",
+                    "0.05", "RequestsUser", "HttpxUser"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    time.sleep(1.0)  # the last lines of the log written
+    with open(srv.log_path, "rb") as f:
+        f.seek(log_start)
+        verdicts = parse_log(f.read().decode("utf-8", "replace"))
+    stopped = [r for r in map(json.loads, records.read_text().splitlines()) if r["stop"] is not None]
+    ids = ["chatcmpl-" + r["request_id"] for r in stopped]
+    ran_on = [i for i in ids if i in verdicts.added and i not in verdicts.aborted]
+    never = [i for i in ids if i not in verdicts.added]
+    doc = json.loads(report.read_text())
+    overall = doc["overall"]["figures"]
+    assert overall["ran_on"]["source"] == LOG_SOURCE
+    assert overall["ran_on"]["value"] == len(ran_on) > 0
+    assert overall["never_reached"]["value"] == len(never)
+    assert overall["closed_stops"]["value"] == len(stopped)
+    assert overall["zombies"]["value"] >= len(ran_on)  # ran-on streams are zombies (with the late aborts)
+    held = {"chatcmpl-" + r["request_id"] for r in stopped if r["close_mode"] == "hold"}
+    assert held & set(ran_on), "no held stream ran on: were the streams longer than the 1 s hold?"
+    finding = doc["run"]["figures"]["ran_on"]["value"]
+    assert finding.startswith(f"{len(ran_on)} of ") and "kept generating" in finding
+    assert f"ran on (missed closes): {finding}" in proc.stdout
 
 
 # --- the simulator side by side with real vLLM ----------------------------------------------------------------------
@@ -495,7 +547,8 @@ def test_locust_run_with_server_log_cmd(real_vllm: Server, tmp_path: Path) -> No
     records = [StreamRecord.from_wire(json.loads(line)) for line in jsonl.read_text().splitlines()]
     overall = doc["overall"]["figures"]
     assert overall["aborted"]["source"] == LOG_SOURCE and overall["aborted"]["value"] == overall["stopped"]["value"] > 0
-    by_file = account(records, None, None, 1.0, log=srv.truth.log)
+    # the report files streams by outcome (a stream the run's end cut is "not stopped"): so does this side
+    by_file = account(records, None, None, 1.0, log=srv.truth.log, cell_of=by_outcome)
     assert by_file.overall.log_aborted.value == overall["log_aborted"]["value"]
     assert {(c.stack, c.close_mode): c.figures.log_aborted.value for c in by_file.cells} == {
         (c["stack"], c["close_mode"]): c["figures"]["log_aborted"]["value"] for c in doc["cells"]}
@@ -512,6 +565,7 @@ def test_probe_with_server_log_cmd(real_vllm: Server, tmp_path: Path) -> None:
                     f"tail -n 0 -F {srv.log_path}", "-u", "1", "-r", "1", "-t", "60s", "--ignore-eos",
                     "--max-tokens", "300", "--probe-stacks", "requests", "--probe-modes", "close,hold",
                     "--probe-repeats", "1", "--hold-seconds", str(HOLD_S), "--probe-json", str(out),
+                    "--probe-early", "none",  # the log read through a command is the point here, not early stops
                     "--stopstorm-report", str(tmp_path / "report.json")], timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--run-time limit reached" not in proc.stderr, "the probe did not end the run by itself"

@@ -44,6 +44,7 @@ from stopstorm.users.verdicts import (
 
 __all__ = [
     "ERROR_BODY_LIMIT",
+    "REQUEST_TYPE",
     "AsyncStream",
     "AsyncStreamingUser",
     "AsyncTransport",
@@ -56,6 +57,7 @@ __all__ = [
     "arun_stream",
     "error_text",
     "http_failure",
+    "locust_name",
     "report",
     "run_stream",
     "seal",
@@ -437,28 +439,36 @@ def seal(record: StreamRecord) -> StreamRecord:
     return record
 
 
-def report(environment: Any, record: StreamRecord) -> None:
-    """Fire Locust's `request` event for the stream, and one for its TTFT; the record rides in `context`.
+REQUEST_TYPE = "stream"  # Locust's Type column: 8 characters wide, so the stack goes into the Name column
 
-    A stream the run's end cut short is its own row, not a Locust failure: the server did nothing wrong, and
-    Locust's exit code (1 on any failure) must keep meaning that the server failed.
+
+def locust_name(record: StreamRecord) -> str:
+    """The stream's row in Locust's tables: its stack, then what happened, in the report's words (a stream
+    nobody stopped is "not stopped", whatever close mode it would have used)."""
+    if record.error == INTERRUPTED:
+        return f"{record.stack} cut by the run's end"
+    return f"{record.stack} {record.close_mode} stop" if record.stopped else f"{record.stack} not stopped"
+
+
+def report(environment: Any, record: StreamRecord) -> None:
+    """Fire Locust's `request` event for the stream; the record rides in `context`.
+
+    One event a stream, so Locust's Aggregated row is every stream: its response time is send → Stop (or the
+    stream's end), its size the tokens the user read. The type is `stream` (Locust's Type column holds 8
+    characters; a stack name there pushed the row out of line) and the name says the stack and the outcome.
+    TTFT is not a Locust row (it would average first tokens with whole streams): the summary block after the run,
+    the HTML report and the web UI's live page show it. A stream the run's end cut short is its own row, not a
+    Locust failure: the server did nothing wrong, and Locust's exit code (1 on any failure) must keep meaning
+    that the server failed.
     """
     seal(record)
-    name = f"{record.close_mode} stop" if record.stopped else "full stream"
-    if record.error == INTERRUPTED:
-        name = "interrupted by the run's end"
     duration = record.duration
     exc = StreamFailure(record.error) if record.error not in (None, INTERRUPTED) else None
     environment.events.request.fire(
-        request_type=record.stack, name=name,
+        request_type=REQUEST_TYPE, name=locust_name(record),
         response_time=(duration if duration is not None else time.monotonic() - record.sent) * 1e3,
         response_length=record.tokens_read, exception=exc, context={"record": record},
     )
-    if record.ttft is not None:
-        environment.events.request.fire(
-            request_type=record.stack, name="ttft", response_time=record.ttft * 1e3, response_length=0,
-            exception=None, context={},
-        )
 
 
 class StreamingUser(User):

@@ -26,10 +26,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
+from stopstorm.metrics.analysis.closes import (
+    CloseOutcome,
+    classify_ledger,
+    classify_log,
+    close_figures,
+    log_zombies,
+    ran_on_finding,
+)
 from stopstorm.metrics.figures import (
     CLIENT_ESTIMATE,
     CLIENT_SOURCE,
@@ -42,11 +50,12 @@ from stopstorm.metrics.figures import (
 )
 from stopstorm.metrics.record import INTERRUPTED, StreamRecord
 from stopstorm.metrics.truth.ledger import LedgerSnapshot
-from stopstorm.metrics.truth.vllm_log import LogEvent, base_request_id
+from stopstorm.metrics.truth.vllm_log import LogEvent, LogIndex, base_request_id
 from stopstorm.metrics.truth.vllm_metrics import MetricsDelta
 from stopstorm.simulator.ledger import LedgerEntry
 
 __all__ = [
+    "NOT_STOPPED",
     "RUN_QUEUE_WAIT_NOTE",
     "ZOMBIE_GRACE_S",
     "Accounting",
@@ -56,6 +65,8 @@ __all__ = [
     "RunFigures",
     "StopRow",
     "account",
+    "by_outcome",
+    "by_plan",
     "ledger_occupancy",
     "server_id",
     "stop_rows",
@@ -64,6 +75,9 @@ __all__ = [
 
 ZOMBIE_GRACE_S = 0.1
 RUN_QUEUE_WAIT_NOTE = "arrival → scheduled, every request the server served"
+# The cell of a stream nobody stopped under `by_outcome`: its close mode was never used (a stream that ended
+# before its planned Stop, one planned never to stop, one the run's end cut), so it is filed once, here.
+NOT_STOPPED = "not stopped"
 
 
 class LogLookup(Protocol):
@@ -73,6 +87,10 @@ class LogLookup(Protocol):
     def aborted(self) -> Mapping[str, LogEvent]: ...
 
     def lookup(self, request_id: str) -> tuple[LogEvent | None, LogEvent | None]: ...
+
+# The closed-stop figures' defaults, until `_with_closes` fills them (a truth was read)
+_NO_STREAMS, _NO_TOKENS, _NO_SLOT_S, _NO_FINDING = (unknown(u) for u in ("streams", "tokens", "slot-s", "finding"))
+
 
 @dataclass(frozen=True, slots=True)
 class Figures:
@@ -95,6 +113,13 @@ class Figures:
     goodput_rate: Figure  # goodput_tokens / run duration
     log_aborted: Figure  # stopped streams whose abort the vLLM log shows
     log_abort_latency: Figure  # Stop → abort line read, those streams (Distribution, s)
+    # What the server made of each closed stop (metrics/analysis/closes.py; `_with_closes` fills them)
+    closed_stops: Figure = _NO_STREAMS  # stopped streams whose client closed (modes other than none)
+    never_reached: Figure = _NO_STREAMS  # of which the server has no trace
+    ran_on: Figure = _NO_STREAMS  # registered, never aborted by the run's end: missed closes (zombies)
+    ran_on_to_end: Figure = _NO_STREAMS  # of which the server confirmed ran to their end
+    ran_on_tokens: Figure = _NO_TOKENS  # generated for ran-on streams beyond what their users read
+    ran_on_slot_seconds: Figure = _NO_SLOT_S  # slot time ran-on streams held after Stop
 
     def items(self) -> list[tuple[str, Figure]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
@@ -119,6 +144,7 @@ class RunFigures:
     log_aborts: Figure  # every abort the vLLM log showed during the run, joined to a record or not
     unmatched_requests: Figure  # ledger requests no record reported (e.g. users killed at the run's end)
     unjoined_streams: Figure  # records the ledger does not know (with a ledger present)
+    ran_on: Figure = _NO_FINDING  # the missed closes in words (metrics/analysis/closes.py)
 
     def items(self) -> list[tuple[str, Figure]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
@@ -134,6 +160,17 @@ class Accounting:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def by_outcome(record: StreamRecord) -> tuple[str, str]:
+    """The report's cell of a stream: its stack and the close mode it used, or `NOT_STOPPED` when nobody pressed
+    Stop (so `none`, a close mode, only holds streams a user stopped and read on)."""
+    return record.stack, record.close_mode if record.stop is not None else NOT_STOPPED
+
+
+def by_plan(record: StreamRecord) -> tuple[str, str]:
+    """A stream's stack and planned close mode, stopped or not (`account`'s default grouping)."""
+    return record.stack, record.close_mode
 
 
 def server_id(record: StreamRecord) -> str:
@@ -323,13 +360,15 @@ def _metrics_aborts(delta: MetricsDelta | None) -> float | None:
 
 def account(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None,
             metrics_delta: MetricsDelta | None, duration_s: float, *, zombie_grace_s: float = ZOMBIE_GRACE_S,
-            run_end: float | None = None, log: LogLookup | None = None) -> Accounting:
+            run_end: float | None = None, log: LogLookup | None = None,
+            cell_of: Callable[[StreamRecord], tuple[str, str]] = by_plan) -> Accounting:
     """Account for every stream: per stack × close mode, overall, and run-wide findings.
 
     `ledger`: the simulator's ledger, None without a simulator. `metrics_delta`: vLLM `/metrics` over the run,
     None if not scraped. `duration_s`: the run's length, for rates. `run_end`: monotonic time a request still in
     flight is counted to; by default the ledger's `now`. `log`: vLLM's request log (`LogFollower` or
-    `LogIndex`), None if not read.
+    `LogIndex`), None if not read. `cell_of`: a stream's (stack, close mode) cell; the report files streams
+    `by_outcome` (unstopped ones once, as `NOT_STOPPED`).
     """
     has_ledger = ledger is not None
     entries = ledger.by_id if ledger is not None else {}
@@ -339,7 +378,7 @@ def account(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None,
     aborts = _abort_index(log) if log is not None else None
     groups: dict[tuple[str, str], list[_Joined]] = {}
     for j in joined:
-        groups.setdefault((j.record.stack, j.record.close_mode), []).append(j)
+        groups.setdefault(cell_of(j.record), []).append(j)
     cells = tuple(Cell(stack, mode, _figures(groups[(stack, mode)], has_ledger, duration_s, zombie_grace_s, run_end,
                                              aborts))
                   for stack, mode in sorted(groups))
@@ -399,7 +438,38 @@ def account(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None,
         sources.append(LOG_SOURCE)
     if metrics_delta is not None:
         sources.append(METRICS_SOURCE)
+    cells, overall, run = _with_closes(cells, overall, run, records, ledger, log, run_end, zombie_grace_s)
     return Accounting(cells, overall, run, tuple(sources), zombie_grace_s)
+
+
+def _with_closes(cells: tuple[Cell, ...], overall: Figures, run: RunFigures, records: Sequence[StreamRecord],
+                 ledger: LedgerSnapshot | None, log: LogLookup | None, run_end: float | None,
+                 grace: float) -> tuple[tuple[Cell, ...], Figures, RunFigures]:
+    """Each closed stop classed never reached / aborted / ran on (metrics/analysis/closes.py), by the ledger
+    or else vLLM's log, as figures in every cell, the overall row and the run's finding. Without a ledger the
+    log's zombies (the ran-on streams and the aborts read later than `grace`) fill `zombies`, which the log
+    alone otherwise leaves unknown; with one, the ledger's zombies stand."""
+    outcomes: list[CloseOutcome]
+    if ledger is not None:
+        outcomes, source = classify_ledger(records, ledger.by_id, run_end), LEDGER_SOURCE
+    elif isinstance(log, LogIndex):
+        outcomes, source = classify_log(records, log), LOG_SOURCE
+    else:
+        return cells, overall, run
+    by_cell: dict[tuple[str, str], list[CloseOutcome]] = {}
+    for o in outcomes:
+        by_cell.setdefault((o.record.stack, o.record.close_mode), []).append(o)
+
+    def fill(figures: Figures, group: list[CloseOutcome]) -> Figures:
+        changes = dict(close_figures(group, source).items())
+        if ledger is None:
+            changes["zombies"], changes["zombie_slot_seconds"] = log_zombies(group, grace)
+        return _replace(figures, **changes)
+
+    cells = tuple(Cell(c.stack, c.close_mode, fill(c.figures, by_cell.get((c.stack, c.close_mode), [])))
+                  for c in cells)
+    run = RunFigures(**{**dict(run.items()), "ran_on": ran_on_finding(outcomes, source)})
+    return cells, fill(overall, outcomes), run
 
 
 def _replace(figures: Figures, **changes: Figure) -> Figures:
@@ -422,6 +492,7 @@ class StopRow:
     stop_to_freed_s: float | None
     state: str  # the server's finish reason, "zombie (still running)", "aborting", or "unknown"
     truth: str
+    zombie_slot_s: float | None = None  # slot time it held after Stop as a zombie (0: not one; None: unknown)
 
 
 def stop_rows(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None, *, limit: int = 50,
@@ -451,6 +522,8 @@ def stop_rows(records: Sequence[StreamRecord], ledger: LedgerSnapshot | None, *,
         else:
             freed = None
             state = "zombie (still running)" if ledger.now - r.stop > zombie_grace_s else "aborting"
+        held = _zombie_time(_Joined(r, e), zombie_grace_s, ledger.now)
         rows.append(StopRow(r.stack, r.close_mode, r.request_id, r.tokens_read, e.generated_tokens,
-                            wasted_tokens(e, r), freed, state, LEDGER_SOURCE))
+                            wasted_tokens(e, r), freed, state, LEDGER_SOURCE,
+                            round(held, 6) if held is not None else 0.0))
     return tuple(rows)

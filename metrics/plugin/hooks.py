@@ -43,7 +43,7 @@ from stopstorm.metrics.report.gpu_files import gpu_file_names, write_gpu_files
 from stopstorm.metrics.report.html_page import write_html_report
 from stopstorm.metrics.report.json_file import write_report
 from stopstorm.metrics.report.model import LogInfo, OpenModelInfo, RecordsInfo, Report, RunMeta, ScrapeInfo
-from stopstorm.metrics.truth.ledger import LedgerClient, LedgerSnapshot, server_max_num_seqs
+from stopstorm.metrics.truth.ledger import LedgerClient, LedgerSnapshot, max_num_seqs_of
 from stopstorm.metrics.truth.log_command import PipeLogFollower
 from stopstorm.metrics.truth.vllm_log import LineFollower, LogFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper
@@ -243,17 +243,19 @@ def _server_log_meta(follower: LineFollower, records: list[StreamRecord]) -> Log
     return LogInfo.from_json({**follower.describe(), "matched": follower.matched(server_id(r) for r in records)})
 
 
-def _fetch_ledger(host: str, settle_s: float = 1.0) -> LedgerSnapshot | None:
+def _fetch_ledger(host: str, settle_s: float = 1.0) -> tuple[LedgerSnapshot | None, int | None]:
     """The simulator's ledger once every request has left the engine (users killed at the end are closing
-    theirs), or as it is after `settle_s`; None when the server has no ledger (real vLLM)."""
+    theirs), or as it is after `settle_s`, and its `max_num_seqs`; (None, None) for a server without a ledger
+    (real vLLM). One client, two requests: the stats say whether there is a ledger and how many slots."""
     client = LedgerClient(host)
     try:
-        if not client.available():
-            return None
+        stats = client.stats()
+        if stats is None:
+            return None, None
         snapshot = client.wait_settled(settle_s)
         if snapshot is None:
             raise RuntimeError(f"cannot read the simulator ledger at {host}/stopstorm/ledger")
-        return snapshot
+        return snapshot, max_num_seqs_of(stats)
     finally:
         client.close()
 
@@ -297,7 +299,7 @@ def _write_run_report(**_kwargs: Any) -> None:
         opts = env.parsed_options
         path = getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT
         host = truth_host(env) if env.host else ""  # the server's truth, behind any proxy (--truth-url)
-        ledger = _fetch_ledger(host) if host else None  # also lets the users' last aborts reach the log
+        ledger, max_num_seqs = _fetch_ledger(host) if host else (None, None)  # also lets the last aborts be logged
         follower = _stop_log()
         _stop_scraper()
         scraper, RUN.scraper = RUN.scraper, None
@@ -310,9 +312,10 @@ def _write_run_report(**_kwargs: Any) -> None:
         report = build_report(RunInputs(
             records=list(RUN.records), meta=_meta(env, end - RUN.started, ledger, scraper, delta, follower, gpu_off),
             started=RUN.started, ended=end, ledger=ledger, metrics=delta, log=follower,
-            max_num_seqs=server_max_num_seqs(host) if ledger is not None else None,
+            max_num_seqs=max_num_seqs,
             self_monitor=self_monitor.summaries(), gpu=readings, gpu_idle_pct=idle_pct,
-            gpu_files=gpu_file_names(path)))
+            gpu_files=gpu_file_names(path), planned_stacks=_planned_stacks(env),
+            capacity_search=RUN.capacity_search))
         RUN.report = report
         write_report(path, report)
         if report.gpu is not None:
@@ -326,6 +329,11 @@ def _write_run_report(**_kwargs: Any) -> None:
         sink, RUN.sink = RUN.sink, None
         if sink is not None:
             sink.close()
+
+
+def _planned_stacks(env: Environment) -> list[str]:
+    """The client stacks of the run's user classes (their `stack`), for the summary's "which stacks ran"."""
+    return [stack for cls in env.user_classes or () if (stack := getattr(cls, "stack", ""))]
 
 
 def _report_so_far() -> Report:

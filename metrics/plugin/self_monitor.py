@@ -29,6 +29,7 @@ import contextlib
 import gc
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from operator import itemgetter
@@ -85,10 +86,11 @@ class LagHistogram:
         self.total = 0.0
         self.max = 0.0
 
-    def add(self, lag: float) -> None:
-        self.counts[_bucket(lag)] += 1
-        self.count += 1
-        self.total += lag
+    def add(self, lag: float, n: int = 1) -> None:
+        """`n` samples of `lag` seconds."""
+        self.counts[_bucket(lag)] += n
+        self.count += n
+        self.total += lag * n
         if lag > self.max:
             self.max = lag
 
@@ -142,6 +144,31 @@ class LagSampler:
                 del self._windows[0]
             self._windows.append((slept_from, woke))
         self.last_wake = woke
+
+    def lateness(self, t: float, now: float | None = None) -> float:
+        """At most how late a stamp taken on this loop at `t` was, measured: the time since the loop stalled,
+        when a stall over the bound was going on at `t` or had just ended (a greenlet woken by bytes that
+        arrived in the stall runs, and stamps, only after it: within `bound` of the sampler's own wake); 0 when
+        the loop ran on time then, so the stamp is late by no more than the bound.
+
+        A stall still going on (the sleeper overdue at `now`) counts from when the sleeper was due.
+        """
+        if now is not None and self.last_wake is not None:
+            due = self.last_wake + self.interval
+            if now - due > self.bound and t > due:
+                return t - due
+        windows = self._windows
+        i = bisect.bisect_right(windows, t, key=_start_of)  # the last window starting at or before t
+        try:
+            start, woke = windows[i - 1] if i > 0 else (0.0, -1.0)
+        except IndexError:  # the oldest window was dropped (at the cap) by the other thread meanwhile
+            return 0.0
+        stalled_from = start + self.interval  # the sleeper was due then: the loop was held from there on
+        return t - stalled_from if stalled_from < t <= woke + self.bound else 0.0
+
+    def calm(self, start: float, end: float, now: float | None = None) -> bool:
+        """No stall over the bound reaches into [start, end]: every stamp taken then was on time."""
+        return not self.overlaps(start - max(self.interval, self.bound), end + self.bound, now)
 
     def overlaps(self, start: float, end: float, now: float | None = None) -> bool:
         """Did the loop lag beyond the bound at any time in [start, end]?
@@ -204,6 +231,13 @@ class GcPauses:
                 "pause_max_ms": round(self.max * 1e3, 3)}
 
 
+def _late(h: LagHistogram) -> dict[str, float | None]:
+    """A timing figure's error bar: p99 and max of its stamps' lateness bounds, ms (None: nothing checked)."""
+    if not h.count:
+        return {"late_p99_ms": None, "late_max_ms": None}
+    return {"late_p99_ms": round(h.percentile(0.99) * 1e3, 3), "late_max_ms": round(h.max * 1e3, 3)}
+
+
 def _thread_cpu(ident: int | None) -> float | None:
     """CPU seconds of the real thread `ident` (Linux: its pthread CPU clock), None where unavailable."""
     if ident is None or not hasattr(time, "pthread_getcpuclockid"):
@@ -263,6 +297,10 @@ class SelfMonitor:
         self._bridge_cpu1: float | None = None
         self.ttft_checked = self.ttft_flagged = 0
         self.itl_checked = self.itl_flagged = 0
+        # Each checked stamp's measured upper bound on its own lateness (the bound itself where the loop was on
+        # time): the error bar of the TTFT and ITL figures, as a distribution.
+        self.ttft_late = LagHistogram()
+        self.itl_late = LagHistogram()
 
     # -- running ------------------------------------------------------------------------------------------
 
@@ -320,22 +358,35 @@ class SelfMonitor:
 
     # -- judging timings ----------------------------------------------------------------------------------
 
-    def check(self, record: Any) -> None:
-        """Count the record's TTFT and ITL gaps, and flag those that overlap a lagged window of the loop
-        that stamped them (the bridge loop for async stacks, the hub for the others)."""
+    def check(self, record: Any, now: float | None = None) -> None:
+        """Judge the record's first-token and chunk stamps by the loop that took them (the bridge loop for
+        async stacks, the hub for the others): a stamp is flagged only when that loop was late at the moment
+        it was taken, by more than the bound, and every stamp gets the measured bound of its lateness. (A stall
+        in the middle of a wait does not delay the stamp that ends the wait, so the wait itself is not judged.)"""
         sampler = self.bridge if str(getattr(record, "stack", "")).endswith("-async") else self.hub
-        now = time.monotonic()
+        bound = self.bound
+        now = time.monotonic() if now is None else now
         first = getattr(record, "first_token", None)
         if first is not None:
             self.ttft_checked += 1
-            if sampler.overlaps(record.sent, first, now):
+            late = sampler.lateness(first, now)
+            if late > bound:
                 self.ttft_flagged += 1
-        times: list[float] = getattr(record, "chunk_times", None) or []
+            self.ttft_late.add(max(late, bound))
+        times: Sequence[float] = getattr(record, "chunk_times", None) or []
         if len(times) < 2:
             return
-        self.itl_checked += len(times) - 1
-        if sampler.overlaps(times[0], times[-1], now):  # the common case, no lag at all, costs one bisect
-            self.itl_flagged += sum(1 for a, b in pairwise(times) if sampler.overlaps(a, b, now))
+        gaps = len(times) - 1
+        self.itl_checked += gaps
+        if sampler.calm(times[0], times[-1], now):  # the common case, no stall at all, costs one bisect
+            self.itl_late.add(bound, gaps)
+            return
+        lates = [sampler.lateness(x, now) for x in times]
+        for a, b in pairwise(lates):
+            worst = max(a, b)
+            if worst > bound:
+                self.itl_flagged += 1
+            self.itl_late.add(max(worst, bound))
 
     # -- the summary that travels -------------------------------------------------------------------------
 
@@ -358,8 +409,8 @@ class SelfMonitor:
             "bridge_cpu_s": bridge_cpu,
             "hub_lag": self.hub.stats(),
             "bridge_lag": self.bridge.stats(),
-            "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged},
-            "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged},
+            "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged, **_late(self.ttft_late)},
+            "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged, **_late(self.itl_late)},
             "gc": self.gc.stats(),
         }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from stopstorm.metrics.analysis.verdict import CapacitySearch
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.report.model import Report
@@ -46,6 +47,7 @@ class RunState:
     arrivals: ArrivalStats | None = None  # --arrival-rate's clock, once a user made it
     reported: bool = False  # the report was written (Locust's shutdown can run twice after SIGTERM)
     report: Report | None = None  # the run's Report, once built
+    capacity_search: CapacitySearch | None = None  # capacity.py's steps so far (it announces them here)
 
 
 RUN = RunState()

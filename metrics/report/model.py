@@ -5,9 +5,9 @@ none edits another's output, so a figure shown in two places is one value. `repo
 `report_from_json` are its JSON form (the file a run writes, and what `stopstorm compare` reads back), layout
 below; reading a saved file is the one place a dict becomes a Report.
 
-JSON layout (schema_version 2):
+JSON layout (schema_version 3):
 
-    {"schema_version": 2,
+    {"schema_version": 3,
      "meta": {...},                      # the run's facts: host, options, library versions, times; blocks below
      "sources": ["client records", "simulator ledger", ...],   # the truths this run had
      "zombie_grace_s": 0.1,
@@ -17,7 +17,15 @@ JSON layout (schema_version 2):
      "stops": [STOP, ...],               # the latest stopped streams, newest first (the web UI's Stops tab)
      "self_monitor": {...},              # always (from Locust runs); sections below
      "gpu": {...},                       # when a GPU source was read
-     "capacity": {...}}                  # when the simulator's ledger was read
+     "capacity": {...},                  # when the simulator's ledger was read
+     "summary": {...},                   # the fixed summary block (metrics/analysis/verdict.py)
+     "verdict": {...},                   # the verdict in sentences, and what it was decided on
+     "over_time": TABLE,                 # the run in bins: zombies, generated and delivered tokens/s
+     "capacity_search": {...}}           # capacity.py's steps and knee, when it ran
+
+A cell is one client stack × close mode: "close_mode" is the mode a stopped stream used, or "not stopped" for
+every stream nobody stopped (whatever mode it would have used; version 2 filed those under their planned
+mode, which for a stream planned never to stop was "none").
 
 Every FIGURE is {"value", "unit", "source"} plus an optional "note". "value" is a number, a string (a finding), an
 object of counts by error text (`failures`), an object {"count", "p50", "p90", "p95", "p99", "max", "mean"} for a
@@ -25,12 +33,16 @@ distribution, or null when its truth was unavailable (source "unavailable"); nev
 seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams, stopped, failed, failures,
 interrupted (streams the run's end cut short: neither in failed nor in failures), aborted, abort_latency,
 wasted_tokens, zombies, zombie_slot_seconds, queue_wait, freed_tokens, freed_slot_seconds, goodput_tokens,
-goodput_rate, log_aborted, log_abort_latency. Run figures: duration, freed_tokens_rate, ledger_aborts,
-vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests, unjoined_streams.
+goodput_rate, log_aborted, log_abort_latency, and the closed stops' classes (metrics/analysis/closes.py):
+closed_stops, never_reached, ran_on, ran_on_to_end, ran_on_tokens, ran_on_slot_seconds. Run figures: duration,
+freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
+unjoined_streams, ran_on (a finding: the missed closes in words). A reader of an older report gets the newer
+figures as unavailable.
 
 STOP (metrics/analysis/accounting.py `StopRow`): {"stack", "close_mode", "request_id", "tokens_read",
 "generated" (null without per-request truth), "wasted", "stop_to_freed_s", "state" (the server's finish
-reason, "zombie (still running)", "aborting" or "unknown"), "truth"}.
+reason, "zombie (still running)", "aborting" or "unknown"), "truth", "zombie_slot_s" (slot time it held after
+Stop as a zombie: 0 when it was none, null without per-request truth)}.
 
 "meta" blocks: "partial": false, or true with "partial_reason" (SIGTERM or Ctrl-C cut the run: figures cover it
 until then); "records": {"path", "written"} with --stopstorm-records; "metrics": the /metrics scraper's {"url",
@@ -49,9 +61,11 @@ for the final batches}}}.
 "local", "master" or "worker <client id>". SUMMARY: {"pid", "interval_ms", "max_loop_lag_ms", "wall_s",
 "cpu_s", "cpu_pct" (of one core), "bridge_cpu_s" (the asyncio bridge thread's, null without one), "hub_lag"
 and "bridge_lag" ({"count", "p50_ms", "p99_ms", "max_ms", "mean_ms", "lagged" (stalls over the bound),
-"lagged_s"}, null when not sampled), "ttft": {"checked", "flagged"}, "itl": {"checked", "flagged"}, "gc":
-{"collections" (by generation), "pause_total_s", "pause_max_ms"}}; a flagged TTFT or ITL gap overlapped a
-stall of its loop longer than max_loop_lag_ms, so it may hold the tool's own delay.
+"lagged_s"}, null when not sampled), "ttft" and "itl": {"checked", "flagged", "late_p99_ms", "late_max_ms"},
+"gc": {"collections" (by generation), "pause_total_s", "pause_max_ms"}}. A stamp (a first token, a chunk) is
+flagged when the loop that took it was late at that moment by more than max_loop_lag_ms; late_p99_ms and
+late_max_ms are the checked stamps' measured lateness bounds (max_loop_lag_ms for a stamp taken on time): the
+error bar of the TTFT and ITL figures. An ITL gap is flagged when either of its stamps is.
 
 "gpu" (metrics/analysis/gpu_attribution.py): {"source": "nvml"|"dcgm", "devices": [{"index", "name",
 "uuid"}], "interval_s", "idle_pct", "errors", "last_error", "timeline": {"columns": ["t_s", "gpu",
@@ -75,9 +89,25 @@ first reading; a reading the GPU does not give is null.
 {"columns": ["t_s", "prompt_tokens", "target_tokens", "stop_tokens", "aborted_at_tokens"], "rows": [...]},
 "horizon_s"} (or {"source", "error"} when the replay could not run)}.
 
+"summary" (metrics/analysis/verdict.py `Summary`): {"figures": {"requests", "completed" (read to their end,
+nobody pressed Stop), "request_rate" (requests/s), "output_rate" (generated tokens/s: the ledger, else vLLM's
+counters), "goodput_rate", "ttft", "tpot", "itl" (the clients' timings: distributions, s), "queue_wait",
+"step" (the server's decode step: the median of its requests' mean inter-token time)}: FIGUREs, "stacks" (the
+client stacks that sent streams), "planned_stacks" (those the run's user classes name), "ttft_samples_s"
+[sorted seconds]}. "verdict" (`Verdict`): {"sentences": [...], "caveats": [...], "step_bound_s" (what "within
+one engine step" allowed), "zombie_share" (zombie slot-s over duration × max_num_seqs), "cells": [{"stack",
+"close_mode", "outcome" ("honoured", "late", "never", "unknown"), "stopped", "aborted", "zombies", "p99_s"}]}.
+"over_time" (metrics/analysis/over_time.py): {"columns": ["t_s", "zombies", "generated_tok_s",
+"delivered_tok_s"], "rows", "source"}, bins from the run's start (zombies: the most held at once in the bin;
+null without a ledger). "capacity_search" (`CapacitySearch`): {"slo", "quantile", "knee_users", "estimate",
+"min_requests", "steps": [{"users", "requests", "value_s", "held", "interval_s" ([lo, hi], the quantile's 95 %
+bootstrap interval), "request_rate", "output_rate", "rate_source", "end_s"}]}.
+
 Versions: 1, the accounting (cells, overall, run) and meta; 2 adds "self_monitor", "gpu", "capacity", "stops"
-and the meta blocks "partial", "records", "open_model", "gpu" and "distributed". Every version-1 field keeps
-its meaning, so a version-1 reader reads a version-2 report.
+and the meta blocks "partial", "records", "open_model", "gpu" and "distributed". 3 files a stream nobody
+stopped once, in its stack's "not stopped" cell (so a cell's figures mean what that close mode did to stopped
+streams), and adds "summary", "verdict", "over_time", "capacity_search" and each STOP's "zombie_slot_s". Every
+other field keeps its meaning; a version-2 reader that sums cells per close mode must read "not stopped" too.
 """
 
 from __future__ import annotations
@@ -89,7 +119,8 @@ from typing import Any
 from stopstorm.metrics.analysis.accounting import Accounting, Cell, Figures, RunFigures, StopRow
 from stopstorm.metrics.analysis.capacity import CapacitySection
 from stopstorm.metrics.analysis.gpu_attribution import GpuSection
-from stopstorm.metrics.figures import Figure
+from stopstorm.metrics.analysis.verdict import CapacitySearch, Summary, Verdict
+from stopstorm.metrics.figures import Figure, Table
 
 __all__ = [
     "GPU_ON_WORKER",
@@ -108,7 +139,7 @@ __all__ = [
     "report_to_json",
 ]
 
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 # meta.gpu_off when a distributed run's GPU is sampled by the worker on the GPU host, not by this process
 GPU_ON_WORKER = "sampled by the worker on the GPU host (--gpu-host-worker)"
 
@@ -318,9 +349,13 @@ class MonitorSummary:
     hub_lag: LagStats | None = None
     bridge_lag: LagStats | None = None
     ttft_checked: int = 0
-    ttft_flagged: int = 0
+    ttft_flagged: int = 0  # stamped while its loop was late by more than max_loop_lag_ms
+    ttft_late_p99_ms: float | None = None  # the stamps' measured lateness bound: the TTFT figures' error bar
+    ttft_late_max_ms: float | None = None
     itl_checked: int = 0
     itl_flagged: int = 0
+    itl_late_p99_ms: float | None = None
+    itl_late_max_ms: float | None = None
     gc_collections: tuple[int, ...] = ()
     gc_pause_total_s: float = 0.0
     gc_pause_max_ms: float = 0.0
@@ -331,8 +366,10 @@ class MonitorSummary:
                 "bridge_cpu_s": self.bridge_cpu_s,
                 "hub_lag": None if self.hub_lag is None else _plain_json(self.hub_lag),
                 "bridge_lag": None if self.bridge_lag is None else _plain_json(self.bridge_lag),
-                "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged},
-                "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged},
+                "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged,
+                         "late_p99_ms": self.ttft_late_p99_ms, "late_max_ms": self.ttft_late_max_ms},
+                "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged,
+                        "late_p99_ms": self.itl_late_p99_ms, "late_max_ms": self.itl_late_max_ms},
                 "gc": {"collections": list(self.gc_collections), "pause_total_s": self.gc_pause_total_s,
                        "pause_max_ms": self.gc_pause_max_ms}}
 
@@ -346,7 +383,9 @@ class MonitorSummary:
             hub_lag=_plain(LagStats, d["hub_lag"]) if isinstance(d.get("hub_lag"), Mapping) else None,
             bridge_lag=_plain(LagStats, d["bridge_lag"]) if isinstance(d.get("bridge_lag"), Mapping) else None,
             ttft_checked=int(ttft.get("checked") or 0), ttft_flagged=int(ttft.get("flagged") or 0),
+            ttft_late_p99_ms=ttft.get("late_p99_ms"), ttft_late_max_ms=ttft.get("late_max_ms"),
             itl_checked=int(itl.get("checked") or 0), itl_flagged=int(itl.get("flagged") or 0),
+            itl_late_p99_ms=itl.get("late_p99_ms"), itl_late_max_ms=itl.get("late_max_ms"),
             gc_collections=tuple(gc.get("collections") or ()), gc_pause_total_s=float(gc.get("pause_total_s") or 0),
             gc_pause_max_ms=float(gc.get("pause_max_ms") or 0),
         )
@@ -366,6 +405,10 @@ class Report:
     gpu: GpuSection | None = None
     capacity: CapacitySection | None = None
     schema_version: int = REPORT_SCHEMA_VERSION
+    summary: Summary | None = None  # the fixed block every view shows first, under the verdict
+    verdict: Verdict | None = None
+    over_time: Table | None = None  # t_s, zombies, generated_tok_s, delivered_tok_s (analysis/over_time.py)
+    capacity_search: CapacitySearch | None = None  # capacity.py's steps and knee, when it ran
 
     @property
     def label(self) -> str:
@@ -376,7 +419,7 @@ class Report:
 def _stop_json(s: StopRow) -> Json:
     return {"stack": s.stack, "close_mode": s.close_mode, "request_id": s.request_id, "tokens_read": s.tokens_read,
             "generated": s.generated, "wasted": s.wasted, "stop_to_freed_s": s.stop_to_freed_s, "state": s.state,
-            "truth": s.truth}
+            "truth": s.truth, "zombie_slot_s": s.zombie_slot_s}
 
 
 def report_to_json(report: Report) -> Json:
@@ -398,11 +441,19 @@ def report_to_json(report: Report) -> Json:
         out["gpu"] = report.gpu.to_json()
     if report.capacity is not None:
         out["capacity"] = report.capacity.to_json()
+    if report.summary is not None:
+        out["summary"] = report.summary.to_json()
+    if report.verdict is not None:
+        out["verdict"] = report.verdict.to_json()
+    if report.over_time is not None:
+        out["over_time"] = report.over_time.to_json()
+    if report.capacity_search is not None:
+        out["capacity_search"] = report.capacity_search.to_json()
     return out
 
 
 def report_from_json(doc: Mapping[str, Any]) -> Report:
-    """A saved report read back (version 1 or 2); ValueError when `doc` is not a stopstorm report."""
+    """A saved report read back (version 1, 2 or 3); ValueError when `doc` is not a stopstorm report."""
     if not isinstance(doc, Mapping) or "overall" not in doc:
         raise ValueError("not a stopstorm report (no 'overall' section)")
     accounting = Accounting(
@@ -424,4 +475,9 @@ def report_from_json(doc: Mapping[str, Any]) -> Report:
         gpu=GpuSection.from_json(doc["gpu"]) if isinstance(doc.get("gpu"), Mapping) else None,
         capacity=CapacitySection.from_json(doc["capacity"]) if isinstance(doc.get("capacity"), Mapping) else None,
         schema_version=int(doc.get("schema_version") or 1),
+        summary=Summary.from_json(doc["summary"]) if isinstance(doc.get("summary"), Mapping) else None,
+        verdict=Verdict.from_json(doc["verdict"]) if isinstance(doc.get("verdict"), Mapping) else None,
+        over_time=Table.from_json(doc["over_time"]) if isinstance(doc.get("over_time"), Mapping) else None,
+        capacity_search=(CapacitySearch.from_json(doc["capacity_search"])
+                         if isinstance(doc.get("capacity_search"), Mapping) else None),
     )

@@ -17,7 +17,7 @@ import requests
 
 from stopstorm.simulator.ledger import LedgerEntry
 
-__all__ = ["LedgerClient", "LedgerSnapshot", "server_max_num_seqs"]
+__all__ = ["LedgerClient", "LedgerSnapshot", "max_num_seqs_of", "server_max_num_seqs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,7 @@ class LedgerClient:
         """The simulator's engine counters and config (`GET /stopstorm/stats`); None when it cannot be read."""
         return self._get_json("/stopstorm/stats")
 
+
     def wait_freed(self, server_id: str, timeout: float, poll: float = 0.02) -> LedgerEntry | None:
         """The entry once the request has left the engine (finished or aborted), or as it is at `timeout`."""
         return _poll(lambda: self.entry(server_id), lambda e: e is not None and e.freed is not None, timeout, poll)
@@ -116,8 +117,12 @@ def server_max_num_seqs(host: str) -> int | None:
         return None
     client = LedgerClient(host)
     try:
-        stats = client.stats()
+        return max_num_seqs_of(client.stats())
     finally:
         client.close()
+
+
+def max_num_seqs_of(stats: dict[str, Any] | None) -> int | None:
+    """`max_num_seqs` from the simulator's stats (`LedgerClient.stats`); None without it."""
     value = ((stats or {}).get("config") or {}).get("max_num_seqs")
     return int(value) if isinstance(value, int) else None

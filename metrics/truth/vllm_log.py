@@ -44,7 +44,8 @@ from typing import Any, Literal
 import gevent
 from gevent.event import Event
 
-__all__ = ["LineFollower", "LogEvent", "LogFollower", "LogIndex", "base_request_id", "parse_events", "parse_line"]
+__all__ = ["LineFollower", "LogEvent", "LogFollower", "LogIndex", "RequestLines", "base_request_id", "parse_events",
+           "parse_line", "parse_request_line"]
 
 EventKind = Literal["added", "aborted"]
 
@@ -61,6 +62,19 @@ _ABORTED = re.compile(r"^Aborted request(?:\(s\)|s)? (?P<ids>.+)\.$")
 _ABORTED_09 = re.compile(r"^Request (?P<ids>\S+) aborted\.$")
 # Every event line holds one of these (a cheap test before the regexes, for the many lines that are not events).
 _EVENT_WORDS = (b"Added request", b"borted request", b" aborted.")
+# The request's own lines (metrics/analysis/closes.py reads them): `Received request <id>: ... params:
+# SamplingParams(..., ignore_eos=True, max_tokens=64, ...)` with --enable-log-requests, and with
+# --enable-log-outputs one `Generated response <id> (streaming delta): ...` per chunk written and
+# `Generated response <id> (streaming complete): ...` when the stream has ended.
+_REQUEST_WORDS = (b"Received request", b"Generated response")
+_REQUEST_TEXT = tuple(w.decode() for w in _REQUEST_WORDS)
+_RECEIVED_WORD, _GENERATED_WORD = b"Received request ", b"] Generated response "
+# What a vLLM line has before its message (`INFO 12-02 14:15:07 [file.py:108]`): the fast path's only check
+_HEADER_HINT = re.compile(rb"(?:DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\s+\d\d-\d\d\s+\d\d:\d\d:\d\d")
+_RECEIVED = re.compile(r"^Received request (?P<id>\S+?):")
+_GENERATED = re.compile(r"^Generated response (?P<id>\S+) \(streaming (?P<what>delta|complete)\)")
+_MAX_TOKENS = re.compile(r"\bmax_tokens=(?P<n>\d+)")
+_IGNORE_EOS = re.compile(r"\bignore_eos=(?P<v>True|False)")
 _SUFFIX = re.compile(r"^(?P<base>.+)-[0-9a-f]{8}$")
 _ID_SPLIT = re.compile(r"[,\s]+")
 _ID_STRIP = "[]'\""
@@ -81,6 +95,75 @@ class LogEvent:
     log_time: float | None
     seen: float
     log_day: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLine:
+    """One of a request's own lines: `received` (its sampling limits), a streaming `delta` or `complete`."""
+
+    kind: Literal["received", "delta", "complete"]
+    request_id: str
+    seen: float
+    stamp: float | None  # the line's own calendar stamp (`LogEvent`'s log_day and log_time, in seconds)
+    max_tokens: int | None = None
+    ignore_eos: bool | None = None
+
+
+@dataclass(slots=True)
+class RequestLines:
+    """What vLLM's log says of one request besides Added and Aborted, from the lines it writes with
+    `--enable-log-requests` (`Received request <id>: ... SamplingParams(..., ignore_eos=…, max_tokens=…)`) and
+    `--enable-log-outputs` (one `(streaming delta)` line per chunk written, `(streaming complete)` at the end).
+
+    Why: a stream whose close the server never acted on shows only as an `Added` line without an abort; these
+    lines say how far it ran (confirmed to its end by `complete`) and bound its tokens (`max_tokens` with
+    `ignore_eos`; `deltas` counts chunks, and a chunk may carry several tokens). Times are `seen`
+    (`time.monotonic()` when the line was read); None until such a line is read.
+    """
+
+    request_id: str  # as those lines name it: the id the client sees (no `-<8 hex>`)
+    max_tokens: int | None = None
+    ignore_eos: bool | None = None
+    received: float | None = None
+    deltas: int = 0
+    first_delta: float | None = None
+    last_delta: float | None = None
+    complete: float | None = None
+    stamp: float | None = None  # the first line's own stamp (to drop history: LineFollower.forget_before)
+
+    def note(self, line: RequestLine) -> None:
+        if self.stamp is None:
+            self.stamp = line.stamp
+        if line.kind == "received":
+            self.received = line.seen
+            self.max_tokens, self.ignore_eos = line.max_tokens, line.ignore_eos
+        elif line.kind == "delta":
+            self.deltas += 1
+            if self.first_delta is None:
+                self.first_delta = line.seen
+            self.last_delta = line.seen
+        elif self.complete is None:
+            self.complete = line.seen
+
+
+def parse_request_line(line: str, seen: float | None = None) -> RequestLine | None:
+    """A `Received request …` or `Generated response … (streaming delta|complete)` line; None for others."""
+    m = _HEADER.match(_ANSI.sub("", line))
+    if m is None:
+        return None
+    msg = m.group("msg")
+    if seen is None:
+        seen = time.monotonic()
+    day = _day_of_year(int(m.group("mo")), int(m.group("d")))
+    stamp = day * _DAY + _seconds_of_day(m) if day is not None else None
+    if (g := _GENERATED.match(msg)) is not None:
+        kind: Literal["delta", "complete"] = "delta" if g.group("what") == "delta" else "complete"
+        return RequestLine(kind, g.group("id"), seen, stamp)
+    if (r := _RECEIVED.match(msg)) is not None:
+        mt, eos = _MAX_TOKENS.search(msg), _IGNORE_EOS.search(msg)
+        return RequestLine("received", r.group("id"), seen, stamp, int(mt.group("n")) if mt else None,
+                           (eos.group("v") == "True") if eos else None)
+    return None
 
 
 def base_request_id(raw: str) -> str:
@@ -182,15 +265,40 @@ class LogIndex:
     it are only as good as that stamp; a live `LogFollower` stamps each line as it arrives.
     """
 
-    def __init__(self, events: list[LogEvent] | tuple[LogEvent, ...] = ()) -> None:
+    def __init__(self, events: list[LogEvent] | tuple[LogEvent, ...] = (),
+                 request_lines: list[RequestLine] | tuple[RequestLine, ...] = ()) -> None:
         self.added: dict[str, LogEvent] = {}
         self.aborted: dict[str, LogEvent] = {}
+        # Each request's own lines (RequestLines), by the id they name; `outputs_logged` once a streaming
+        # delta or complete line was read: the server runs with --enable-log-outputs.
+        self.requests: dict[str, RequestLines] = {}
+        self.outputs_logged = False
         for ev in events:
             self.add(ev)
+        for line in request_lines:
+            self.add_request_line(line)
 
     @classmethod
     def from_lines(cls, lines: list[str] | tuple[str, ...], seen: float | None = None) -> LogIndex:
-        return cls([ev for line in lines for ev in parse_events(line, seen)])
+        index = cls([ev for line in lines for ev in parse_events(line, seen)])
+        for line in lines:
+            if any(word in line for word in _REQUEST_TEXT) and (rl := parse_request_line(line, seen)) is not None:
+                index.add_request_line(rl)
+        return index
+
+    def add_request_line(self, line: RequestLine) -> None:
+        """Fold one of a request's own lines into its `RequestLines`."""
+        held = self.requests.get(line.request_id)
+        if held is None:
+            held = self.requests[line.request_id] = RequestLines(line.request_id)
+        held.note(line)
+        if line.kind != "received":
+            self.outputs_logged = True
+
+    def request(self, request_id: str) -> RequestLines | None:
+        """The request's own lines, by the id the client knows (its raw id, or with a `-<8 hex>` removed)."""
+        held = self.requests.get(request_id)
+        return held if held is not None else self.requests.get(base_request_id(request_id))
 
     def add(self, ev: LogEvent) -> bool:
         """Index `ev`; False if its raw id was already there (e.g. 0.9's second abort line)."""
@@ -271,6 +379,8 @@ class LineFollower(LogIndex):
         # shift from), its lines are at least that old.
         offset = min(self.stamp_offset, _MAX_SHIFT_S)
         start = _calendar(wall_start)
+        self.requests = {rid: r for rid, r in self.requests.items()
+                         if r.stamp is None or _wrap(start - (r.stamp + offset)) <= slack}
         kept = [ev for ev in self._order
                 if (st := _stamp(ev)) is None or _wrap(start - (st + offset)) <= slack]
         if len(kept) == len(self._order):
@@ -318,6 +428,12 @@ class LineFollower(LogIndex):
     def _handle(self, raw: bytes, seen: float) -> None:
         self.lines += 1
         if not any(word in raw for word in _EVENT_WORDS):  # most lines: no regex at all
+            if _GENERATED_WORD in raw:
+                self._output_line(raw, seen)
+            elif _RECEIVED_WORD in raw:
+                line = parse_request_line(raw.decode("utf-8", errors="replace").rstrip("\r"), seen)
+                if line is not None:
+                    self.add_request_line(line)
             return
         events = parse_events(raw.decode("utf-8", errors="replace").rstrip("\r"), seen)
         if not events:
@@ -335,6 +451,25 @@ class LineFollower(LogIndex):
                     self.on_event(ev)
                 except Exception as exc:  # a bad callback must not stop the follower
                     self._record(exc)
+
+    def _output_line(self, raw: bytes, seen: float) -> None:
+        """A `Generated response <id> (streaming delta|complete)` line, without a regex: --enable-log-outputs
+        writes one per chunk streamed, so on a busy server these are most of the log. The request's stamp comes
+        from its `Received request` line (a line like this with no header is not one of vLLM's: ignored)."""
+        at = raw.find(_GENERATED_WORD)
+        start = at + len(_GENERATED_WORD)
+        end = raw.find(b" ", start)
+        if end < 0 or not _HEADER_HINT.search(raw, 0, at):
+            return
+        what = raw[end + 1:end + 21]
+        kind: Literal["delta", "complete"]
+        if what.startswith(b"(streaming delta)"):
+            kind = "delta"
+        elif what.startswith(b"(streaming complete)"):
+            kind = "complete"
+        else:
+            return
+        self.add_request_line(RequestLine(kind, raw[start:end].decode("utf-8", errors="replace"), seen, None))
 
     def _seen_again(self, ev: LogEvent) -> bool:
         """A refused event (its raw id indexed already) stamped well apart from the one held: the same id in

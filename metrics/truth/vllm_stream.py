@@ -66,15 +66,19 @@ class VllmStreamTruth:
             raise RuntimeError(f"cannot read {self.metrics.url}: {self.metrics.last_error}")
         return snap
 
-    def settle(self, server_id: str, timeout: float, quiet_s: float = 0.3, poll: float = 0.05) -> dict[str, Any]:
+    def settle(self, server_id: str, timeout: float, quiet_s: float = 0.3, poll: float = 0.05,
+               unregistered_s: float = 1.0) -> dict[str, Any]:
         """The stream's truth once it has left the engine (its abort line, or a success counter rose) and
-        `generation_tokens_total` has not moved for `quiet_s`; or as it is at `timeout`."""
+        `generation_tokens_total` has not moved for `quiet_s`; or as it is at `timeout`. A request the log has
+        not named (`Added`) while the engine ran and queued nothing for `unregistered_s` never reached it (a
+        close before vLLM's handler had rendered it): its truth is given then, not at `timeout`."""
         if self._before is None:
             raise RuntimeError("before_stream() was not called")
         before = self._before
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         last_gen: float | None = None
-        still_since = time.monotonic()
+        still_since = idle_since = began
         while True:
             snap = self._scrape()
             d = diff(before, snap).total
@@ -82,10 +86,13 @@ class VllmStreamTruth:
             now = time.monotonic()
             if gen != last_gen:
                 last_gen, still_since = gen, now
+            if (snap.total("running") or 0) + (snap.total("waiting") or 0) > 0:
+                idle_since = now
             reasons = {r: v for r, v in (d.success or {}).items() if v > 0}
-            aborted = self.log.lookup(server_id)[1]
+            added, aborted = self.log.lookup(server_id)
             done = aborted is not None or bool(reasons)
-            if (done and now - still_since >= quiet_s) or now >= deadline:
+            never = added is None and now - idle_since >= unregistered_s and now - still_since >= quiet_s
+            if (done and now - still_since >= quiet_s) or never or now >= deadline:
                 break
             time.sleep(poll)
         added = self.log.lookup(server_id)[0]

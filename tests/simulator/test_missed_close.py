@@ -13,6 +13,12 @@ import time
 
 from conftest import FAST, SCHED_TOL_S, RawStream, SimHandle, chat_body
 
+from stopstorm.metrics.analysis.accounting import account
+from stopstorm.metrics.analysis.closes import ABORTED, RAN_ON, classify_ledger, classify_log
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.truth.ledger import LedgerSnapshot
+from stopstorm.metrics.truth.vllm_log import LogIndex
+
 CHAT = "/v1/chat/completions"
 DELAY_MS = 100
 LATE = (*FAST, "--disconnect-delay-ms", str(DELAY_MS))  # 5 ms steps, acts on a close 100 ms late
@@ -111,3 +117,45 @@ def test_whether_a_close_is_missed_follows_the_stop_timing(sim_pool):
     late = sim.wait_entry("chatcmpl-mc-late")
     assert early["finish_reason"] == "abort" and not early["close_missed"]
     assert late["finish_reason"] == "length" and late["close_missed"] and late["generated_tokens"] == 40
+
+
+# --- stopstorm's classifier against the race's own truth -------------------------------------------------------
+
+
+def _record(rid: str, sent: float, stop: float, read: int) -> StreamRecord:
+    return StreamRecord(stack="raw", close_mode="close", endpoint="chat", request_id=rid, stop_plan="first-token",
+                        wall_start=0.0, sent=sent, stop=stop, tokens=read, tokens_at_stop=read, closed=stop)
+
+
+def test_the_classifier_counts_the_races_missed_closes_as_the_ledger_and_the_log_show_them(sim_pool):
+    """On a server acting 100 ms late: a short stream closed at its first token runs on (close_missed), a long
+    one is aborted, and one closed only after its end runs on too (nothing was left to abort). stopstorm's
+    classes from the ledger and from the simulator's vLLM-shaped log must agree per stream, and its ran-on
+    count must be what the ledger marks."""
+    sim = sim_pool.fresh(*LATE)
+    records = []
+    for rid, n in (("cl-short", 8), ("cl-long", 200), ("cl-short-2", 6)):
+        with RawStream(sim, CHAT, chat_body(n, ignore_eos=True), rid) as s:
+            sent = time.monotonic()
+            s.read_events(2)
+            records.append(_record(rid, sent, s.close(), 1))
+    with RawStream(sim, CHAT, chat_body(4, ignore_eos=True), "cl-after") as s:
+        sent = time.monotonic()
+        s.read_headers()
+        sim.wait_entry("chatcmpl-cl-after")  # done in the engine, nothing read
+        records.append(_record("cl-after", sent, s.close(), 0))
+    entries = sim.wait_idle()
+    snap = LedgerSnapshot.from_json(sim.ledger())
+    by_ledger = {o.record.request_id: o.outcome for o in classify_ledger(records, snap.by_id)}
+    log = LogIndex.from_lines(sim.log_text().splitlines())
+    by_log = {o.record.request_id: o.outcome for o in classify_log(records, log)}
+    assert by_ledger == by_log == {"cl-short": RAN_ON, "cl-long": ABORTED, "cl-short-2": RAN_ON, "cl-after": RAN_ON}
+    missed = [rid for rid, e in entries.items() if e["close_missed"]]
+    assert sorted(missed) == ["chatcmpl-cl-short", "chatcmpl-cl-short-2"]  # the close came mid-stream
+    assert entries["chatcmpl-cl-after"]["connection_lost"] is None  # this one came after the end
+    acc = account(records, snap, None, 1.0)
+    assert acc.overall.ran_on.value == 3 and acc.overall.ran_on_to_end.value == 3
+    assert acc.overall.ran_on_tokens.value == (8 - 1) + (6 - 1) + 4
+    assert acc.run.ran_on.value.startswith("3 of 4 stopped requests the engine registered kept generating")
+    # without the ledger, the log alone says the same
+    assert account(records, None, None, 1.0, log=log).overall.ran_on.value == 3

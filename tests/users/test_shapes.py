@@ -66,3 +66,18 @@ def test_capacity_locustfile_finds_the_knee(tmp_path: Path) -> None:
     assert doc["knee_users"] is None or doc["knee_users"] < doc["steps"][-1]["users"]
     assert "this server" in doc["estimate"] and doc["estimate"] in proc.stdout
     assert (tmp_path / "r.html").exists()
+    # Users turned into what a planner sizes with: requests and output tokens per second in each judged window
+    for step in doc["steps"]:
+        assert step["request_rate"] > 0 and step["output_rate"] > 0 and step["rate_source"] == "simulator ledger"
+        assert step["few_requests"] == (step["samples"] < doc["min_requests"] == 100)  # p95: 5 beyond it
+    if doc["knee_users"] is not None:
+        assert f"At the knee ({doc['knee_users']} users): " in proc.stdout
+    if any(s["few_requests"] for s in doc["steps"]):  # 1.5 s judged windows: always too few for a p95
+        assert "judged on fewer than 100 requests" in proc.stdout
+    # …and the run's own report carries the search: its verdict and its HTML page's capacity section
+    report = json.loads((tmp_path / "r.json").read_text())
+    search = report["capacity_search"]
+    assert [s["users"] for s in search["steps"]] == [s["users"] for s in doc["steps"]]
+    assert search["knee_users"] == doc["knee_users"] and search["estimate"] == doc["estimate"]
+    assert any(s.startswith("Capacity: ") or "held no tested load" in s for s in report["verdict"]["sentences"])
+    assert 'id="capacity-steps"' in (tmp_path / "r.html").read_text()

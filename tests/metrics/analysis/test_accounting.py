@@ -260,7 +260,8 @@ def test_report_json_and_summary(tmp_path: Path) -> None:
     doc = report_to_json(report)
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["meta"]["host"] == "http://x"
     figs = every_figure(doc)
-    assert len(figs) == 3 * 17 + 8  # 17 figures a cell and overall (interrupted among them), 8 run-wide
+    # 23 figures a cell and overall (interrupted among them; the 6 closed-stop classes of closes.py), 9 run-wide
+    assert len(figs) == 3 * 23 + 9
     for name, fig in figs:
         assert {"value", "unit", "source"} <= fig.keys(), name
     assert doc["overall"]["figures"]["abort_latency"]["value"]["count"] == 2
@@ -413,7 +414,15 @@ def test_locust_run_prints_and_writes_the_report(tmp_path: Path) -> None:
     assert overall["streams"]["value"] > 0
     assert overall["aborted"]["source"] == LEDGER_SOURCE
     modes = {c["close_mode"] for c in doc["cells"]}
-    assert modes <= {"close", "hold"} and "close" in modes
+    # Every user means to stop (--stop-probability 1); streams that ended before their Stop point, or that the
+    # run's end cut, were never stopped: filed once as "not stopped", not under a close mode they never used
+    assert modes <= {"close", "hold", "not stopped"} and "close" in modes
+    for c in doc["cells"]:
+        f = c["figures"]
+        if c["close_mode"] == "not stopped":
+            assert f["stopped"]["value"] == 0 and f["aborted"]["value"] == 0, c
+        else:
+            assert f["stopped"]["value"] == f["streams"]["value"], c
     for name, fig in every_figure(doc):
         assert {"value", "unit", "source"} <= fig.keys(), name
 

@@ -90,8 +90,11 @@ def test_a_real_hub_stall_flags_the_timings_taken_in_it():
     summary = monitor.summary()
     assert summary["hub_lag"]["lagged"] >= 1
     assert summary["hub_lag"]["max_ms"] >= 60
-    assert summary["ttft"] == {"checked": 2, "flagged": 1}
-    assert summary["itl"] == {"checked": 3, "flagged": 2}
+    ttft, itl = summary["ttft"], summary["itl"]
+    assert (ttft["checked"], ttft["flagged"], itl["checked"], itl["flagged"]) == (2, 1, 3, 2)
+    # The error bar: the stamp taken as the 80 ms stall ended was late by at least its 70+ ms, the calm one's
+    # bound is the 10 ms bound itself.
+    assert ttft["late_max_ms"] >= 60 and itl["late_max_ms"] >= 60
     if bridge_module._bridge is None:  # the monitor never starts a bridge; it samples one another test started
         assert summary["bridge_lag"] is None
     assert any("hub lag" in line for line in self_monitor_warnings({"local": MonitorSummary.from_json(summary)}))
@@ -149,7 +152,7 @@ def test_a_real_bridge_loop_stall_is_seen_and_flags_async_stacks_only():
     summary = monitor.summary()
     assert summary["bridge_lag"]["lagged"] >= 1
     assert summary["bridge_lag"]["max_ms"] >= 60
-    assert summary["ttft"] == {"checked": 2, "flagged": 1}
+    assert (summary["ttft"]["checked"], summary["ttft"]["flagged"]) == (2, 1)
     assert summary["bridge_cpu_s"] is not None and summary["bridge_cpu_s"] >= 0.0
 
 
@@ -227,3 +230,40 @@ def test_workers_send_theirs_to_the_master(tmp_path: Path) -> None:
     assert w["pid"] == worker.pid
     assert w["ttft"]["checked"] > 0 and w["hub_lag"]["count"] > 0
     assert mon["master"]["ttft"]["checked"] == 0  # the master runs no users
+
+
+def test_a_stall_in_the_middle_of_a_wait_does_not_flag_the_stamp_that_ends_it():
+    """The old rule flagged any TTFT whose send → first-token window overlapped a stall (78-100 % flagged at 64
+    streams, issue 21); a stamp is late only when its loop was late at the moment it was taken."""
+    s = LagSampler(interval=0.01, bound=0.005)
+    s.tick(100.0, 100.011)
+    s.tick(100.011, 100.091)  # stalled from 100.021 (when the sleeper was due) to 100.091
+    s.tick(100.091, 100.1015)
+    assert s.lateness(100.2) == 0.0  # long after: on time
+    assert s.lateness(100.015) == 0.0  # before the sleeper was even due
+    assert s.lateness(100.05) == pytest.approx(0.029)  # inside the stall: held since 100.021
+    assert s.lateness(100.094) == pytest.approx(0.073)  # just after it: the woken greenlet's stamp
+    assert s.lateness(100.097) == 0.0  # past the sleeper's wake + the bound: the loop was running again
+    assert s.lateness(100.12, now=100.2) == pytest.approx(0.0085)  # the sleeper is overdue now: a stall ongoing
+    for k in range(20):  # the sleeper goes on, on time, to 100.3015
+        s.tick(100.1015 + k * 0.01, 100.1015 + (k + 1) * 0.01)
+    monitor = SelfMonitor(interval=0.01, bound=0.005)
+    monitor.hub = s
+    # sent before the stall, stamped after it: on time, whatever happened in the wait
+    monitor.check(_record("requests", 100.0, 100.2, [100.2, 100.21]), now=100.305)
+    monitor.check(_record("requests", 100.0, 100.094, [100.094, 100.2]), now=100.305)  # stamped as it ended
+    summary = monitor.summary()
+    assert (summary["ttft"]["checked"], summary["ttft"]["flagged"]) == (2, 1)
+    assert summary["ttft"]["late_max_ms"] == pytest.approx(73.0, abs=1.1)  # 1 ms buckets above 10 ms
+    assert (summary["itl"]["checked"], summary["itl"]["flagged"]) == (2, 1)
+
+
+def test_too_many_flagged_stamps_suggest_more_processes():
+    base = {"max_loop_lag_ms": 5.0, "cpu_pct": 140.0, "ttft": {"checked": 100, "flagged": 30, "late_p99_ms": 40.0,
+                                                               "late_max_ms": 90.0}}
+    lines = self_monitor_warnings({"local": MonitorSummary.from_json(base)})
+    assert any("TTFT stamps late by ≤ 40 ms at p99 (max 90 ms)" in line for line in lines)
+    assert any("too many streams" in line and "--processes 3" in line for line in lines)
+    calm = {**base, "ttft": {"checked": 100, "flagged": 1, "late_p99_ms": 5.0, "late_max_ms": 12.0}}
+    assert not any("too many streams" in line for line in self_monitor_warnings(
+        {"local": MonitorSummary.from_json(calm)}))

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from stopstorm.cli import main
-from stopstorm.metrics.report.compare import format_table, load_scenarios, run_scenario, scenario_figures
+from stopstorm.metrics.report.compare import (
+    compare,
+    format_table,
+    load_scenarios,
+    noise_warning,
+    run_scenario,
+    scenario_figures,
+)
 from stopstorm.metrics.report.html_page import render_html, write_html_report
 from stopstorm.metrics.report.model import Report, report_from_json
 
@@ -60,13 +67,57 @@ def test_compare_table_shows_figures_and_queue_wait_saved(tmp_path: Path, capsys
     b.write_text(json.dumps(_report(0.4, 120.0, 0.0, "prompt aborts")))
     docs = load_scenarios([str(a), str(b)])
     table = format_table(docs)
-    assert "| queue wait p50 (s) | 1.000 | 0.400 saved +0.600 (-60 %) |" in table
-    assert "| zombie slot-seconds | 5.00 | 0.00 -5.00 (-100 %) |" in table
+    # Each value with the requests behind it; the difference in words, never a signed "saved" delta
+    assert "| queue wait p50 (s) | 1.000 (n 10) | 0.400 (n 10) |" in table
+    assert "| zombie slot-seconds | 5.00 | 0.00 |" in table
+    assert "prompt aborts waits 0.600 s less than zombies at p50 (0.400 vs 1.000, -60 %); 95 % interval" in table
+    assert "prompt aborts' zombies hold 5.00 slot-s less than zombies' (0.00 vs 5.00, -100 %)" in table
+    assert "saved" not in table
     assert "energy per delivered token (J) | – | – |" in table  # no gpu section: unknown, not 0
+    assert "Short single runs (zombies 10 s, prompt aborts 10 s)" in table  # no noise estimate for the rest
     assert main(["compare", str(a), str(b), "--replay", "--html", str(tmp_path / "cmp.html")]) == 0
     out = capsys.readouterr().out
     assert "zombies (replay: perfect)" in out and "prompt aborts (replay: full)" in out
     assert (tmp_path / "cmp.html").read_text().count("<svg") >= 3
+
+
+def test_a_difference_inside_its_noise_is_said_to_be(tmp_path: Path) -> None:
+    """Two runs of one server drawn from the same waits: the bootstrap interval spans 0 and the words say so."""
+    import random
+
+    rng = random.Random(7)
+    paths = []
+    for name in ("a", "b"):
+        doc = _report(1.0, 100.0, 0.0, name)
+        samples = sorted(rng.expovariate(1.0) for _ in range(60))  # test data: one distribution for both
+        d = {"count": 60, "p50": samples[30], "p90": samples[54], "p95": samples[57], "p99": samples[59],
+             "max": samples[59], "mean": sum(samples) / 60}
+        doc["capacity"]["queue_wait_samples_s"] = samples
+        doc["overall"]["figures"]["queue_wait"]["value"] = d
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        paths.append(str(path))
+    a, b = load_scenarios(paths)
+    c = compare(a, b, "queue_wait_p50")
+    assert c is not None and c.interval is not None and c.interval[0] < 0 < c.interval[1]
+    assert c.within_noise and c.words(3).endswith(": within noise") and "n 60 vs 60" in c.words(3)
+    assert compare(a, a, "queue_wait_p95").words(3).startswith("a: queue wait p95 (s) the same as a")
+
+
+def test_reports_of_one_scenario_are_repeats_pooled_with_their_spread(tmp_path: Path) -> None:
+    paths = []
+    for k, (qw, good) in enumerate(((1.0, 100.0), (1.2, 110.0), (0.4, 150.0), (0.5, 160.0))):
+        path = tmp_path / f"r{k}.json"
+        path.write_text(json.dumps(_report(qw, good, 0.0, "zombies" if k < 2 else "prompt")))
+        paths.append(str(path))
+    zombies, prompt = load_scenarios(paths)
+    assert (zombies.label, prompt.label) == ("zombies", "prompt") and len(zombies.repeats) == 2
+    assert zombies.figures["goodput"] == pytest.approx(105.0)  # the median of the repeats
+    assert zombies.counts["queue_wait_p50"] == 20 and len(zombies.samples["queue_wait_p50"]) == 20  # pooled
+    c = compare(zombies, prompt, "goodput")
+    assert c is not None and c.spread == (150.0, 160.0) and not c.within_noise  # the repeats do not overlap
+    assert "repeats 150.0 to 160.0" in c.words(1)
+    assert noise_warning([zombies, prompt]) is None  # repeated: their spread is the noise estimate
 
 
 def test_compare_names_a_bad_report(tmp_path: Path) -> None:
@@ -154,3 +205,21 @@ def test_the_page_never_overwrites_locust_s_own_html(tmp_path: Path) -> None:
     assert html_path_for(tmp_path / "r.json") == tmp_path / "r.html"
     assert html_path_for(tmp_path / "r.json", taken=tmp_path / "r.html") == tmp_path / "r.stopstorm.html"
     assert html_path_for(tmp_path / "r.json", taken=tmp_path / "locust.html") == tmp_path / "r.html"
+
+
+def test_the_comparison_page_renders_in_headless_chromium(tmp_path: Path) -> None:
+    """The page `stopstorm compare --html` writes: the table, the sentences and both runs' plots."""
+    from browser_tools import colour_counts, keep_screenshot, screenshot, seen
+
+    a, b = tmp_path / "zombies.json", tmp_path / "prompt.json"
+    a.write_text(json.dumps(_report(1.0, 100.0, 5.0, "zombies")))
+    b.write_text(json.dumps(_report(0.4, 120.0, 0.0, "prompt aborts")))
+    assert main(["compare", str(a), str(b), "--replay", "--html", str(tmp_path / "cmp.html")]) == 0
+    page = (tmp_path / "cmp.html").read_text()
+    assert 'id="compare"' in page and "prompt aborts waits 0.600 s less than zombies at p50" in page
+    shot = screenshot((tmp_path / "cmp.html").as_uri(), tmp_path / "cmp.png", (1200, 3600))
+    counts = colour_counts(shot)
+    assert seen(counts, (0xF0, 0xF0, 0xF0), tol=2) > 5_000  # the table's header cells
+    missing = [name for name, rgb in _COLOURS.items() if "GPU" not in name and seen(counts, rgb) < 50]
+    assert not missing, f"plots missing from the comparison page: {missing}"
+    keep_screenshot(shot, "compare.png")

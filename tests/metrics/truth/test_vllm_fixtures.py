@@ -171,8 +171,13 @@ def test_account_on_the_recording_with_log_and_metrics():
     assert lat is not None and not isinstance(lat, int | float | str | dict)
     assert lat.count == 2 and lat.max == pytest.approx(0.5) and lat.p50 == pytest.approx(0.375)
     # what neither the log nor /metrics can tell
-    for name in ("zombies", "zombie_slot_seconds", "freed_tokens", "freed_slot_seconds"):
+    for name in ("freed_tokens", "freed_slot_seconds"):
         assert getattr(o, name).source == UNAVAILABLE, name
+    # Zombies, from the log (issue 25; they were unavailable without a ledger): both aborts were read more than
+    # the 0.1 s grace after Stop, so both streams held their slot past it, from Stop to the abort line.
+    assert o.zombies.value == 2 and o.zombies.source == LOG_SOURCE
+    assert o.zombie_slot_seconds.value == pytest.approx(0.75) and o.zombie_slot_seconds.source == LOG_SOURCE
+    assert o.ran_on.value == 0 and o.never_reached.value == 0 and o.closed_stops.value == 2
     # the blind spot, from real vLLM: two aborts logged, none counted
     assert run.log_aborts.value == 2 and run.log_aborts.source == LOG_SOURCE
     assert run.vllm_counted_aborts.value == 0.0
