@@ -7,9 +7,10 @@ llama.cpp from source and serves an OpenAI-compatible API; it is the second engi
 the model live in a cache directory outside the repository (default `~/.cache/stopstorm/real-llama-cpp`;
 `--cache DIR` or `STOPSTORM_LLAMA_CPP_CACHE`):
 
-* ``venv/``           `llama-cpp-python[server]==0.3.36` built from source (5 min on this project's 2-core
-                      machine, 2026-12-02; the wheel pip builds is kept in pip's cache, so a second venv
-                      takes seconds) and `gguf`; ``venv/.stopstorm-ok`` marks a finished install.
+* ``venv/``           `llama-cpp-python[server]==0.3.36` built from source (8 CPU-minutes: 5 min on this
+                      project's 2-core machine when quiet, 13 min under a load average of 5-6, 2026-12-02;
+                      the wheel pip builds is kept in pip's cache, so a second venv takes seconds) and
+                      `gguf`; ``venv/.stopstorm-ok`` marks a finished install.
 * ``model/tiny.gguf`` a random-weight Llama written with the `gguf` package (no download): hidden 64,
                       2 layers, a byte-level BPE vocabulary of printable ASCII only. Without the 256 byte
                       tokens every token is whole UTF-8, so the server never holds back a partial character
