@@ -198,7 +198,8 @@ def test_each_variant_midstream_and_queued(sim: SimHandle, variant: str) -> None
     waited = entry["freed"] - closed
     if DROPS_QUEUED[variant]:
         assert entry["scheduled"] is None and entry["generated_tokens"] == 0, entry
-        assert waited < 2 * sim.step_bound(running=2), entry  # dropped from the queue at once
+        # dropped from the queue at once (measured: 7-12 ms); half the occupied time leaves room for a busy box
+        assert waited < occupied_s / 2, entry
     else:  # a zombie in the queue: it waited for a slot, took it, made a token, then the proxy's write failed
         assert entry["scheduled"] is not None and entry["generated_tokens"] >= 1, entry
         assert waited >= occupied_s - 0.05, entry

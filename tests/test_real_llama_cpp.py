@@ -58,11 +58,15 @@ def llama() -> Iterator[RealLlamaCpp]:
         yield server
 
 
-def _send(url: str, max_tokens: int) -> socket.socket:
+def _send(url: str, max_tokens: int, rcvbuf: int | None = None) -> socket.socket:
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     body = json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "stream": True,
                        "max_tokens": max_tokens}).encode()
-    s = socket.create_connection((host, int(port)), timeout=30)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connect, so the advertised window stays small
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(30)
+    s.connect((host, int(port)))
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     return s
@@ -104,7 +108,7 @@ def test_a_closed_stream_is_seen_and_its_slot_freed(llama: RealLlamaCpp) -> None
 def test_a_held_stream_keeps_the_one_slot_until_its_socket_closes(llama: RealLlamaCpp) -> None:
     """A client that stops reading but keeps its socket: the server blocks on the full socket (and its 10-chunk
     channel) with the lock held, so every other request waits for it: one user's hold stalls them all."""
-    s = _send(llama.url, 1900)
+    s = _send(llama.url, 1900, rcvbuf=4096)  # a small window: the server's writes block within ~100 chunks
     _read_events(s, 5)
     time.sleep(0.5)  # ~250 tokens' worth: the socket buffers fill long before that
     answered: list[float] = []
