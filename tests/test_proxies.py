@@ -32,7 +32,6 @@ from conftest import ROOT, SimHandle, SimPool
 from stream_tools import Streams, ledger_id, make_settings
 
 from scripts.proxies import VARIANTS, Proxy, missing
-from stopstorm.metrics.plugin.truth_target import check_truth_url, truth_host
 from stopstorm.users.policy import StopPlan
 
 STEP = ("--step-base-ms", "20", "--max-num-seqs", "2")  # 20 ms steps: two of them dwarf a proxy's own hop
@@ -72,21 +71,6 @@ def test_every_variant_fills_its_template() -> None:
         assert "127.0.0.1:8000" in text and f"127.0.0.1:{proxy.port}" in text, name
         for key, value in variant.settings.items():
             assert value in text, (name, key)
-
-
-def test_truth_url_is_checked_and_defaults_to_the_host() -> None:
-    assert check_truth_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000"
-    for bad in ("127.0.0.1:8000", "ftp://x", "http://h:8000/?q=1", "http://h:99999"):
-        with pytest.raises(ValueError, match="--truth-url"):
-            check_truth_url(bad)
-
-    class Env:
-        host = "http://127.0.0.1:8080/"
-        parsed_options = type("O", (), {"truth_url": ""})()
-
-    assert truth_host(Env()) == "http://127.0.0.1:8080"
-    Env.parsed_options.truth_url = "http://127.0.0.1:8000"  # type: ignore[attr-defined]
-    assert truth_host(Env()) == "http://127.0.0.1:8000"
 
 
 def _locust(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:

@@ -93,17 +93,51 @@ def server_kind(environment: Any) -> str:
     return kind if kind in SERVER_KINDS else "auto"
 
 
-StreamTruthReader = VllmStreamTruth | LlamaCppPythonStreamTruth
-"""A per-stream truth reader for one stream at a time (the probe's); both have vllm_stream.py's shape."""
+class _NoStreamTruth:
+    """The probe's reader for a server kind it cannot judge stream by stream yet: never available, saying why."""
+
+    def __init__(self, kind: str, host: str) -> None:
+        self.metrics = _Why(f"{host}/metrics", f"--server-kind {kind}: the probe has no per-stream truth for "
+                            f"{profile(kind).title} yet (its profile reads /metrics and its log lines for a run; "
+                            "docs/guides/llama-cpp.md#the-other-servers-profiles)")
+        self.log: LineFollower | None = None
+
+    def start(self) -> _NoStreamTruth:
+        return self
+
+    def available(self) -> bool:
+        return False
+
+    def before_stream(self) -> None:
+        raise RuntimeError(self.metrics.last_error)
+
+    def settle(self, server_id: str, timeout: float) -> dict[str, Any]:
+        raise RuntimeError(self.metrics.last_error)
+
+    def close(self) -> None:
+        pass
+
+
+class _Why:
+    def __init__(self, url: str, last_error: str) -> None:
+        self.url, self.last_error = url, last_error
+
+
+StreamTruthReader = VllmStreamTruth | LlamaCppPythonStreamTruth | _NoStreamTruth
+"""A per-stream truth reader for one stream at a time (the probe's); all have vllm_stream.py's shape."""
 
 
 def stream_truth(environment: Any, log: str | os.PathLike[str] | LineFollower) -> StreamTruthReader:
     """The per-stream truth reader for a server without a ledger at `truth_host`: llama-cpp-python's (its log
-    and its one lock) when --server-kind says so, else vLLM's (its log and /metrics)."""
+    and its one lock) when --server-kind says so; vLLM's (its log and /metrics) for vLLM or auto; for another
+    kind (SGLang, llama.cpp, TensorRT-LLM: profiles only, none runs here) a reader that says so."""
     host = truth_host(environment)
-    if server_kind(environment) == "llama-cpp-python":
+    kind = server_kind(environment)
+    if kind == "llama-cpp-python":
         return LlamaCppPythonStreamTruth(host, log)
-    return VllmStreamTruth(host, log)
+    if kind in ("auto", "vllm", "vllm-0.9"):
+        return VllmStreamTruth(host, log)
+    return _NoStreamTruth(kind, host)
 
 
 def truth_source(reader: object) -> str:
