@@ -1,4 +1,4 @@
-"""The benchmark tables of docs/benchmarks/, generated from the data in benchmarks/results/*.json.
+"""The benchmark tables of docs/benchmarks/ (and of docs/guides/), generated from the data in benchmarks/results/*.json.
 
     python benchmarks/render_tables.py               # rewrite the tables between their markers
     python benchmarks/render_tables.py --check       # exit 1 if a page's tables differ from the data
@@ -31,6 +31,8 @@ from results_doc import dumps  # beside this script (benchmarks/ is not a packag
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAGES = ROOT / "docs" / "benchmarks"
+# Guides may hold measured tables too (docs/guides/proxies.md, blind-spot-and-churn.md): rendered the same way.
+GUIDES = ROOT / "docs" / "guides"
 
 __all__ = ["load_results", "main", "render_page", "take"]
 
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"updated {take(Path(args.take)).relative_to(ROOT)}")
     results = load_results()
     stale = []
-    for page in sorted(PAGES.glob("*.md")):
+    for page in [*sorted(PAGES.glob("*.md")), *sorted(GUIDES.glob("*.md"))]:
         old = page.read_text(encoding="utf-8")
         new = render_page(old, results)
         if new == old:

@@ -32,8 +32,9 @@ def test_help_lists_locusts_and_stopstorms_options_grouped(tmp_path: Path) -> No
     for flag in (*ours, "--users", "--run-time"):  # and two of Locust's own
         assert flag in text, flag
     groups = [line.rstrip(":") for line in text.splitlines() if line.startswith("stopstorm ") and line.endswith(":")]
-    assert groups == ["stopstorm streams", "stopstorm load shapes", "stopstorm report", "stopstorm embedded simulator",
-                      "stopstorm GPU", "stopstorm self-monitoring", "stopstorm master/worker"], groups
+    assert groups == ["stopstorm streams", "stopstorm load shapes", "stopstorm report", "stopstorm server truth",
+                      "stopstorm embedded simulator", "stopstorm GPU", "stopstorm self-monitoring",
+                      "stopstorm master/worker"], groups
     probe = _run(["-m", "stopstorm", "probe", "--help"], cwd=tmp_path)  # the probe's locustfile adds its own
     assert probe.returncode == 0 and "--probe-stacks" in probe.stdout and "--stop-probability" in probe.stdout
 

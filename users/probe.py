@@ -26,11 +26,11 @@ from stopstorm.metrics.plugin import options
 from stopstorm.metrics.plugin.options import Number, Option, Parsed, WritablePath, seconds
 from stopstorm.metrics.plugin.probe import DEFAULT_PROBE_REPORT, PROBE
 from stopstorm.metrics.plugin.state import RUN
+from stopstorm.metrics.plugin.truth_target import StreamTruthReader, stream_truth, truth_host, truth_source
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.report.probe_table import format_progress
 from stopstorm.metrics.truth.ledger import LedgerClient
 from stopstorm.metrics.truth.vllm_log import LineFollower
-from stopstorm.metrics.truth.vllm_stream import VLLM_TRUTH_SOURCE, VllmStreamTruth
 from stopstorm.users.core import report
 from stopstorm.users.options import MAX_TOKENS, settings_for
 from stopstorm.users.policy import CLOSE_MODES, StopPlan
@@ -131,11 +131,12 @@ class StopProbeUser(User):
         opts = self.environment.parsed_options
         PROBE.active = True  # this run's files are the probe's (metrics/plugin/probe.py)
         settings = settings_for(self.environment, self.host or "")
-        ledger = LedgerClient(settings.host)
-        vllm: VllmStreamTruth | None = None
+        truth = truth_host(self.environment)  # the server's own, behind any proxy (--truth-url)
+        ledger = LedgerClient(truth)
+        vllm: StreamTruthReader | None = None
         if not ledger.available():
             ledger.close()
-            vllm = self._vllm_truth(settings.host, opts)
+            vllm = self._vllm_truth(truth, opts)
             PROBE.log = vllm.log
         stacks, modes = parse_stacks(opts.probe_stacks), parse_modes(opts.probe_modes)  # checked at init
         early = parse_early(opts.probe_early)
@@ -177,7 +178,7 @@ class StopProbeUser(User):
         ledger.close()
         self._end_run()
 
-    def _vllm_truth(self, host: str, opts: Any) -> VllmStreamTruth:
+    def _vllm_truth(self, host: str, opts: Any) -> StreamTruthReader:
         """Real vLLM's truth (its log + /metrics), or the end of the run when there is none. A log read through
         a command or stdin is the plugin's follower (a pipe has one reader); a file is followed here."""
         log_path = getattr(opts, "server_log", "") or ""
@@ -191,14 +192,14 @@ class StopProbeUser(User):
             _log.error("the probe needs server truth: %s has no simulator ledger; for real vLLM give --server-log "
                        "with its log file, or --server-log-cmd (served with --enable-log-requests)", host)
             self._end_run()
-        truth = VllmStreamTruth(host, log)
+        truth = stream_truth(self.environment, log)
         if not truth.available():
             _log.error("the probe needs server truth: %s has neither a simulator ledger nor vLLM's /metrics (%s)",
                        host, truth.metrics.last_error)
             truth.close()
             self._end_run()
         truth.start()
-        PROBE.truth_source = VLLM_TRUTH_SOURCE
+        PROBE.truth_source = truth_source(truth)
         return truth
 
     def _end_run(self) -> NoReturn:

@@ -46,6 +46,7 @@ from stopstorm.metrics.analysis.accounting import server_id
 from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor, signals
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.plugin.state import RUN
+from stopstorm.metrics.plugin.truth_target import truth_host
 from stopstorm.metrics.plugin.web_stops import LiveReport, install_stops_tab
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.report.build import RunInputs, build_report
@@ -111,7 +112,8 @@ TABLE = options.OptionTable("stopstorm report", options=(
                    "stderr kept apart; see docs/guides/server-log.md. Taken from the command line, environment or "
                    "config file only: not shown in the web UI's form, and a value sent from it is ignored (it would "
                    "be a shell command from the browser)", in_web_ui=False),
-    options.Option("--metrics-interval", "seconds between scrapes of {host}/metrics during the run (default 0.25)",
+    options.Option("--metrics-interval", "seconds between scrapes of {host}/metrics (--truth-url's when given) during "
+                   "the run (default 0.25)",
                    0.25, options.seconds(low=0.01), float),
 ))
 
@@ -245,10 +247,11 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
     if environment.host:
         try:
             interval = float(getattr(opts, "metrics_interval", 0.25))  # checked at init: > 0, finite
-            scraper = MetricsScraper(f"{environment.host.rstrip('/')}/metrics", interval=interval, timeout=2.0)
+            truth = truth_host(environment)  # --truth-url when --host is a proxy in front of the server
+            scraper = MetricsScraper(f"{truth}/metrics", interval=interval, timeout=2.0)
             if scraper.scrape_once() is None:  # a reading at the start, before the greenlet's first
                 _log.info("stopstorm: no /metrics at %s yet (%s); scraping on, errors counted",
-                          redact.redact_url(environment.host), scraper.last_error)
+                          redact.redact_url(truth), scraper.last_error)
             scraper.start()
             RUN.scraper = scraper
         except Exception as exc:
@@ -397,7 +400,7 @@ def _write_run_report() -> None:
         opts = env.parsed_options
         web_ui = _web_ui(env)
         path = run_path(getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT, number, web_ui)
-        host = env.host or ""
+        host = truth_host(env) if env.host else ""  # the server's truth, behind any proxy (--truth-url)
         ledger, max_num_seqs = _fetch_ledger(host) if host else (None, None)  # also lets the last aborts be logged
         if ledger is not None:
             since = _LEDGER_MARK[-1] if _LEDGER_MARK else None
@@ -519,10 +522,11 @@ def _report_so_far() -> Report:
     """A Report of the run until now, from its records and the simulator's ledger (no replay: it is live)."""
     env = RUN.environment
     host = (env.host if env is not None else "") or ""
+    truth = truth_host(env) if host else ""  # the server's truth, behind any proxy (--truth-url)
     started = RUN.started if RUN.started is not None else time.monotonic()
     ledger = None
-    if host:
-        client = LedgerClient(host, timeout=2.0)
+    if truth:
+        client = LedgerClient(truth, timeout=2.0)
         try:
             ledger = client.ledger()
         finally:
