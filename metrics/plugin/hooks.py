@@ -47,6 +47,7 @@ from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe,
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.plugin.state import RUN
 from stopstorm.metrics.plugin.truth_target import truth_host
+from stopstorm.metrics.plugin.web_form import install_form_check
 from stopstorm.metrics.plugin.web_stops import LiveReport, install_stops_tab
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.report.build import RunInputs, build_report
@@ -102,7 +103,7 @@ TABLE = options.OptionTable("stopstorm report", options=(
                    "See docs/guides/ci-gating.md", None,
                    options.Parsed(thresholds.parse_thresholds, "FIGURE OP NUMBER, e.g. zombies[openai/*]>0",
                                   optional=True),
-                   env="STOPSTORM_FAIL_ON", master_only=True, in_web_ui=False, repeat=True),
+                   env="STOPSTORM_FAIL_ON", master_only=True, repeat=True),
     options.Option("--server-log", "vLLM's log file (run it with --enable-log-requests), followed during the run to "
                    "confirm each stopped stream's abort; `-` reads it from standard input; the embedded simulator's "
                    "log (--sim-log) works too"),
@@ -185,6 +186,8 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
     if _web_ui(environment):
         install_stops_tab(environment.web_ui, _tab_report)
         _install_report_links(environment.web_ui)
+        shown = {o.dest for table in options.tables() for o in table if o.in_web_ui}
+        install_form_check(environment.web_ui, shown, options.check_options)  # the form's values: the same rules
 
 
 def _what_a_forced_exit_loses() -> str:
@@ -579,7 +582,7 @@ def _install_report_links(web_ui: Any) -> None:
                         f"<ul>{rows or '<li>none yet</li>'}</ul>", mimetype="text/html")
 
     def one(number: str) -> Any:
-        from flask import Response, send_file
+        from flask import send_file
 
         n, _, kind = number.partition(".")
         for run, json_path, html_path in RUN.written:
@@ -587,13 +590,24 @@ def _install_report_links(web_ui: Any) -> None:
                 target = json_path if kind == "json" else html_path
                 return send_file(Path(target).resolve(),
                                  mimetype="application/json" if kind == "json" else "text/html")
-        return Response(f"no report of run {number}", status=404, mimetype="text/plain")
+        return by_name(number)
+
+    def by_name(name: str) -> Any:
+        """A written JSON by its file name: the link each HTML page has to its data, relative to where it is
+        served (`/stopstorm/report` and `/stopstorm/report/<n>`). Only files this process wrote."""
+        from flask import Response, send_file
+
+        for _, json_path, _ in RUN.written:
+            if Path(json_path).name == name:
+                return send_file(Path(json_path).resolve(), mimetype="application/json")
+        return Response(f"no report named {name}", status=404, mimetype="text/plain")
 
     app = web_ui.app
     app.add_url_rule("/stopstorm/report", "stopstorm_report_html", guard(lambda: latest("html")))
     app.add_url_rule("/stopstorm/report.json", "stopstorm_report_json", guard(lambda: latest("json")))
     app.add_url_rule("/stopstorm/reports", "stopstorm_reports", guard(every))
     app.add_url_rule("/stopstorm/report/<number>", "stopstorm_report_run", guard(one))
+    app.add_url_rule("/stopstorm/<name>", "stopstorm_report_data", guard(by_name))
 
 
 # Last: the run report above reads the simulator's ledger before this stops it.

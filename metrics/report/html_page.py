@@ -509,10 +509,13 @@ def _compare_html(scenarios: Sequence[Scenario]) -> str:
               "spans 0, or whose repeats overlap, is within noise.</p>")
 
 
-def render_html(scenarios: Sequence[Scenario], title: str = "stopstorm report") -> str:
-    """The page for one run, or for several scenarios side by side (a comparison)."""
+def render_html(scenarios: Sequence[Scenario], title: str = "stopstorm report", data: str | None = None) -> str:
+    """The page for one run, or for several scenarios side by side (a comparison); `data` names the JSON beside
+    it, linked so that whoever reads the page can get every figure as data."""
     runs = _runs(scenarios)
     parts = [f"<h1>{_e(title)}</h1>"]
+    if data:
+        parts.append(f'<p class="note">Data: <a href="{_e(data)}">{_e(data)}</a> (this report as JSON)</p>')
     for label, r in runs:
         prefix = f"<b>{_e(label)}</b>: " if len(runs) > 1 else ""
         parts.append(f'<div class="settings">{prefix}{_settings(r)}</div>')
@@ -557,9 +560,9 @@ def _title(report: Report, name: str) -> str:
     return f"stopstorm report: {label}" + (f", {when} UTC" if when else "")
 
 
-def render_report(report: Report, name: str = "run") -> str:
-    """The page of one run (what `write_html_report` writes, and the web UI serves)."""
-    return render_html([run_scenario(report, report.meta.scenario or name)], title=_title(report, name))
+def render_report(report: Report, name: str = "run", data: str | None = None) -> str:
+    """The page of one run (what `write_html_report` writes, and the web UI serves); `data`: its JSON's name."""
+    return render_html([run_scenario(report, report.meta.scenario or name)], title=_title(report, name), data=data)
 
 
 def html_path_for(json_path: str | os.PathLike[str], taken: str | os.PathLike[str] | None = None) -> Path:
@@ -575,6 +578,6 @@ def write_html_report(json_path: str | os.PathLike[str], report: Report,
     """Write the page for `report` beside its JSON (same name, .html; never over `taken`), atomically."""
     target = html_path_for(json_path, taken)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(render_report(report, Path(json_path).stem), encoding="utf-8")
+    tmp.write_text(render_report(report, Path(json_path).stem, Path(json_path).name), encoding="utf-8")
     os.replace(tmp, target)
     return target

@@ -93,6 +93,7 @@ def test_the_start_form_lists_every_stopstorm_option(web_ui) -> None:
     shown = {dest for dest, in_ui in listed if in_ui}
     hidden = {dest for dest, in_ui in listed if not in_ui}
     assert len(shown) > 30 and hidden == {"server_log_cmd"}  # a shell command never comes from a browser
+    assert "fail_on" in shown  # a threshold is judged on a web-UI run's report as on a headless one
     # The page's own template arguments: what Locust's React form is built from
     extra = _template_args(requests.get(f"{url}/", timeout=10).text)["extra_options"]
     assert shown <= set(extra), sorted(shown - set(extra))
@@ -106,6 +107,22 @@ def test_the_start_form_lists_every_stopstorm_option(web_ui) -> None:
     shot = screenshot(f"{url}/", out / "form.png", (1200, 900), wait_ms=3000)
     assert sum(n for px, n in colour_counts(shot).items() if px != (255, 255, 255)) > 20_000  # the form drew
     keep_screenshot(shot, "web-ui-form.png")
+
+
+def test_a_bad_value_in_the_start_form_is_refused_before_anything_starts(web_ui) -> None:
+    """The form's values meet the command line's rules: a bad one is answered as Locust answers a bad spawn rate
+    (success false, a message naming the option), and no user starts; a good threshold passes."""
+    url, _ = web_ui
+    host = _template_args(requests.get(f"{url}/", timeout=10).text)["host"]
+    for field, value in (("read_timeout", "0"), ("max_tokens", "many"), ("fail_on", "zombies>>1"),
+                         ("close_mix", "close:nan"), ("stopstorm_report", "/nonexistent-dir/r.json")):
+        answer = requests.post(f"{url}/swarm", data={"user_count": 2, "spawn_rate": 2, "host": host, field: value},
+                               timeout=10).json()
+        flag = "--" + field.replace("_", "-")
+        assert answer["success"] is False and flag in answer["message"], (field, answer)
+        assert answer["message"].startswith("stopstorm: ") and "Traceback" not in answer["message"]
+        state = requests.get(f"{url}/stats/requests", timeout=10).json()
+        assert state["state"] == "ready" and state["user_count"] == 0, (field, state["state"])
 
 
 # The live chart's colours (web_stops._COLOURS) as the screenshot shows them
