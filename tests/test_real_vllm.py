@@ -56,6 +56,10 @@ NAMES = list(STACKS)
 STOP_AT = 20  # tokens read before Stop
 LONG = 2000  # max_tokens (ignore_eos) no stopped stream reaches while we watch: seconds of decoding here
 HOLD_S = 0.5
+# max_tokens for a probe: a held stream must still be generating when its hold ends (280 tokens after Stop took
+# 0.5 s on a quiet machine, ~550 tokens/s, and ran to its end inside a 0.5 s hold), yet a dropped openai stream
+# that only the garbage collector closes may run to it, so not LONG: ~1.8 s of decoding after Stop
+PROBE_TOKENS = 1000
 # Stop → abort line read, for a close: vLLM aborts between steps (a few ms here), the log line is written, and
 # the follower polls every 20 ms; generous for a loaded 2-core box.
 CLOSE_ABORT_S = 0.25
@@ -294,7 +298,7 @@ def test_probe_against_vllm(real_vllm: Server, tmp_path: Path) -> None:
     srv = real_vllm
     out = tmp_path / "probe.json"
     proc = _locust(["-f", "probe.py", "--headless", "--host", srv.url, "--server-log", str(srv.log_path),
-                    "-u", "1", "-r", "1", "-t", "120s", "--ignore-eos", "--max-tokens", "300",
+                    "-u", "1", "-r", "1", "-t", "120s", "--ignore-eos", "--max-tokens", str(PROBE_TOKENS),
                     "--probe-stacks", "requests,openai", "--probe-modes", "close,drop,hold", "--probe-repeats", "1",
                     "--hold-seconds", str(HOLD_S), "--probe-json", str(out), "--probe-report",
                     str(tmp_path / "probe-report.json"), "--stopstorm-report", str(tmp_path / "report.json")],
@@ -312,7 +316,7 @@ def test_probe_against_vllm(real_vllm: Server, tmp_path: Path) -> None:
         assert hold["wasted_tokens_mean"] > CLOSE_WASTE_MAX
     assert cells[("requests", "drop")]["aborted"] == 1
     # The openai SDK's dropped stream is closed only when the garbage collector gets to it, which may be before
-    # vLLM's 300 tokens are out or not (it varies run to run): whichever it was, the probe must say what vLLM saw.
+    # vLLM's PROBE_TOKENS are out or not (it varies run to run): whichever it was, the probe must say what vLLM saw.
     # The early-stop rows (a close 10 ms after the send, at the first token): every request vLLM registered
     # was aborted or ran on, and the table's counts are what vLLM's log shows for those streams
     early = [c for c in doc["cells"] if c["stop"] in ("seconds:0.010", "first-token")]
@@ -327,9 +331,9 @@ def test_probe_against_vllm(real_vllm: Server, tmp_path: Path) -> None:
     assert not (tmp_path / "report.json").exists()  # a probe run writes its own report, not --stopstorm-report
     drop = cells[("openai", "drop")]
     if drop["aborted"] == 0:
-        assert drop["outcome"] == "not aborted: ran to the end" and drop["wasted_tokens_mean"] == 300 - 20
+        assert drop["outcome"] == "not aborted: ran to the end" and drop["wasted_tokens_mean"] == PROBE_TOKENS - 20
     else:
-        assert drop["outcome"] == "aborted: slot freed" and drop["wasted_tokens_mean"] < 300 - 20
+        assert drop["outcome"] == "aborted: slot freed" and drop["wasted_tokens_mean"] < PROBE_TOKENS - 20
 
 
 def test_early_stop_run_counts_the_streams_vllm_never_aborted(real_vllm: Server, tmp_path: Path) -> None:
@@ -563,7 +567,7 @@ def test_probe_with_server_log_cmd(real_vllm: Server, tmp_path: Path) -> None:
     out = tmp_path / "probe.json"
     proc = _locust(["-f", "probe.py", "--headless", "--host", srv.url, "--server-log-cmd",
                     f"tail -n 0 -F {srv.log_path}", "-u", "1", "-r", "1", "-t", "60s", "--ignore-eos",
-                    "--max-tokens", "300", "--probe-stacks", "requests", "--probe-modes", "close,hold",
+                    "--max-tokens", str(PROBE_TOKENS), "--probe-stacks", "requests", "--probe-modes", "close,hold",
                     "--probe-repeats", "1", "--hold-seconds", str(HOLD_S), "--probe-json", str(out),
                     "--probe-early", "none",  # the log read through a command is the point here, not early stops
                     "--stopstorm-report", str(tmp_path / "report.json")], timeout=90)
