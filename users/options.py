@@ -17,7 +17,7 @@ from stopstorm.metrics.plugin import options
 from stopstorm.metrics.plugin.options import Number, Option, Parsed, seconds
 from stopstorm.metrics.redact import add_secret, redact_url, secrets_of_url
 from stopstorm.users.policy import CloseMix, StopPolicy
-from stopstorm.users.preflight import base_url, basic_authorization, check_server, check_url
+from stopstorm.users.preflight import ServerUnavailable, base_url, basic_authorization, check_server, check_url
 from stopstorm.users.request import BUILTIN_PROMPTS, Messages, RequestFactory, load_prompts
 from stopstorm.users.verdicts import warn_once
 
@@ -124,8 +124,10 @@ def check_options(opts: Any) -> None:
 
 def build_settings(opts: Any, host: str, check: bool = False) -> RunSettings:
     """Validate the options; raises ValueError naming the option at fault. With `check` (a run's settings),
-    the server too: reachable, OpenAI-compatible, serving --model; without it only when --model is not given
-    (the model is then discovered), so a test can build settings for a server it knows."""
+    the server too: OpenAI-compatible, serving --model; without it only when --model is not given (the model is
+    then discovered), so a test can build settings for a server it knows. A server that cannot be reached is
+    not refused (preflight.ServerUnavailable): the run records its streams' failures, and without --model the
+    requests ask it for the model until it answers."""
     api_key = opts.api_key or os.environ.get("OPENAI_API_KEY") or None
     add_secret(api_key)
     secrets_of_url(host)
@@ -136,16 +138,27 @@ def build_settings(opts: Any, host: str, check: bool = False) -> RunSettings:
     parsed = _parse(opts)
     check_url(host)
     models: list[str] = []
-    if check or not opts.model:  # a bad URL, no answer or not OpenAI's API: refused here, before any load
-        models = check_server(host, api_key, parsed.connect_timeout, verify=not getattr(opts, "insecure", False),
-                              authorization=authorization)
+    verify = not getattr(opts, "insecure", False)
+
+    def discover() -> list[str]:
+        return check_server(host, api_key, parsed.connect_timeout, verify=verify, authorization=authorization)
+
+    unavailable = False
+    if check or not opts.model:  # a bad URL or a server that is not OpenAI's API: refused here, before any load
+        try:
+            models = discover()
+        except ServerUnavailable as exc:  # the server's state, which the run records stream by stream
+            unavailable = True
+            later = "" if opts.model else "; the model is asked of it again as streams start"
+            warn_once("unavailable", f"{exc}: the run goes on, each stream that fails recorded as such{later}")
     if opts.model and models and opts.model not in models:
         raise ValueError(f"--model {opts.model!r}: {redact_url(host)} serves {', '.join(map(repr, models))}")
-    model = opts.model or models[0]
+    model = opts.model or (models[0] if models else "")
     factory = RequestFactory(
         endpoint=opts.endpoint, model=model, prompts=parsed.prompts, max_tokens=opts.max_tokens,
         temperature=opts.temperature, ignore_eos=opts.ignore_eos, include_usage=not opts.no_usage,
         continuous_usage=not opts.no_continuous_usage, api_key=api_key, authorization=authorization,
+        discover=discover if unavailable and not opts.model else None,
     )
     return RunSettings(host, factory, parsed.stop_policy, parsed.close_mix, opts.hold_seconds, opts.think_time,
                        opts.read_timeout, api_key, parsed.connect_timeout, parsed.headers_timeout,

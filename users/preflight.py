@@ -1,6 +1,10 @@
-"""The start-up check of the target server, before any load: a bad URL, a host that does not answer within
-`--connect-timeout`, or a server that does not speak OpenAI's API stops the run with the option named, instead
-of a run whose every stream fails.
+"""The start-up check of the target server, before any load: a bad URL, or a server that answers but does not
+speak OpenAI's API (or not with this key) stops the run with the option named, instead of a run whose every
+stream fails for a typo.
+
+A server that cannot be reached (no connection within `--connect-timeout`, or no answer) or that answers 5xx is
+not a typo but the server's state, which a load test measures: `ServerUnavailable` says so, and the run goes on,
+each stream that fails recorded as such (users/options.py warns once and asks the model of the server later).
 
 OpenAI-compatible here means what every stack relies on: `GET /v1/models` answers 200 with
 `{"data": [{"id": …}, …]}` (vLLM, the simulator and OpenAI itself do). A redirect is not followed, as no stack
@@ -23,7 +27,11 @@ import requests
 
 from stopstorm.metrics.redact import add_secret, redact_url
 
-__all__ = ["base_url", "basic_authorization", "check_server", "check_url"]
+__all__ = ["ServerUnavailable", "base_url", "basic_authorization", "check_server", "check_url"]
+
+
+class ServerUnavailable(ValueError):
+    """The host gave no usable answer at the start (no connection, no answer, 5xx): its state, not a typo."""
 
 
 def base_url(host: str) -> str:
@@ -75,7 +83,7 @@ def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0, 
         socket.create_connection((hostname, port), timeout=connect_timeout).close()
     except OSError as exc:
         waited = time.monotonic() - started
-        raise ValueError(f"--host {shown}: cannot connect to {hostname}:{port} ({exc.strerror or exc}, after "
+        raise ServerUnavailable(f"--host {shown}: cannot connect to {hostname}:{port} ({exc.strerror or exc}, after "
                          f"{waited:.1f} s; --connect-timeout {connect_timeout:g})") from None
     url = f"{host}/v1/models"
     path = urlsplit(url).path
@@ -85,11 +93,13 @@ def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0, 
         resp = requests.get(url, headers=headers, timeout=(connect_timeout, max(connect_timeout, 10.0)), verify=verify,
                             allow_redirects=False)
     except requests.RequestException as exc:
-        raise ValueError(f"--host {shown}: GET {path} failed: {type(exc).__name__}") from None
+        raise ServerUnavailable(f"--host {shown}: GET {path} failed: {type(exc).__name__}") from None
     if 300 <= resp.status_code < 400:
         where = redact_url(resp.headers.get("location", "")) or "(no Location)"
         raise ValueError(f"--host {shown}: GET {path} answered HTTP {resp.status_code} redirect to {where}; "
                          "redirects are not followed: give the server's own URL as --host")
+    if resp.status_code >= 500:
+        raise ServerUnavailable(f"--host {shown}: GET {path} answered HTTP {resp.status_code}")
     if resp.status_code != 200:
         raise ValueError(f"--host {shown}: not an OpenAI-compatible server: GET {path} answered HTTP "
                          f"{resp.status_code} (expected 200 with a model list)")

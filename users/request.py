@@ -6,8 +6,10 @@ Prompts come from a built-in varied set or a user's file: plain text (one prompt
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ import orjson
 __all__ = ["BUILTIN_PROMPTS", "RequestFactory", "StreamRequest", "load_prompts"]
 
 Messages = list[dict[str, Any]]
+
+_log = logging.getLogger("stopstorm")
 
 BUILTIN_PROMPTS: tuple[str, ...] = (
     "你好,帮我证明贝叶斯定理,给出详细的推导过程,及其应用领域的案例",
@@ -80,7 +84,8 @@ class RequestFactory:
 
     def __init__(self, *, endpoint: str, model: str, prompts: list[Messages], max_tokens: int,
                  temperature: float, ignore_eos: bool, include_usage: bool, continuous_usage: bool,
-                 api_key: str | None, authorization: str | None = None) -> None:
+                 api_key: str | None, authorization: str | None = None,
+                 discover: Callable[[], list[str]] | None = None) -> None:
         if endpoint not in ("chat", "completions"):
             raise ValueError(f"--endpoint must be chat or completions, got {endpoint!r}")
         self.endpoint = endpoint
@@ -96,9 +101,25 @@ class RequestFactory:
         # The API key as a Bearer token; without one, `authorization` (Basic, from a --host's userinfo) if given
         auth = f"Bearer {api_key}" if api_key else authorization
         self._auth = {"Authorization": auth} if auth else {}
+        # No model yet (the server did not answer at the start, no --model): asked again before each stream until
+        # it answers, so no stream reaches a server that is up without one (a refused connect costs nothing; a
+        # silent host costs --connect-timeout, which the stream itself would have waited)
+        self._discover = discover if not model else None
+
+    def _model(self) -> str:
+        if self._discover is not None:
+            try:
+                models = self._discover()
+            except ValueError:
+                return self.model  # still unavailable: this stream goes out as it is and fails as the server does
+            self.model, self._discover = models[0], None
+            self.params["model"] = self.model
+            _log.info("stopstorm: the server answers now; model %r", self.model)
+        return self.model
 
     def build(self, rng: random.Random) -> StreamRequest:
         request_id = uuid.uuid4().hex
+        self._model()
         messages = rng.choice(self.prompts)
         body = dict(self.params)
         if self.endpoint == "chat":

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from stopstorm.metrics.analysis.accounting import NOT_STOPPED, Accounting, Cell
+from stopstorm.metrics.analysis.accounting import NOT_STOPPED, Accounting, Cell, Figures
 from stopstorm.metrics.analysis.capacity import CapacitySection
 from stopstorm.metrics.figures import (
     CLIENT_SOURCE,
@@ -452,6 +452,21 @@ def _saved_sentence(accounting: Accounting, capacity: CapacitySection | None) ->
     return f"Aborts {freed}." if freed else None
 
 
+def _failure_caveat(overall: Figures) -> list[str]:
+    """Failed streams, first: a run whose streams failed (a server down, refusing or cutting streams off) is
+    judged on the rest, and whoever reads only the verdict must know it."""
+    failed, streams = _int(overall.failed) or 0, _int(overall.streams) or 0
+    if not failed:
+        return []
+    counts = overall.failures.value if isinstance(overall.failures.value, Mapping) else {}
+    top = max(counts.items(), key=lambda kv: kv[1], default=None)
+    most = f" (most often: {top[0]}, {top[1]:,})" if top else ""
+    if failed >= streams:
+        return [f"Caveat: all {failed:,} streams failed{most}: the run measured none [{overall.failed.source}]."]
+    return [f"Caveat: {failed:,} of {streams:,} streams failed{most}: the figures are of the other "
+            f"{streams - failed:,} [{overall.failed.source}]."]
+
+
 def _caveats(summary: Summary, flagged: Mapping[str, tuple[int, int]], partial_reason: str | None,
              search: CapacitySearch | None) -> list[str]:
     out = []
@@ -513,6 +528,6 @@ def verdict(accounting: Accounting, summary: Summary, capacity: CapacitySection 
         sentences.append(saved)
     if search is not None:
         sentences.append(_capacity_sentence(search))
-    caveats = tuple(_caveats(summary, flagged or {}, partial_reason, search))
+    caveats = tuple(_failure_caveat(o) + _caveats(summary, flagged or {}, partial_reason, search))
     return Verdict(tuple(sentences), bound, cells, share, caveats)
 
