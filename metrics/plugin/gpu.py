@@ -155,9 +155,16 @@ def _choose_where_to_sample(environment: Environment, **_kwargs: Any) -> None:
 
 @events.test_start.add_listener
 def _start_sampling(environment: Environment, **_kwargs: Any) -> None:
-    if not _gpu.sample or _gpu.sampler is not None or _gpu.tried or _gpu.settings is None:
+    """A sampler per run: a later run from the web UI gets its own readings, from its own start."""
+    if not _gpu.sample or _gpu.settings is None:
         return
+    if _gpu.sampler is not None and _gpu.stopped is None:
+        return  # this run's (a master may see test_start again)
+    if _gpu.tried and _gpu.sampler is None:
+        return  # the source did not open: said once, at the first run
     _gpu.tried = True
+    _gpu.stopped = None
+    _gpu.worker_stops.clear()
     indices, interval, _, url = _gpu.settings
     sampler: GpuSource = DcgmSampler(url, indices, interval) if url else NvmlSampler(indices, interval)
     try:

@@ -417,7 +417,7 @@ def _write_run_report() -> None:
             delta = scraper.delta()
             scraper.close()
         end = RUN.stopped if RUN.stopped is not None else time.monotonic()
-        readings, idle_pct, gpu_off = gpu.readings() if number == 1 else (None, 0.0, _GPU_FIRST_RUN_ONLY)
+        readings, idle_pct, gpu_off = gpu.readings()
         report = build_report(RunInputs(
             records=list(RUN.records), meta=_meta(env, end - RUN.started, ledger, scraper, delta, follower, gpu_off),
             started=RUN.started, ended=end, ledger=ledger, metrics=delta, log=follower,
@@ -448,8 +448,6 @@ def _write_run_report() -> None:
         RUN.reported = True
         RUN.reporting = False
 
-
-_GPU_FIRST_RUN_ONLY = "GPU sampling covers a process's first run only (this is a later run from the web UI)"
 
 
 def _judge(report: Report, opts: Any) -> Report:

@@ -466,10 +466,14 @@ _MONITORS = _Monitors()
 
 @events.test_start.add_listener
 def _start_self_monitor(environment: Any, **_kwargs: Any) -> None:
-    if _MONITORS.own is not None:
-        return
+    """A monitor per run: a later run from the web UI starts from zero, as its records do (its summary must
+    not carry the first run's stamps, nor a loop-lag watch that stopped with it)."""
+    own = _MONITORS.own
+    if own is not None and own.stopped is None:
+        return  # this run's (a master may see test_start again)
     _MONITORS.own = from_options(environment.parsed_options).start()
     _MONITORS.key = process_key(environment.runner)
+    _MONITORS.workers.clear()  # on a master: the workers' summaries of this run arrive from now on
 
 
 @events.request.add_listener

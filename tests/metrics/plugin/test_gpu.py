@@ -409,6 +409,53 @@ def test_headless_run_reads_a_dcgm_exporter_into_the_report(tmp_path, exporter):
     assert (tmp_path / "report-gpu-timeline.csv").exists()
 
 
+@pytest.mark.slow
+def test_each_web_ui_run_samples_the_gpu_from_its_own_start(tmp_path, exporter):
+    """A second run from the web UI gets its own GPU readings (it once said "first run only"): each report's
+    timeline covers its own run, from its own start."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from conftest import wait_until
+    from locust_tools import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "locust", "-f", "locustfile.py", "--web-host", "127.0.0.1", "--web-port", str(port),
+           "--sim-args", "--step-base-ms 5", "--stopstorm-report", str(tmp_path / "report.json"),
+           "--dcgm-url", f"{exporter}/metrics", "--gpu-interval", "0.2", "--max-tokens", "20"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith(("STOPSTORM_", "LOCUST_"))})
+    ui = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{ui}/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(answers, timeout=60, interval=0.2, what="the web UI")
+        for n in (1, 2):
+            form = {"user_count": "2", "spawn_rate": "2", "run_time": "2s"}
+            assert httpx.post(f"{ui}/swarm", data=form, timeout=10).json()["success"]
+            wait_until((tmp_path / f"report-run{n}.json").exists, timeout=60, interval=0.1, what=f"run {n}'s report")
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    docs = [json.loads((tmp_path / f"report-run{n}.json").read_text()) for n in (1, 2)]
+    for n, doc in enumerate(docs, 1):
+        assert "gpu" in doc and doc["meta"].get("gpu") is None, (n, doc["meta"].get("gpu"), output[-2000:])
+        rows = doc["gpu"]["timeline"]["rows"]
+        assert len(rows) >= 5 and rows[0][0] < 0.5 and rows[-1][0] <= doc["meta"]["duration_s"] + 1.0, (n, rows)
+
+
 def test_the_sampler_runs_on_the_master_unless_a_worker_sits_on_the_gpu_host():
     """Run in a fresh interpreter: importing Locust here, after ssl, would monkey-patch too late."""
     import subprocess

@@ -180,6 +180,13 @@ def test_two_web_ui_runs_in_one_process_each_get_their_own_whole_report(tmp_path
         assert doc["meta"]["partial"] is False, doc["meta"]
         _truthful(doc, tmp_path / f"records-run{n}.jsonl")  # run 2 from zero: only its own streams and requests
         assert doc["thresholds"][0]["held"] is True
+        # …and its own self-monitor: the TTFT stamps it checked are this run's, its loop watched for this run
+        monitor = doc["self_monitor"]["local"]
+        timed = [r for r in records(tmp_path / f"records-run{n}.jsonl") if r["first_token"] is not None]
+        assert monitor["ttft"]["checked"] == len(timed) > 0, (n, monitor["ttft"], len(timed))
+        assert monitor["wall_s"] <= doc["meta"]["duration_s"] + 1.0, (n, monitor["wall_s"], doc["meta"]["duration_s"])
+    # GPU sampling is per run too: run 2 says what run 1 said (no NVML on this machine), not "first run only"
+    assert docs[1]["meta"].get("gpu") == docs[0]["meta"].get("gpu"), (docs[0]["meta"], docs[1]["meta"])
     assert docs[1]["meta"]["started_at"] > docs[0]["meta"]["started_at"] + docs[0]["meta"]["duration_s"]
     assert 2.5 < docs[0]["meta"]["duration_s"] < 10  # the form's run time ended run 1
     assert not (tmp_path / "report-run3.json").exists() and not (tmp_path / "report.json").exists()
