@@ -21,7 +21,6 @@ from typing import Any
 
 import orjson
 from locust import LoadTestShape, events
-from locust.argument_parser import LocustArgumentParser
 
 from stopstorm.locustfile import (
     FastHttpStreamUser,
@@ -33,6 +32,7 @@ from stopstorm.locustfile import (
 )
 from stopstorm.metrics.analysis.verdict import CapacitySearch, SearchStep, bootstrap_interval, few_requests
 from stopstorm.metrics.figures import CLIENT_SOURCE, LEDGER_SOURCE, distribution
+from stopstorm.metrics.plugin import options
 from stopstorm.metrics.plugin.state import RUN
 from stopstorm.metrics.truth.ledger import LedgerClient, LedgerSnapshot, server_max_num_seqs
 from stopstorm.users.shapes import Slo, StepResult, capacity_sentence, parse_slo
@@ -45,10 +45,12 @@ _log = logging.getLogger("stopstorm.capacity")
 # SLO is judged on the same streams in master/worker mode as in one process.
 
 
-@events.init_command_line_parser.add_listener
-def _add_arguments(parser: LocustArgumentParser) -> None:
-    parser.add_argument("--capacity-json", default="stopstorm-capacity.json", env_var="STOPSTORM_CAPACITY_JSON",
-                        help="capacity.py: where to write the steps and the knee (default stopstorm-capacity.json)")
+TABLE = options.OptionTable("stopstorm capacity search", options=(
+    options.Option("--capacity-json", "capacity.py: where to write the steps and the knee (default "
+                   "stopstorm-capacity.json)", "stopstorm-capacity.json", options.WritablePath(),
+                   env="STOPSTORM_CAPACITY_JSON", master_only=True),
+))
+options.register(TABLE, rank=35)  # checked with every option, before load: not found only after the whole search
 
 
 def _quantile(values: list[float], q: float) -> float | None:

@@ -282,6 +282,19 @@ def test_a_real_run_refuses_with_one_line_and_exit_2_before_the_simulator_starts
     assert not (tmp_path / "report.json").exists()
 
 
+def test_the_capacity_search_refuses_an_unwritable_json_before_the_search(tmp_path):
+    """Found only after the whole step search once (a traceback at the end of an hour's run)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STOPSTORM_", "LOCUST_"))}
+    proc = subprocess.run([sys.executable, "-m", "stopstorm", "capacity", "--headless", "--capacity-json",
+                           "/nonexistent-dir/c.json"], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    text = proc.stdout + proc.stderr
+    lines = [line for line in text.splitlines() if "stopstorm: " in line]
+    assert proc.returncode == 2 and "Traceback" not in text, text[-3000:]
+    assert len(lines) == 1 and "--capacity-json /nonexistent-dir/c.json: no such directory" in lines[0], text[-3000:]
+    assert "embedded simulator" not in text
+
+
 def test_a_simulator_that_fails_to_start_is_refused_in_one_line_and_leaves_nothing(tmp_path):
     code, text, pid = _run(tmp_path, "--sim-args=--gpu-work")  # no CUDA here: the simulator exits at once
     if code == 0:
