@@ -222,7 +222,8 @@ def test_drop_is_the_librarys_business(close_sim: SimHandle, streams: Streams, s
 @pytest.mark.parametrize("stack", NAMES)
 def test_hold_keeps_generating_until_released(sim: SimHandle, streams: Streams, stack: str) -> None:
     """`hold`: the socket stays open without reading, so the server never notices and keeps generating; the
-    release at the end of --hold-seconds aborts it at once."""
+    release at the end of --hold-seconds aborts it at the next step boundary (the same server-side checks as
+    `close`; with every abort deferred one step and its token counted, this failed for all six stacks)."""
     lag_before = lag(sim)
     record, go = streams.prepare(stack, make_settings(sim.url), "hold", StopPlan(tokens=STOP_AT))
     greenlet = gevent.spawn(go)
