@@ -1,8 +1,13 @@
 """Abort accounting: unit tests on synthetic records and ledgers, then each close mode against the simulator.
 
 The integration tests drive streams through the stacks' transports as tests/test_stacks.py does, and check the
-accounting twice: against the simulator's ledger (its truth), and against what each close mode must do
-(DESIGN.md §5), so a figure that is consistent with the ledger but wrong about the world still fails.
+accounting against numbers each test fixes in advance, not against the accounting's own formula derived again:
+streams of a known length (max_tokens, ignore_eos) stopped at a known token (tokens:fixed), so the tokens read,
+the goodput and the wasted tokens each close mode implies are constants (close 0; none and a hold past the
+stream's end max_tokens − Stop; a hold within the stream bounded by its length over the engine's pace), and the
+ledger shows the server did what each close mode must (DESIGN.md §5). A figure consistent with the ledger but
+wrong about the world still fails: with the client's Stop moved one token late (users/core.py, reverted), the
+close, drop and hold tests failed here, where the formula-based check they replace had passed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -27,7 +33,7 @@ from typing import Any
 import gevent
 import pytest
 from conftest import FAST, ROOT, SimHandle, SimPool
-from stream_tools import Streams, make_settings
+from stream_tools import CLOSE_SIM_ARGS, Streams, check_abort_at_next_step, check_no_waste, engine_lag, make_settings
 
 from stopstorm.metrics.analysis.accounting import Accounting, Figures, account, server_id
 from stopstorm.metrics.figures import (
@@ -302,11 +308,28 @@ def streams() -> Any:
     s.close()
 
 
+@dataclass
+class ModeRun:
+    sim: SimHandle
+    records: list[StreamRecord]
+    entries: dict[str, Any]
+    acc: Accounting
+    lag_s: float  # what the engine's steps ran late in all during the run, by its own measure
+
+    def one_step(self) -> float:
+        """One modelled step with every slot running (no lag, no slack)."""
+        return self.sim.config.step_duration(self.sim.config.max_num_seqs, 0)
+
+    def entry(self, record: StreamRecord) -> dict[str, Any]:
+        return self.entries[server_id(record)]
+
+
 def run_mode(sim_pool: SimPool, streams: Streams, stack: str, mode: str, plan: StopPlan,
-             **options: Any) -> tuple[SimHandle, list[StreamRecord], dict[str, Any], Accounting]:
+             sim_args: tuple[str, ...] = SIM_ARGS, hold_s: float = HOLD_S, **options: Any) -> ModeRun:
     """N streams at once in one close mode, on an idle simulator with an empty ledger; then the accounting."""
-    sim = sim_pool.fresh(*SIM_ARGS)
-    settings = make_settings(sim.url, close_mix=f"{mode}:1", hold_seconds=HOLD_S, **options)
+    sim = sim_pool.fresh(*sim_args)
+    settings = make_settings(sim.url, close_mix=f"{mode}:1", hold_seconds=hold_s, **options)
+    lag_before = engine_lag(sim.http.get("/stopstorm/stats").raise_for_status().json())
     began = time.monotonic()
     jobs = [gevent.spawn(streams.run, stack, settings, mode, plan) for _ in range(N)]
     gevent.joinall(jobs, timeout=20, raise_error=True)
@@ -317,58 +340,77 @@ def run_mode(sim_pool: SimPool, streams: Streams, stack: str, mode: str, plan: S
     doc = sim.ledger()
     acc = account(records, LedgerSnapshot.from_json(doc), None, time.monotonic() - began)
     assert len(entries) == N and acc.run.unjoined_streams.value == 0
-    return sim, records, entries, acc
+    lag_s = engine_lag(sim.http.get("/stopstorm/stats").raise_for_status().json()) - lag_before
+    return ModeRun(sim, records, entries, acc, lag_s)
 
 
-def ledger_wasted(records: list[StreamRecord], entries: dict[str, Any]) -> int:
-    return sum(entries[server_id(r)]["generated_tokens"] - r.tokens_read for r in records)
-
-
-def check_truth(stack: str, mode: str, records: list[StreamRecord], entries: dict[str, Any],
-                acc: Accounting) -> Figures:
-    """What the accounting must say given the ledger: the same numbers, derived again here."""
-    f = cell(acc, stack, mode)
+def check_truth(stack: str, mode: str, run: ModeRun, *, read: int, wasted: int | None) -> Figures:
+    """What the accounting must say, against numbers the test fixed in advance rather than derived again with
+    the accounting's own formula (generated − read): every stream stopped at `read` tokens (tokens:fixed), so
+    goodput is N × read, and `wasted` is the constant the close mode implies (close 0; none max_tokens − read a
+    stream; hold past the stream's end the same); None for a figure the caller bounds itself."""
+    f = cell(run.acc, stack, mode)
     assert f.streams.value == f.stopped.value == N
-    assert f.wasted_tokens.value == ledger_wasted(records, entries)
-    aborted = [r for r in records if entries[server_id(r)]["finish_reason"] == "abort"]
+    assert [r.tokens_read for r in run.records] == [read] * N
+    assert f.goodput_tokens.value == N * read
+    if wasted is not None:
+        assert f.wasted_tokens.value == wasted
+    aborted = [r for r in run.records if run.entry(r)["finish_reason"] == "abort"]
     assert f.aborted.value == len(aborted)
     if aborted:
-        expected = sorted(entries[server_id(r)]["freed"] - r.stop for r in aborted)
+        expected = sorted(run.entry(r)["freed"] - r.stop for r in aborted)
         lat = dist(f.abort_latency)
         assert lat.count == len(aborted) and lat.max == pytest.approx(expected[-1], abs=1e-9)
-    assert f.goodput_tokens.value == sum(r.tokens_read for r in records)
+    return f
+
+
+def check_prompt_close(stack: str, mode: str, run: ModeRun) -> Figures:
+    """close, or a drop that closes at once: each abort at the next step boundary (the ledger's stamps), and
+    nothing wasted: the server generated the 20 tokens each user read, no more (stream_tools.check_no_waste:
+    the one exception is a client that let a step end before its close reached the server, counted here).
+
+    Checked by deferring every abort one step in simulator/engine.py (counting the step's token, or dropping
+    it and freeing the slot a step late): both failed here for both stacks (2026-12-02)."""
+    step = run.one_step()
+    unread = 0
+    for r in run.records:
+        check_abort_at_next_step(run.entry(r), step, run.lag_s)
+        unread += check_no_waste(run.entry(r), r, step)
+    f = check_truth(stack, mode, run, read=STOP_AT, wasted=unread)  # 0 unless a client fell behind
+    assert f.aborted.value == N
+    if unread == 0:
+        assert dist(f.abort_latency).max <= step + run.lag_s  # Stop → freed inside the step after the last read
+    assert f.zombies.value == 0 and f.zombie_slot_seconds.value == 0
+    # Each would have run to max_tokens (ignore_eos): the counterfactual is exactly the rest of it
+    assert f.freed_tokens.value == N * (LONG - STOP_AT) - unread
     return f
 
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_close_frees_every_slot_within_a_step(sim_pool: SimPool, streams: Streams, stack: str) -> None:
-    sim, records, entries, acc = run_mode(sim_pool, streams, stack, "close", StopPlan(tokens=STOP_AT))
-    f = check_truth(stack, "close", records, entries, acc)
-    step = sim.step_bound(running=sim.config.max_num_seqs)
-    assert f.aborted.value == N
-    assert dist(f.abort_latency).max <= step + 0.010
-    assert f.zombies.value == 0 and f.zombie_slot_seconds.value == 0
-    # Each would have run to max_tokens (ignore_eos): the counterfactual is exactly the rest of it
-    generated = sum(e["generated_tokens"] for e in entries.values())
-    assert f.freed_tokens.value == N * LONG - generated
+    """Three streams at once, each closed at token 20 of 2000, at the default 15 ms step (the README's)."""
+    run = run_mode(sim_pool, streams, stack, "close", StopPlan(tokens=STOP_AT), sim_args=CLOSE_SIM_ARGS)
+    f = check_prompt_close(stack, "close", run)
     slot_s = f.freed_slot_seconds.value
     assert isinstance(slot_s, float)
-    base = sim.config.step_base_s
+    base = run.sim.config.step_base_s
     assert 0.5 * base * f.freed_tokens.value <= slot_s <= 3 * base * f.freed_tokens.value
 
 
 def test_drop_with_requests_behaves_like_close(sim_pool: SimPool, streams: Streams) -> None:
-    sim, records, entries, acc = run_mode(sim_pool, streams, "requests", "drop", StopPlan(tokens=STOP_AT))
-    f = check_truth("requests", "drop", records, entries, acc)
-    assert f.aborted.value == N and f.zombies.value == 0
-    assert dist(f.abort_latency).max <= sim.step_bound(running=sim.config.max_num_seqs) + 0.010
+    run = run_mode(sim_pool, streams, "requests", "drop", StopPlan(tokens=STOP_AT), sim_args=CLOSE_SIM_ARGS)
+    check_prompt_close("requests", "drop", run)
 
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_hold_makes_zombies_for_the_hold(sim_pool: SimPool, streams: Streams, stack: str) -> None:
-    sim, records, entries, acc = run_mode(sim_pool, streams, stack, "hold", StopPlan(tokens=STOP_AT))
-    f = check_truth(stack, "hold", records, entries, acc)
-    step = sim.step_bound(running=sim.config.max_num_seqs)
+    """Held 0.5 s, a stream keeps generating for nobody at the engine's pace, then the release aborts it. The
+    wasted tokens are bounded by constants: at most one per modelled step (steps never end early) over the hold,
+    the release's close and the step that frees; at least one per step at half the pace."""
+    run = run_mode(sim_pool, streams, stack, "hold", StopPlan(tokens=STOP_AT))
+    f = check_truth(stack, "hold", run, read=STOP_AT, wasted=None)
+    step = run.sim.step_bound(running=run.sim.config.max_num_seqs)
+    fastest = run.sim.config.step_duration(1, 0)
     assert f.aborted.value == N  # aborted at the release, not at Stop
     assert f.zombies.value == N
     slot_s = f.zombie_slot_seconds.value
@@ -376,17 +418,29 @@ def test_hold_makes_zombies_for_the_hold(sim_pool: SimPool, streams: Streams, st
     assert N * (HOLD_S - 0.002) <= slot_s <= N * (HOLD_S + step + 0.050)
     lat = dist(f.abort_latency)
     assert HOLD_S - 0.002 <= lat.p50 <= HOLD_S + step + 0.050
-    # Held, the engine kept generating for nobody: ~hold / step tokens each
-    assert f.wasted_tokens.value >= N * 0.5 * HOLD_S / step
+    wasted = f.wasted_tokens.value
+    assert isinstance(wasted, int)
+    assert N * int(0.5 * HOLD_S / step) <= wasted <= N * (int((HOLD_S + 0.050 + step + run.lag_s) / fastest) + 1)
+    for r in run.records:
+        check_abort_at_next_step(run.entry(r), run.one_step(), run.lag_s)  # the release: a prompt abort
+
+
+def test_hold_past_the_end_wastes_the_rest(sim_pool: SimPool, streams: Streams) -> None:
+    """A hold that outlasts the stream: 40 tokens asked, Stop at 10, then 30 more at ~5 ms a step (0.15 s) into a
+    1 s hold, so the server runs it to its end unaborted and exactly 30 tokens a stream are wasted."""
+    run = run_mode(sim_pool, streams, "requests", "hold", StopPlan(tokens=10), hold_s=1.0, max_tokens=40)
+    f = check_truth("requests", "hold", run, read=10, wasted=N * (40 - 10))
+    assert f.aborted.value == 0 and f.freed_tokens.value == 0
+    assert f.zombies.value == N
+    assert {(e["finish_reason"], e["generated_tokens"]) for e in run.entries.values()} == {("length", 40)}
 
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_none_reads_on_and_wastes_the_rest(sim_pool: SimPool, streams: Streams, stack: str) -> None:
-    _sim, records, entries, acc = run_mode(sim_pool, streams, stack, "none", StopPlan(tokens=10), max_tokens=60)
-    f = check_truth(stack, "none", records, entries, acc)
+    run = run_mode(sim_pool, streams, stack, "none", StopPlan(tokens=10), max_tokens=60)
+    f = check_truth(stack, "none", run, read=10, wasted=N * (60 - 10))
     assert f.aborted.value == 0 and f.abort_latency.value is None
-    assert f.wasted_tokens.value == sum(e["generated_tokens"] for e in entries.values()) - sum(
-        r.tokens_at_stop or 0 for r in records) == N * (60 - 10)
+    assert {(e["finish_reason"], e["generated_tokens"]) for e in run.entries.values()} == {("length", 60)}
     assert f.freed_tokens.value == 0
     # 50 more tokens of ≥ 5 ms after Stop: every one held its slot past the grace
     assert f.zombies.value == N
