@@ -1,7 +1,12 @@
-"""Every injected fault, through every client stack, in one real run: headless Locust against a simulator
-drawing one fault per request (`--fault SPEC@RATE`).
+"""Every injected fault, through every client stack: one headless Locust run per stack (its user class named on
+the command line) against a simulator drawing one fault per request (`--fault SPEC@RATE`).
 
-For each fault: the simulator's ledger says it was injected; every ledger request has its record in the JSONL
+The schedule is fixed: the simulator draws faults from a generator seeded by `--seed`, the k-th request it
+receives gets the k-th draw, and SEED is one whose first ALL_FAULTS_BY draws hold every fault. Each run is one
+stack, so every (fault, stack) pair occurs in every run of this test, and each is asserted (the run's own
+request count is checked against ALL_FAULTS_BY first, so a run too short fails saying so).
+
+For each pair: the simulator's ledger says it was injected; every ledger request has its record in the JSONL
 and the report; the record's failure names the cause (or, for valid-but-odd SSE, there is no failure and every
 token was read); Locust's own failure table counts exactly the records that failed with that cause; the run
 ends by itself with its report written and no traceback.
@@ -21,6 +26,7 @@ from locust_tools import SimProcess, figure, free_port, records, run_locust, ser
 
 from stopstorm.metrics.record import INTERRUPTED
 from stopstorm.simulator.faults import Fault, FaultPlan, parse_fault
+from stopstorm.users.stacks import STACKS
 
 TIMEOUT_S = 2.0  # the run's --read-timeout and --headers-timeout
 SLOW_S = 5  # a stall or a header delay: well past the timeouts
@@ -44,6 +50,9 @@ CAUSES: dict[str, str | None] = {
     "empty": r"^stream cut off: the server closed it before data: \[DONE\]",
 }
 RATE = 0.05  # 14 faults: 70 % of requests get one, 30 % none
+SEED = 14  # its fault generator ("faults:14") draws all 14 faults within its first 18 draws (found by search)
+ALL_FAULTS_BY = 18
+STACK_NAMES = list(STACKS)
 
 
 def _failure_text(cell: str) -> str:
@@ -97,26 +106,43 @@ def test_rates_over_one_are_refused_and_draws_follow_the_rates():
     assert abs(draws["empty"] / 20_000 - 0.2) < 0.02 and abs(draws["status:503"] / 20_000 - 0.3) < 0.02
 
 
-# --- one run with every fault ---------------------------------------------------------------------------------
+# --- one run per stack, with every fault ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fault_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("faults")
-    flags = [*FAST, "--max-num-seqs", "32", "--seed", "3"]
+def test_the_seeded_schedule_draws_every_fault_early():
+    """The premise of the runs below, checked on the simulator's own FaultPlan with the runs' seed and specs."""
+    plan = FaultPlan([parse_fault(f"{spec}@{RATE}") for spec in CAUSES], seed=SEED)
+    first = [f.spec if isinstance(f, Fault) else None for f in (plan.draw() for _ in range(ALL_FAULTS_BY))]
+    assert set(first) - {None} == set(CAUSES)
+
+
+@pytest.fixture(scope="module", params=STACK_NAMES)
+def fault_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    stack: str = request.param
+    out = tmp_path_factory.mktemp(f"faults-{stack}")
+    flags = [*FAST, "--max-num-seqs", "32", "--seed", str(SEED)]
     for spec in CAUSES:
         flags += ["--fault", f"{spec}@{RATE}"]
     sim = SimProcess(free_port(), flags, out / "simulator.log").start()
     try:
-        run = run_locust(out, "--host", sim.url, "-u", "12", "-r", "12", "-t", "8s", "--max-tokens", str(TOKENS),
+        # 4 users, 4 s: ~100 streams, the first ALL_FAULTS_BY of them (every fault) sent in the first ~0.5 s,
+        # so even a 2 s timeout they meet ends well before the run does.
+        run = run_locust(out, "--host", sim.url, "-u", "4", "-r", "4", "-t", "4s", "--max-tokens", str(TOKENS),
                          "--ignore-eos", "--stop-probability", "0", "--think-time", "0.05",
-                         "--read-timeout", str(TIMEOUT_S), "--headers-timeout", str(TIMEOUT_S))
+                         "--read-timeout", str(TIMEOUT_S), "--headers-timeout", str(TIMEOUT_S),
+                         STACKS[stack].__name__)
         ledger = sim.ledger()
     finally:
         sim.stop()
     failures = _error_report(run.stdout + run.stderr)
-    return {"run": run, "ledger": ledger, "records": {server_id(r): r for r in records(out / "records.jsonl")},
+    return {"stack": stack, "run": run, "ledger": ledger,
+            "records": {server_id(r): r for r in records(out / "records.jsonl")},
             "report": json.loads((out / "report.json").read_text()), "failures": failures}
+
+
+def test_the_run_is_one_stack_and_long_enough_for_every_fault(fault_run):
+    assert {r["stack"] for r in fault_run["records"].values()} == {fault_run["stack"]}
+    assert len(fault_run["ledger"]) >= ALL_FAULTS_BY, "the run sent too few requests for the schedule"
 
 
 def test_the_run_ends_by_itself_with_a_full_report_and_no_traceback(fault_run):
@@ -145,10 +171,10 @@ def test_requests_without_a_fault_succeed(fault_run):
 def test_fault_is_recorded_with_its_cause(fault_run, spec):
     cause = CAUSES[spec]
     hit = {rid: e for rid, e in fault_run["ledger"].items() if e["fault"] == spec}
-    assert hit, f"the simulator drew no {spec} in the whole run"
+    assert hit, f"the simulator drew no {spec} in the {fault_run['stack']} run"
     recs = [fault_run["records"][rid] for rid in hit]
     finished = [r for r in recs if r["error"] != INTERRUPTED]
-    assert finished, f"every {spec} stream was cut by the run's end"
+    assert finished, f"every {spec} stream of {fault_run['stack']} was cut by the run's end"
     if cause is None:  # valid SSE in an odd shape: read to the end, every token counted
         for r in finished:
             assert r["error"] is None and r["done"], r
