@@ -22,7 +22,7 @@ import sys
 import threading
 from typing import Any
 
-from hostile_server import Conn, _read_request, stream_events
+from hostile_server import Conn, _read_request, _Server, stream_events
 
 _lock = threading.Lock()
 _received: list[dict[str, str]] = []
@@ -73,12 +73,6 @@ class _Handler(socketserver.BaseRequestHandler):
         finally:
             with contextlib.suppress(OSError):
                 sock.close()
-
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
 
 
 def main() -> None:
