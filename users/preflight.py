@@ -18,6 +18,7 @@ URL as given, without its userinfo, and the URL actually requested.
 from __future__ import annotations
 
 import base64
+import re
 import socket
 import time
 from urllib.parse import unquote, urlsplit
@@ -73,6 +74,20 @@ def basic_authorization(url: str) -> str | None:
     return f"Basic {token}"
 
 
+def tls_failure(exc: BaseException) -> str:
+    """What a failed TLS handshake means for the user, and what to do: unlike a server that is down, it stays so
+    for the whole run (every stack verifies the same certificate), so it refuses the run like a bad option."""
+    detail = str(exc)
+    verify = re.search(r"certificate verify failed: ([^(\]'\"]+)", detail)
+    if verify is not None or "CERTIFICATE_VERIFY_FAILED" in detail:
+        why = verify.group(1).strip() if verify is not None else "certificate verify failed"
+        return (f"the server's TLS certificate is not trusted ({why}); pass --insecure to skip verification, or "
+                "trust its CA (SSL_CERT_FILE, and REQUESTS_CA_BUNDLE for the requests stack)")
+    reason = re.search(r"\[SSL: ([A-Z_]+)\] ([^(\]'\"]+)", detail)
+    said = f"{reason.group(2).strip()}" if reason is not None else type(exc).__name__
+    return f"the TLS handshake failed ({said}); is the server serving TLS on this port? (http:// if not)"
+
+
 def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0, verify: bool = True,
                  authorization: str | None = None) -> list[str]:
     """The model ids `host` serves, once it has been found reachable and OpenAI-compatible; ValueError if not."""
@@ -92,6 +107,8 @@ def check_server(host: str, api_key: str | None, connect_timeout: float = 10.0, 
     try:
         resp = requests.get(url, headers=headers, timeout=(connect_timeout, max(connect_timeout, 10.0)), verify=verify,
                             allow_redirects=False)
+    except requests.exceptions.SSLError as exc:
+        raise ValueError(f"--host {shown}: GET {path} failed: SSLError: {tls_failure(exc)}") from None
     except requests.RequestException as exc:
         raise ServerUnavailable(f"--host {shown}: GET {path} failed: {type(exc).__name__}") from None
     if 300 <= resp.status_code < 400:

@@ -17,10 +17,13 @@ really closes; an unread response dropped by everyone is closed by its `__del__`
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
+import gevent.ssl
 from geventhttpclient import HTTPClient
 from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 
@@ -30,6 +33,16 @@ from stopstorm.users.request import StreamRequest
 from stopstorm.users.verdicts import response_failure
 
 __all__ = ["FastHttpStreamUser", "FastHttpTransport"]
+
+def _unverified_context(**_: Any) -> ssl.SSLContext:
+    """--insecure's context. geventhttpclient's own `insecure=True` only turns hostname checking off and leaves
+    `verify_mode` at CERT_REQUIRED, so a self-signed certificate was still refused (Locust's FastHttpUser passes
+    such a factory for the same reason); `cafile` is ignored: nothing is verified against it."""
+    context = gevent.ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = gevent.ssl.CERT_NONE
+    return context
+
 
 def _describe(exc: Exception, timeout: float, mid_stream: bool) -> str:
     detail = str(exc) or type(exc).__name__
@@ -92,7 +105,7 @@ class FastHttpTransport:
         if client is None:
             client = self.clients[host] = HTTPClient.from_url(
                 host, connection_timeout=connect_timeout, network_timeout=timeout, concurrency=10,
-                insecure=self.insecure)
+                insecure=self.insecure, ssl_context_factory=_unverified_context if self.insecure else None)
         return client
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,

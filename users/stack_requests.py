@@ -60,13 +60,17 @@ class RequestsTransport:
 
     def __init__(self, insecure: bool = False) -> None:
         self.session = requests.Session()
+        # Passed again with each request: requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE replace a
+        # request's `verify` left unset before the session's is merged, so `session.verify = False` alone still
+        # verified wherever those are set (psf/requests#3829; Debian and most CI images set them).
         self.session.verify = not insecure
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
              connect_timeout: float = 10.0) -> _RequestsStream:
         try:
             resp = self.session.post(host + request.path, data=request.body_bytes, headers=request.headers,
-                                     stream=True, timeout=(connect_timeout, timeout), allow_redirects=False)
+                                     stream=True, timeout=(connect_timeout, timeout), allow_redirects=False,
+                                     verify=self.session.verify)
         except requests.RequestException as exc:
             raise StreamFailure(_describe(exc, timeout)) from None
         record.headers = time.monotonic()

@@ -47,7 +47,7 @@ from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe,
 from stopstorm.metrics.plugin.record_sink import RecordSink
 from stopstorm.metrics.plugin.state import RUN
 from stopstorm.metrics.plugin.truth_target import truth_host
-from stopstorm.metrics.plugin.web_form import install_form_check
+from stopstorm.metrics.plugin.web_form import install_form_check, install_secret_fields
 from stopstorm.metrics.plugin.web_stops import LiveReport, install_stops_tab
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.report.build import RunInputs, build_report
@@ -187,6 +187,7 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         install_stops_tab(environment.web_ui, _tab_report)
         _install_report_links(environment.web_ui)
         shown = {o.dest for table in options.tables() for o in table if o.in_web_ui}
+        install_secret_fields(environment.web_ui, {o.dest for table in options.tables() for o in table if o.secret})
         install_form_check(environment.web_ui, shown, options.check_options)  # the form's values: the same rules
 
 

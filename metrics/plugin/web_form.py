@@ -5,6 +5,11 @@ replaces) and starts the users; a bad value would only surface mid-run, as a cra
 quietly means something else. A Flask `before_request` hook on that one route converts the fields the way Locust
 will, runs every registered rule over the result (`options.check_options`), and answers a bad one as Locust answers
 a bad spawn rate: `{"success": false, "message": ...}`, which its form shows, with nothing started.
+
+A secret option (`--api-key`) is in the form, but Locust fills every field with the value the process started
+with and only masks the input: the key would be in the page's source for anyone who can open the UI.
+`install_secret_fields` blanks those values in what the page is given, and a start form that leaves such a
+field empty keeps the value the process started with (a new value typed there replaces it).
 """
 
 from __future__ import annotations
@@ -42,6 +47,44 @@ def trial_options(parsed: argparse.Namespace, form: Mapping[str, str], lists: Ma
             flag = "--" + key.replace("_", "-")
             raise ValueError(f"{flag}: {value!r} is not a {type(getattr(parsed, key)).__name__}") from None
     return trial
+
+
+SECRET_HELP = " (the web UI never shows it: leave empty to keep the one stopstorm started with)"
+
+
+def blank_secrets(extra_options: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The form's options with no secret's value in them, and the secret fields' help saying so."""
+    return {name: ({**field, "default_value": "", "help_text": f"{field.get('help_text') or ''}{SECRET_HELP}"}
+                   if field.get("is_secret") else field)
+            for name, field in extra_options.items()}
+
+
+def kept_secrets(form: Mapping[str, str], secrets: set[str]) -> set[str]:
+    """The secret fields a start form left empty: they keep the value the process started with."""
+    return {name for name in secrets if name in form and form[name] == ""}
+
+
+def install_secret_fields(web_ui: Any, secrets: set[str]) -> None:
+    """Keep secret option values out of the web UI's page, and keep them through a start form left empty."""
+    update = web_ui.update_template_args
+
+    def _update_without_secrets() -> None:
+        update()
+        web_ui.template_args["extra_options"] = blank_secrets(web_ui.template_args.get("extra_options") or {})
+
+    web_ui.update_template_args = _update_without_secrets
+    _update_without_secrets()
+
+    @web_ui.app.before_request
+    def _keep_secrets_left_empty() -> None:
+        from flask import request
+        from werkzeug.datastructures import ImmutableMultiDict
+
+        if request.method != "POST" or request.path != "/swarm":
+            return
+        kept = kept_secrets(request.form, secrets)
+        if kept:  # Locust copies every field it is sent: an empty one would replace the key with ""
+            request.form = ImmutableMultiDict([(k, v) for k, v in request.form.items(multi=True) if k not in kept])
 
 
 def install_form_check(web_ui: Any, names: set[str], check: Check) -> None:

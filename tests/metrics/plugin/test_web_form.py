@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from stopstorm.metrics.plugin.web_form import form_value, install_form_check, trial_options
+from stopstorm.metrics.plugin.web_form import form_value, install_form_check, install_secret_fields, trial_options
 
 
 @pytest.mark.parametrize(("current", "value", "expected"), [
@@ -61,3 +61,34 @@ def test_a_bad_value_is_answered_like_locusts_own_and_nothing_starts() -> None:
     assert client.post("/swarm", data={"read_timeout": "5", "fail_on": "zombies>0"}).get_json()["success"]
     assert started and seen[-1].read_timeout == 5.0 and seen[-1].fail_on == "zombies>0"
     assert client.get("/other").status_code == 404  # only the start form is checked
+
+
+def test_secret_fields_reach_the_page_blank_and_an_empty_one_keeps_the_started_value() -> None:
+    """Locust fills each field with the process's value; the page must get none of a secret's, and a start form
+    that sends the blank field back must not replace the key with "" (Locust copies every field it is sent)."""
+    app = Flask("t")
+    started: list[list[tuple[str, str]]] = []
+
+    @app.post("/swarm")
+    def swarm() -> Any:
+        from flask import request
+        started.append(list(request.form.items(multi=True)))
+        return {"success": True}
+
+    fields = {"api_key": {"default_value": "sk-secret", "is_secret": True, "help_text": "API key"},
+              "max_tokens": {"default_value": 64, "is_secret": False, "help_text": "max"}}
+    web_ui = SimpleNamespace(app=app, template_args={})
+
+    def update() -> None:
+        web_ui.template_args = {**web_ui.template_args, "extra_options": fields}
+
+    web_ui.update_template_args = update
+    install_secret_fields(web_ui, {"api_key"})
+    web_ui.update_template_args()  # as Locust's index route does before each page
+    shown = web_ui.template_args["extra_options"]
+    assert shown["api_key"]["default_value"] == "" and "leave empty to keep" in shown["api_key"]["help_text"]
+    assert shown["max_tokens"] == fields["max_tokens"] and fields["api_key"]["default_value"] == "sk-secret"
+    client = app.test_client()
+    client.post("/swarm", data={"user_count": "1", "api_key": "", "max_tokens": "8"})
+    client.post("/swarm", data={"user_count": "1", "api_key": "sk-new"})
+    assert started == [[("user_count", "1"), ("max_tokens", "8")], [("user_count", "1"), ("api_key", "sk-new")]]
