@@ -61,11 +61,15 @@ HOLD_S = 0.5
 # that only the garbage collector closes may run to it, so not LONG: ~1.8 s of decoding after Stop
 PROBE_TOKENS = 1000
 # Stop → abort line read, for a close: vLLM aborts between steps (a few ms here), the log line is written, and
-# the follower polls every 20 ms; generous for a loaded 2-core box.
-CLOSE_ABORT_S = 0.25
-# Tokens generated after Stop by a stream closed at once: the step in flight and the one in which the
-# disconnect was seen, and what the client had not parsed yet (a few ms at ~500 tokens/s).
-CLOSE_WASTE_MAX = 16
+# the follower polls every 20 ms. Measured (35 closes per stack, 2026-12-02): 1-29 ms on an idle 2-core box,
+# 64 ms at most with both cores loaded by `yes`; 0.1 s is that worst case plus a margin, still far below a
+# one-second hold or a GC-timed close.
+CLOSE_ABORT_S = 0.1
+# Tokens vLLM generated beyond what a closed stream's client read: 0 in every one of those 70 closes, idle and
+# loaded, as the README's table says; a close that lets one token through is a regression.
+CLOSE_WASTE_MAX = 0
+# A held stream keeps generating through its hold (~550 tokens/s here): far more than any close lets through.
+HOLD_WASTE_MIN = 50
 # The openai SDK's stream closes only when the garbage collector runs (DESIGN.md §5).
 DROP_CLOSES_AT_ONCE = {"requests": True, "httpx": True, "httpx-async": True, "fasthttp": True,
                        "openai": False, "openai-async": False}
@@ -209,7 +213,7 @@ def test_hold_keeps_generating_until_released(real_vllm: Server, stack: str) -> 
     latency = check_abort(record, entry)
     assert HOLD_S - 0.005 <= latency <= HOLD_S + CLOSE_ABORT_S, f"abort {latency * 1e3:.0f} ms after Stop"
     # vLLM generated through the hold: far more than a close lets through
-    assert entry["generated_tokens"] - record.tokens_read > CLOSE_WASTE_MAX, entry
+    assert entry["generated_tokens"] - record.tokens_read > HOLD_WASTE_MIN, entry
 
 
 @pytest.mark.parametrize("stack", NAMES)
@@ -313,7 +317,7 @@ def test_probe_against_vllm(real_vllm: Server, tmp_path: Path) -> None:
         assert close["aborted"] == 1 and close["abort_latency_ms_max"] <= CLOSE_ABORT_S * 1e3
         assert close["wasted_tokens_mean"] <= CLOSE_WASTE_MAX
         assert hold["aborted"] == 1 and hold["abort_latency_ms_p50"] >= HOLD_S * 1e3 - 5
-        assert hold["wasted_tokens_mean"] > CLOSE_WASTE_MAX
+        assert hold["wasted_tokens_mean"] > HOLD_WASTE_MIN
     assert cells[("requests", "drop")]["aborted"] == 1
     # The openai SDK's dropped stream is closed only when the garbage collector gets to it, which may be before
     # vLLM's PROBE_TOKENS are out or not (it varies run to run): whichever it was, the probe must say what vLLM saw.
@@ -468,7 +472,7 @@ def test_simulator_side_by_side_with_vllm(real_vllm: Server, sim_pool: Any) -> N
         assert res.waiting_max == 1.0, (name, res.waiting_max)
         # C waited for a slot: its first token came after the first of A's close and B's release
         assert c.first_token is not None and c.first_token > _first_freed(res), name
-        assert res.wasted > CLOSE_WASTE_MAX, (name, res.wasted)  # B's hold
+        assert res.wasted > HOLD_WASTE_MIN, (name, res.wasted)  # B's hold
     rows = ["| server | aborted | Δ success | waiting max | C TTFT ms | C first token after a slot was let go, ms | "
             "wasted tokens (mostly B's hold) | C decode tok/s |", "|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():

@@ -343,8 +343,11 @@ class StreamReader:
         if completion is not None:
             rec.usage_tokens = completion
         if not text:
-            if completion is not None and rec.stop is None:
-                rec.tokens = max(rec.tokens, completion)  # final usage chunk of a stream read without continuous usage
+            # A count without text: the final usage chunk, or a token vLLM's detokenizer held back (it ends inside
+            # a UTF-8 character) in the chunk that ends the stream. Only a stream still being read gets here, so
+            # after a Stop that reads on (`none`) it counts too.
+            if completion is not None:
+                rec.tokens = max(rec.tokens, completion)
             return False
         if rec.first_token is None:
             rec.first_token = now

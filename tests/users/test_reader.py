@@ -44,3 +44,21 @@ def test_malformed_payload_is_recorded():
     reader.feed(b"data: {not json", False)
     assert reader.feed(b"", False) is True
     assert reader.record.error.startswith("malformed stream: JSONDecodeError")
+
+
+def _finish(n: int) -> bytes:
+    return (b'data: {"id":"chatcmpl-1","choices":[{"index":0,"delta":{"content":""},"finish_reason":"length"}],'
+            b'"usage":{"prompt_tokens":3,"completion_tokens":%d}}' % n)
+
+
+def test_a_last_token_without_text_still_counts_after_a_stop_that_reads_on():
+    """vLLM holds back a token that ends inside a UTF-8 character, so a stream's last chunk can carry its count
+    (usage) and no text. Seen against real vLLM: a `none` stream stopped at 10 tokens read 40 and recorded 39,
+    because the count in an empty chunk was taken only before Stop."""
+    rec = StreamRecord(stack="requests", close_mode="none", endpoint="chat", request_id="r", stop_plan="tokens:1",
+                       wall_start=time.time(), sent=time.monotonic())
+    reader = StreamReader(rec, StopPlan(tokens=1), read_on=True)
+    for line in (_chunk(b"a", 1), b"", _chunk(b"b", 2), b"", _finish(3), b""):
+        assert not reader.feed(line, False)
+    assert reader.feed(b"data: [DONE]", False) is False and reader.feed(b"", False) is True
+    assert (rec.tokens_at_stop, rec.tokens, rec.usage_tokens, rec.finish_reason) == (1, 3, 3, "length")
