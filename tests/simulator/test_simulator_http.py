@@ -336,12 +336,17 @@ def test_max_waiting_refuses_with_503(sim_pool):
 # --- stops: the client closes --------------------------------------------------------------------------------
 
 
-def check_client_abort(sim: SimHandle, rid: str, t_close: float, received: int) -> dict[str, Any]:
-    """What a client close must look like in the ledger, for a request running alone."""
+def check_client_abort(sim: SimHandle, rid: str, t_close: float, t_closed: float, received: int) -> dict[str, Any]:
+    """What a client close must look like in the ledger, for a request running alone.
+
+    The close is bracketed, as in the unary test below: the server saw it after the stamp taken before the close
+    (`t_close`) and within DISCONNECT_TOL_S of the one taken after it returned (`t_closed`), so a test process
+    preempted between its stamp and the syscall (under two CPU hogs) is not charged to the server."""
     e = sim.wait_entry(rid)
     assert e["finish_reason"] == "abort"
-    assert e["disconnect_seen"] is not None
-    assert 0 <= e["disconnect_seen"] - t_close <= DISCONNECT_TOL_S
+    seen = e["disconnect_seen"]
+    assert seen is not None
+    assert t_close <= seen <= t_closed + DISCONNECT_TOL_S, f"seen {(seen - t_closed) * 1e3:.2f} ms after the close"
     assert e["disconnect_seen"] <= e["freed"] <= e["disconnect_seen"] + sim.step_bound(1)
     # The abort lands at the step boundary and the token of that step is dropped: nothing after the close.
     assert e["generated_tokens"] == e["generated_at_disconnect"]
@@ -378,7 +383,7 @@ def test_httpx_close_mid_stream_aborts_at_the_next_boundary(sim, how):
                 if received == 5:
                     t_close = time.monotonic()
                     break
-    e = check_client_abort(sim, f"chatcmpl-{how}", t_close, received)
+    e = check_client_abort(sim, f"chatcmpl-{how}", t_close, time.monotonic(), received)
     assert e["status_code"] == 200 and e["error"] is None
 
 
@@ -389,14 +394,14 @@ def test_raw_socket_close_mid_stream_aborts_at_the_next_boundary(sim):
     received = content_tokens(events)
     assert received >= 3
     t_close = s.close()
-    check_client_abort(sim, "chatcmpl-raw", t_close, received)
+    check_client_abort(sim, "chatcmpl-raw", t_close, time.monotonic(), received)
 
 
 def test_close_of_a_completions_stream_aborts(sim):
     s = RawStream(sim, COMPLETIONS, completion_body(500, ignore_eos=True), "rawc")
     received = content_tokens(s.read_events(3))
     t_close = s.close()
-    check_client_abort(sim, "cmpl-rawc", t_close, received)
+    check_client_abort(sim, "cmpl-rawc", t_close, time.monotonic(), received)
 
 
 def test_non_streaming_request_whose_client_disconnects_is_aborted(sim):
@@ -431,10 +436,11 @@ def test_queued_request_whose_client_closes_leaves_the_queue(sim_pool):
         waiting = sim.wait_entry("chatcmpl-q-wait", until=lambda e: True)
         assert waiting["scheduled"] is None
         t_close = queued.close()
+        t_closed = time.monotonic()  # the close bracketed, as in check_client_abort
         e = sim.wait_entry("chatcmpl-q-wait")
         assert e["finish_reason"] == "abort"
         assert e["scheduled"] is None and e["first_token"] is None and e["generated_tokens"] == 0
-        assert 0 <= e["disconnect_seen"] - t_close <= DISCONNECT_TOL_S
+        assert t_close <= e["disconnect_seen"] <= t_closed + DISCONNECT_TOL_S
         assert e["disconnect_seen"] <= e["freed"] <= e["disconnect_seen"] + sim.step_bound(1)
         assert e["queue_wait"] == pytest.approx(e["freed"] - e["arrival"], abs=1e-9)
         ongoing = sim.entry("chatcmpl-q-run")
