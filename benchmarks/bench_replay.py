@@ -3,8 +3,8 @@
     python benchmarks/bench_replay.py [--requests 300] [--rate 5.5] [--max-num-seqs 4] [--json out.json]
 
 One open-model schedule (Poisson arrivals, an unstopped length per request, a stop point for `--stop-probability`
-of them) is run twice against fresh simulators (`EmbeddedSimulator`, its own process) by a raw asyncio client
-that sends each request at its scheduled time:
+of them) is run twice, side by side in the same seconds, against two fresh simulators (`EmbeddedSimulator`, each
+its own process) by a raw asyncio client that sends each request at its scheduled time:
 
 - run A: every stopped stream is closed the moment its Stop token arrives (prompt aborts);
 - run B: every stream is read to its end (no stops).
@@ -93,21 +93,45 @@ async def _drive(url: str, plan: list[Planned], stops: bool, limit_s: float) -> 
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=limit_s)
 
 
-def run_once(plan: list[Planned], stops: bool, max_num_seqs: int, step_ms: float, grace: float) -> LedgerSnapshot:
-    """One real run against a fresh simulator; its ledger once every request has left the engine."""
-    with EmbeddedSimulator(["--max-num-seqs", str(max_num_seqs), "--step-base-ms", str(step_ms)]) as sim:
-        url = sim.url or ""
-        try:
-            import uvloop
-            uvloop.run(_drive(url, plan, stops, plan[-1].at + grace))
-        except ImportError:
-            asyncio.run(_drive(url, plan, stops, plan[-1].at + grace))
-        deadline = time.monotonic() + 10
-        while True:
-            with urllib.request.urlopen(f"{url}/stopstorm/ledger", timeout=5) as resp:
-                doc: dict[str, Any] = json.loads(resp.read())
-            if all(e.get("freed") is not None for e in doc["requests"]) or time.monotonic() > deadline:
-                return LedgerSnapshot.from_json(doc)
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+def _ledger_once_freed(url: str) -> LedgerSnapshot:
+    """The simulator's ledger once every request has left the engine (or 10 s have passed)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(f"{url}/stopstorm/ledger", timeout=5) as resp:
+            doc: dict[str, Any] = json.loads(resp.read())
+        if all(e.get("freed") is not None for e in doc["requests"]) or time.monotonic() > deadline:
+            return LedgerSnapshot.from_json(doc)
+
+
+def _sim_args(max_num_seqs: int, step_ms: float) -> list[str]:
+    return ["--max-num-seqs", str(max_num_seqs), "--step-base-ms", str(step_ms)]
+
+
+def run_pair(plan: list[Planned], max_num_seqs: int, step_ms: float,
+             grace: float) -> tuple[LedgerSnapshot, LedgerSnapshot]:
+    """Runs A (stops) and B (no stops) side by side, each against its own fresh simulator, in the same seconds.
+
+    Run one after the other, the two runs met different machines: on a shared host a few percent of step-time
+    drift between them moves a near-saturated queue wait by ten percent, and the replay (which has only A's
+    timing) was charged with the host's drift. Side by side, both servers step through the same noise, so A's
+    calibrated step is B's too and the comparison measures the replay alone."""
+    with EmbeddedSimulator(_sim_args(max_num_seqs, step_ms)) as sa, \
+            EmbeddedSimulator(_sim_args(max_num_seqs, step_ms)) as sb:
+        limit = plan[-1].at + grace
+
+        async def both() -> None:
+            await asyncio.gather(_drive(sa.url or "", plan, True, limit), _drive(sb.url or "", plan, False, limit))
+
+        _run(both())
+        return _ledger_once_freed(sa.url or ""), _ledger_once_freed(sb.url or "")
 
 
 def measured(ledger: LedgerSnapshot) -> dict[str, float]:
@@ -168,8 +192,7 @@ def main() -> None:
         return
     plan = schedule(a.requests, a.rate, tuple(a.lengths), a.stop_probability, a.seed)
     t = time.monotonic()
-    real_a = run_once(plan, True, a.max_num_seqs, a.step_ms, a.grace)
-    real_b = run_once(plan, False, a.max_num_seqs, a.step_ms, a.grace)
+    real_a, real_b = run_pair(plan, a.max_num_seqs, a.step_ms, a.grace)
     wall = time.monotonic() - t
     t = time.perf_counter()
     timing = calibrate(real_a)

@@ -372,11 +372,14 @@ class RawStream:
         assert self._ended, "response did not end"
         return self._take_events()
 
-    def close(self) -> float:
-        """Close the socket; returns the monotonic time just before the close."""
-        t = time.monotonic()
+    def close(self) -> tuple[float, float]:
+        """Close the socket; returns the monotonic times just before the close and just after it returned.
+
+        A bound on when the server saw the close starts from the first and ends from the second: a test process
+        preempted between its stamp and the close syscall (under CPU hogs) is then never charged to the server."""
+        before = time.monotonic()
         self.sock.close()
-        return t
+        return before, time.monotonic()
 
     def __enter__(self) -> RawStream:
         return self

@@ -26,10 +26,10 @@ LATE_SLOW = ("--step-base-ms", "20", "--disconnect-delay-ms", str(DELAY_MS))  # 
 
 
 def _close_at_first_token(sim: SimHandle, rid: str, max_tokens: int) -> float:
-    """Stream `max_tokens` (ignore_eos), read up to the first content chunk, close; the close's time."""
+    """Stream `max_tokens` (ignore_eos), read up to the first content chunk, close; the time just before the close."""
     with RawStream(sim, CHAT, chat_body(max_tokens, ignore_eos=True), rid) as s:
         s.read_events(2)  # the role chunk, then the first token
-        return s.close()
+        return s.close()[0]
 
 
 def _log_lines(sim: SimHandle, rid: str) -> list[str]:
@@ -138,12 +138,12 @@ def test_the_classifier_counts_the_races_missed_closes_as_the_ledger_and_the_log
         with RawStream(sim, CHAT, chat_body(n, ignore_eos=True), rid) as s:
             sent = time.monotonic()
             s.read_events(2)
-            records.append(_record(rid, sent, s.close(), 1))
+            records.append(_record(rid, sent, s.close()[0], 1))
     with RawStream(sim, CHAT, chat_body(4, ignore_eos=True), "cl-after") as s:
         sent = time.monotonic()
         s.read_headers()
         sim.wait_entry("chatcmpl-cl-after")  # done in the engine, nothing read
-        records.append(_record("cl-after", sent, s.close(), 0))
+        records.append(_record("cl-after", sent, s.close()[0], 0))
     entries = sim.wait_idle()
     snap = LedgerSnapshot.from_json(sim.ledger())
     by_ledger = {o.record.request_id: o.outcome for o in classify_ledger(records, snap.by_id)}

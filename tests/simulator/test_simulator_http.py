@@ -393,15 +393,13 @@ def test_raw_socket_close_mid_stream_aborts_at_the_next_boundary(sim):
     events = s.read_events(4)
     received = content_tokens(events)
     assert received >= 3
-    t_close = s.close()
-    check_client_abort(sim, "chatcmpl-raw", t_close, time.monotonic(), received)
+    check_client_abort(sim, "chatcmpl-raw", *s.close(), received)
 
 
 def test_close_of_a_completions_stream_aborts(sim):
     s = RawStream(sim, COMPLETIONS, completion_body(500, ignore_eos=True), "rawc")
     received = content_tokens(s.read_events(3))
-    t_close = s.close()
-    check_client_abort(sim, "cmpl-rawc", t_close, time.monotonic(), received)
+    check_client_abort(sim, "cmpl-rawc", *s.close(), received)
 
 
 def test_non_streaming_request_whose_client_disconnects_is_aborted(sim):
@@ -416,8 +414,7 @@ def test_non_streaming_request_whose_client_disconnects_is_aborted(sim):
     the close is bracketed: the server saw it after the stamp before, and within the bound of the one after."""
     s = RawStream(sim, CHAT, chat_body(500, stream=False, ignore_eos=True), "unary")
     sim.wait_entry("chatcmpl-unary", until=lambda e: e["generated_tokens"] >= 3)
-    t_close = s.close()
-    t_closed = time.monotonic()
+    t_close, t_closed = s.close()
     e = sim.wait_entry("chatcmpl-unary")
     assert e["finish_reason"] == "abort" and e["stream"] is False
     seen = e["disconnect_seen"]
@@ -435,8 +432,7 @@ def test_queued_request_whose_client_closes_leaves_the_queue(sim_pool):
         assert queued.read_headers() == 200  # headers go out at once, even to a queued request
         waiting = sim.wait_entry("chatcmpl-q-wait", until=lambda e: True)
         assert waiting["scheduled"] is None
-        t_close = queued.close()
-        t_closed = time.monotonic()  # the close bracketed, as in check_client_abort
+        t_close, t_closed = queued.close()
         e = sim.wait_entry("chatcmpl-q-wait")
         assert e["finish_reason"] == "abort"
         assert e["scheduled"] is None and e["first_token"] is None and e["generated_tokens"] == 0
@@ -579,7 +575,7 @@ def test_ledger_reset_keeps_in_flight_requests(sim):
         before = sim.entry("chatcmpl-keep")
         assert before is not None
         wait_until(lambda: sim.entry("chatcmpl-keep")["generated_tokens"] > before["generated_tokens"])
-        t_close = s.close()
+        t_close, _ = s.close()
     e = sim.wait_entry("chatcmpl-keep")
     assert e["finish_reason"] == "abort" and e["arrival"] == before["arrival"]
     assert e["disconnect_seen"] >= t_close
