@@ -240,7 +240,9 @@ def run_stopstorm(stack: str, url: str, args: argparse.Namespace, work: Path,
     if rc != 0:
         raise RuntimeError(f"run_users.py exited {rc}: {log[-1500:]}")
     result = json.loads(out.read_text())
-    stamps = [{"id": f"chatcmpl-{r['request_id']}", "send": r["sent"], "first": r["first_token"],
+    # TTFT's start as the record has it: the request's write where the stack stamps it (users/socket_stamps.py)
+    stamps = [{"id": f"chatcmpl-{r['request_id']}", "send": r["sent"] if r.get("written") is None else r["written"],
+               "first": r["first_token"],
                "reported_ttft": r["ttft"]} for r in result["records"] if not r["error"]]
     return stamps, cpu
 

@@ -1,7 +1,7 @@
 """Client timing error against server truth at 50, 200 and 500 concurrent streams, and Stop → close latency.
 
     python benchmarks/bench_timing.py [--streams 50 200 500] [--stacks requests fasthttp httpx-async]
-                                      [--tokens 40] [--json out.json]
+                                      [--tokens 40] [--read-clock-too] [--json out.json]
 
 The process is gevent-patched first, as a locustfile is. One simulator (`EmbeddedSimulator`, its own process,
 pinned to CPU 0 when there are two) runs with `--ledger-send-times`, so its ledger holds, per request, the
@@ -16,6 +16,8 @@ Per stack and N, against the ledger:
   plus the client's own parse: anything more is the client's delay);
 - chunk error: each token-carrying chunk's stamp minus the send time of the server chunk that brought the
   same running token count (continuous usage gives the count); ITL error: |client gap − server gap|;
+- ingress: the ledger's `arrival` minus the record's start of TTFT (`written`, the request's last write, where
+  the stack stamps it; else `sent`): the tool's own delay before the server had the request;
 - Stop → close (a second pass with every user pressing Stop after `--stop-tokens` and closing): the client's
   own Stop → close-returned, and Stop → the server seeing the disconnect (`disconnect_seen`, server truth).
 
@@ -54,11 +56,15 @@ from stopstorm.metrics.record import StreamRecord
 from stopstorm.metrics.truth.ledger import LedgerSnapshot
 from stopstorm.simulator.launcher import EmbeddedSimulator
 from stopstorm.simulator.ledger import LedgerEntry
+from stopstorm.users import socket_stamps
 from stopstorm.users.bridge import get_bridge
 from stopstorm.users.core import arun_stream, run_stream
 from stopstorm.users.options import RunSettings, build_settings
 from stopstorm.users.policy import StopPlan
 from stopstorm.users.stacks import STACKS, is_async, transport_for
+
+READ_CLOCK = " (read clock)"  # a row with the kernel's receive stamps off (--read-clock-too)
+KERNEL_STAMPED = ("requests", "fasthttp")  # over plain HTTP on Linux: users/socket_stamps.py
 
 SIM_CPU, CLIENT_CPU = 0, 1
 RUN_TIMEOUT = 120.0
@@ -134,7 +140,7 @@ def run_users(stack: str, url: str, n: int, st: RunSettings, spread: float, stop
 
 def timing_errors(records: list[StreamRecord], ledger: dict[str, LedgerEntry], monitor: SelfMonitor,
                   sampler_name: str) -> dict[str, Any]:
-    ttft, ttft_clean, chunk, itl = [], [], [], []
+    ttft, ttft_clean, chunk, itl, ingress = [], [], [], [], []
     sampler = getattr(monitor, sampler_name)
     missing = 0
     for rec in records:
@@ -143,6 +149,8 @@ def timing_errors(records: list[StreamRecord], ledger: dict[str, LedgerEntry], m
             missing += 1
             continue
         ttft.append(rec.first_token - e.first_sent)
+        # the tool's own delay before the server had the request: from TTFT's start (the write where stamped)
+        ingress.append(e.arrival - (rec.sent if rec.written is None else rec.written))
         if sampler.lateness(rec.first_token) <= monitor.bound:  # the self-monitor would not flag this stamp
             ttft_clean.append(ttft[-1])
         sent_at = {int(n): t for t, n in e.send_times or []}
@@ -157,7 +165,7 @@ def timing_errors(records: list[StreamRecord], ledger: dict[str, LedgerEntry], m
                 itl.append(abs((t - prev[0]) - (s - prev[1])))
             prev = (t, s)
     return {"streams": len(records), "unjoined": missing, "ttft_err": ttft, "ttft_err_unflagged": ttft_clean,
-            "chunk_err": chunk, "itl_err": itl}
+            "chunk_err": chunk, "itl_err": itl, "ingress": ingress}
 
 
 def stop_latency(records: list[StreamRecord], ledger: dict[str, LedgerEntry]) -> dict[str, list[float]]:
@@ -193,11 +201,16 @@ def main() -> None:
                         help="the self-monitor's bound: TTFTs taken during a longer stall are flagged (default 1)")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() once the clients are built (do full-collection pauses shrink?)")
+    parser.add_argument("--read-clock-too", action="store_true",
+                        help="also run requests and fasthttp with the kernel's receive stamps off (the read clock), "
+                        "side by side")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
     global GC_FREEZE
     GC_FREEZE = args.gc_freeze
 
+    labels = [label for stack in args.stacks for label in (
+        (stack, stack + READ_CLOCK) if args.read_clock_too and stack in KERNEL_STAMPED else (stack,))]
     pinned = (os.cpu_count() or 1) >= 2 and {SIM_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
     sim = EmbeddedSimulator(["--ledger-send-times", "--max-num-seqs", str(max(args.streams)), "--step-base-ms",
                              str(args.step_base_ms), "--step-per-seq-ms", "0", "--seed", "0"])
@@ -213,7 +226,9 @@ def main() -> None:
               + ("simulator on CPU 0, client on CPU 1" if pinned else "no pinning")
               + f"; step {args.step_base_ms} ms, {args.tokens} tokens per stream, stop after {args.stop_tokens}",
               flush=True)
-        for stack in args.stacks:
+        for label in labels:
+            stack = label.removesuffix(READ_CLOCK)
+            socket_stamps.RECEIVE_STAMPS = not label.endswith(READ_CLOCK)
             for n in args.streams:
                 for stop in (False, True):
                     urllib.request.urlopen(urllib.request.Request(url + "/stopstorm/ledger/reset", method="POST"),
@@ -226,14 +241,14 @@ def main() -> None:
                     gevent.sleep(0.3)  # the last disconnects reach the ledger
                     ledger = LedgerSnapshot.from_json(get_json(url + "/stopstorm/ledger")).by_id
                     lag1 = sim_lag(url)
-                    row: dict[str, Any] = {"stack": stack, "streams": n, "stop": stop, "cpu_pct": 100 * cpu / wall,
+                    row: dict[str, Any] = {"stack": label, "streams": n, "stop": stop, "cpu_pct": 100 * cpu / wall,
                                            "sim_step_lag_s": None if lag0 is None or lag1 is None else lag1 - lag0,
                                            "self_monitor": monitor.summary(),
                                            "failures": sum(1 for r in records if r.error)}
                     if stop:
                         row.update(stop_latency(records, ledger))
                         sl = row
-                        print(f"  {stack:12s} N={n:4d} stop: stop→close p50 {ms(pct(sl['stop_to_close'], .5))} "
+                        print(f"  {label:12s} N={n:4d} stop: stop→close p50 {ms(pct(sl['stop_to_close'], .5))} "
                               f"p99 {ms(pct(sl['stop_to_close'], .99))} ms; stop→server saw it p50 "
                               f"{ms(pct(sl['stop_to_disconnect_seen'], .5))} p99 "
                               f"{ms(pct(sl['stop_to_disconnect_seen'], .99))} ms", flush=True)
@@ -241,28 +256,32 @@ def main() -> None:
                         loop = "bridge" if is_async(stack) else "hub"
                         row.update(timing_errors(records, ledger, monitor, loop))
                         hub = row["self_monitor"][f"{loop}_lag"] or {}
-                        print(f"  {stack:12s} N={n:4d} TTFT err p50 {ms(pct(row['ttft_err'], .5))} p99 "
+                        print(f"  {label:12s} N={n:4d} TTFT err p50 {ms(pct(row['ttft_err'], .5))} p99 "
                               f"{ms(pct(row['ttft_err'], .99))} max {ms(pct(row['ttft_err'], 1))} ms (unflagged p99 "
                               f"{ms(pct(row['ttft_err_unflagged'], .99))}, flagged "
                               f"{len(row['ttft_err']) - len(row['ttft_err_unflagged'])}); chunk err p99 "
                               f"{ms(pct(row['chunk_err'], .99))}; ITL err p99 {ms(pct(row['itl_err'], .99))} ms; "
+                              f"ingress p50 {ms(pct(row['ingress'], .5))} p99 {ms(pct(row['ingress'], .99))} ms; "
                               f"client CPU {row['cpu_pct']:.0f} %, loop lag p99 {hub.get('p99_ms')} ms; "
                               f"sim lag {row['sim_step_lag_s']}", flush=True)
                     rows.append(row)
     finally:
+        socket_stamps.RECEIVE_STAMPS = True
         sim.stop()
 
     print("\n| stack | streams | TTFT err p50 / p99 / max ms | chunk err p99 ms | ITL err p99 ms | "
+          "ingress p50 / p99 ms | "
           "stop→close p50 / p99 ms | stop→server saw p50 / p99 ms | client CPU % | loop lag p99 ms | "
           "TTFT flagged | TTFT err p99 unflagged ms |")
-    print("|---|---:|---|---:|---:|---|---|---:|---:|---:|---:|")
-    for stack in args.stacks:
+    print("|---|---:|---|---:|---:|---|---|---|---:|---:|---:|---:|")
+    for label in labels:
         for n in args.streams:
-            t = next(r for r in rows if r["stack"] == stack and r["streams"] == n and not r["stop"])
-            s = next(r for r in rows if r["stack"] == stack and r["streams"] == n and r["stop"])
-            lag = t["self_monitor"]["bridge_lag" if is_async(stack) else "hub_lag"] or {}
-            print(f"| {stack} | {n} | {ms(pct(t['ttft_err'], .5))} / {ms(pct(t['ttft_err'], .99))} / "
+            t = next(r for r in rows if r["stack"] == label and r["streams"] == n and not r["stop"])
+            s = next(r for r in rows if r["stack"] == label and r["streams"] == n and r["stop"])
+            lag = t["self_monitor"]["bridge_lag" if is_async(label.removesuffix(READ_CLOCK)) else "hub_lag"] or {}
+            print(f"| {label} | {n} | {ms(pct(t['ttft_err'], .5))} / {ms(pct(t['ttft_err'], .99))} / "
                   f"{ms(pct(t['ttft_err'], 1))} | {ms(pct(t['chunk_err'], .99))} | {ms(pct(t['itl_err'], .99))} | "
+                  f"{ms(pct(t['ingress'], .5))} / {ms(pct(t['ingress'], .99))} | "
                   f"{ms(pct(s['stop_to_close'], .5))} / {ms(pct(s['stop_to_close'], .99))} | "
                   f"{ms(pct(s['stop_to_disconnect_seen'], .5))} / {ms(pct(s['stop_to_disconnect_seen'], .99))} | "
                   f"{t['cpu_pct']:.0f} | {lag.get('p99_ms')} | {len(t['ttft_err']) - len(t['ttft_err_unflagged'])}"
@@ -277,15 +296,16 @@ def main() -> None:
             return None if v is None else v * 1e3
 
         table_rows = []
-        for stack in args.stacks:
+        for label in labels:
             for n in args.streams:
-                t = next(r for r in rows if r["stack"] == stack and r["streams"] == n and not r["stop"])
-                s = next(r for r in rows if r["stack"] == stack and r["streams"] == n and r["stop"])
-                lag = t["self_monitor"]["bridge_lag" if is_async(stack) else "hub_lag"] or {}
+                t = next(r for r in rows if r["stack"] == label and r["streams"] == n and not r["stop"])
+                s = next(r for r in rows if r["stack"] == label and r["streams"] == n and r["stop"])
+                lag = t["self_monitor"]["bridge_lag" if is_async(label.removesuffix(READ_CLOCK)) else "hub_lag"] or {}
                 table_rows.append({
-                    "stack": stack, "streams": n, "ttft_err_p50_ms": p_ms(t["ttft_err"], .5),
+                    "stack": label, "streams": n, "ttft_err_p50_ms": p_ms(t["ttft_err"], .5),
                     "ttft_err_p99_ms": p_ms(t["ttft_err"], .99), "ttft_err_max_ms": p_ms(t["ttft_err"], 1),
                     "chunk_err_p99_ms": p_ms(t["chunk_err"], .99), "itl_err_p99_ms": p_ms(t["itl_err"], .99),
+                    "ingress_p50_ms": p_ms(t["ingress"], .5), "ingress_p99_ms": p_ms(t["ingress"], .99),
                     "stop_to_close_p50_ms": p_ms(s["stop_to_close"], .5),
                     "stop_to_close_p99_ms": p_ms(s["stop_to_close"], .99),
                     "stop_to_server_p50_ms": p_ms(s["stop_to_disconnect_seen"], .5),
@@ -310,6 +330,7 @@ RESULTS_COLUMNS = [
      "sep": " / ", "format": "{:.2f}"},
     {"label": "chunk err p99 ms", "key": "chunk_err_p99_ms", "format": "{:.2f}", "align": "right"},
     {"label": "ITL err p99 ms", "key": "itl_err_p99_ms", "format": "{:.2f}", "align": "right"},
+    {"label": "ingress p50 / p99 ms", "keys": ["ingress_p50_ms", "ingress_p99_ms"], "sep": " / ", "format": "{:.2f}"},
     {"label": "stop→close p50 / p99 ms", "keys": ["stop_to_close_p50_ms", "stop_to_close_p99_ms"], "sep": " / ",
      "format": "{:.2f}"},
     {"label": "stop→server saw p50 / p99 ms", "keys": ["stop_to_server_p50_ms", "stop_to_server_p99_ms"],

@@ -31,7 +31,10 @@ class StreamRecord:
     request_id: str  # the X-Request-Id we sent
     stop_plan: str  # when the user was to press Stop: "never", "tokens:37", "seconds:1.25", "first-token"
     wall_start: float  # time.time() when sent
-    sent: float
+    sent: float  # when the user sent it: stopstorm began the request (before the library's pool and connect)
+    # Just before the request's last write began, where the stack lets us see it (requests and
+    # fasthttp over plain HTTP on Linux: users/socket_stamps.py); TTFT counts from it when known.
+    written: float | None = None
     server_id: str | None = None  # the id the server put in its chunks (chatcmpl-… / cmpl-…)
     headers: float | None = None
     first_token: float | None = None
@@ -53,6 +56,9 @@ class StreamRecord:
     # Token chunks whose text held U+FFFD: invalid UTF-8 the client decoded with replacement, as SSE does (or the
     # character itself, sent as such: a text-decoding client cannot tell them apart).
     replaced_chunks: int = 0
+    # Which clock stamped headers, first_token and chunk_times: "kernel" (the kernel's receive time of their
+    # bytes, SO_TIMESTAMPNS) or "read" (when the parser got them, after any wait for the hub or the event loop).
+    stamp_clock: str = "read"
 
     # -- derived ---------------------------------------------------------------------------------------
 
@@ -66,7 +72,10 @@ class StreamRecord:
 
     @property
     def ttft(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.sent
+        """From the request's write where the stack shows it, else from the send, to the first token's arrival."""
+        if self.first_token is None:
+            return None
+        return self.first_token - (self.sent if self.written is None else self.written)
 
     @property
     def itl(self) -> list[float]:
@@ -127,4 +136,4 @@ class StreamRecord:
 
 _FIELDS = fields(StreamRecord)
 # The marks on the monotonic clock (chunk_times too); wall_start is wall-clock and never shifted.
-_MONOTONIC = ("sent", "headers", "first_token", "stop", "closed", "ended")
+_MONOTONIC = ("sent", "written", "headers", "first_token", "stop", "closed", "ended")

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ClassVar, Protocol
 
 import gevent
@@ -244,7 +244,7 @@ class StreamReader:
     cannot give another verdict than the same bytes read raw)."""
 
     __slots__ = ("_decoder", "_event_limit", "_events", "_line_data", "_max_tokens", "_plan", "_read_on",
-                 "_stop_at_tokens", "_text_key", "_token_limit", "record")
+                 "_stop_at_tokens", "_text_key", "_token_limit", "arrival", "record")
 
     def __init__(self, record: StreamRecord, plan: StopPlan, read_on: bool, max_tokens: int | None = None) -> None:
         self.record = record
@@ -259,6 +259,9 @@ class StreamReader:
         big = 1 << 62  # no bound without a max_tokens (a test's reader)
         self._token_limit = RUNAWAY_FACTOR * max_tokens if max_tokens else big
         self._event_limit = RUNAWAY_FACTOR * max_tokens + RUNAWAY_EVENT_SLACK if max_tokens else big
+        # Where the stream knows when its bytes arrived (users/socket_stamps.py): that time, for the first token
+        # and each chunk. Stops, timers and the end keep the read clock: they are what the client did, and when.
+        self.arrival: Callable[[], float] | None = None
 
     def press_stop(self, now: float) -> None:
         rec = self.record
@@ -349,10 +352,11 @@ class StreamReader:
             if completion is not None:
                 rec.tokens = max(rec.tokens, completion)
             return False
+        at = now if self.arrival is None else self.arrival()
         if rec.first_token is None:
-            rec.first_token = now
+            rec.first_token = at
         rec.tokens = completion if completion is not None else rec.tokens + 1
-        rec.chunk_times.append(now)
+        rec.chunk_times.append(at)
         rec.chunk_tokens.append(rec.tokens)
         if "\ufffd" in text:
             rec.replaced_chunks += 1
@@ -429,6 +433,7 @@ def run_stream(transport: SyncTransport, settings: RunSettings, request: StreamR
                                             connect_timeout=settings.connect_timeout)
             except _HeadersLate:
                 raise headers_late(settings) from None
+            reader.arrival = getattr(stream, "arrival", None)
             turn = HubTurn()
             for item in stream.items():
                 if reader.feed(item, transport.yields_chunks):

@@ -13,6 +13,10 @@ Lines are read up to LF (the SSE decoder strips a CR before it); lines a server 
 here, but reach the reader only with the next LF or the body's end (their timing is late, their count right).
 Releasing a response that is not complete closes its socket (geventhttpclient's `should_close`), so `close`
 really closes; an unread response dropped by everyone is closed by its `__del__`.
+
+Over plain HTTP on Linux, the pool's sockets are users/socket_stamps.py `StampingSocket`s (the pool's connect
+step wrapped): each chunk is stamped with the kernel's receive time of its bytes, and the request with the moment
+its write began, however long the greenlet then waited for the hub.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from urllib.parse import urlsplit
 
 import gevent.ssl
 from geventhttpclient import HTTPClient
+from geventhttpclient.connectionpool import ConnectionPool
 from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.socket_stamps import KERNEL, StampingSocket, enable_receive_stamps
 from stopstorm.users.verdicts import response_failure
 
 __all__ = ["FastHttpStreamUser", "FastHttpTransport"]
@@ -63,12 +69,30 @@ def _cr_lines(line: bytes) -> list[bytes]:
     return line.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
 
 
-class _FastHttpStream:
-    __slots__ = ("_resp", "_timeout")
+def _stamp_pool(client: HTTPClient) -> None:
+    """Wrap each socket the client's plain-HTTP pool connects in a StampingSocket (a TLS pool is left alone: its
+    sockets are SSL sockets, which have no `recvmsg`). The pool keeps, reuses and closes the wrapper as the
+    socket it returned; every call but the reads and the write goes straight to the socket."""
+    pool = client._connection_pool
+    if type(pool) is not ConnectionPool:
+        return
+    connect = pool._connect_socket
 
-    def __init__(self, resp: HTTPSocketPoolResponse, timeout: float) -> None:
+    def connect_stamped(sock: Any, address: Any) -> Any:
+        sock = connect(sock, address)
+        return StampingSocket(sock) if enable_receive_stamps(sock) else sock
+
+    pool._connect_socket = connect_stamped  # type: ignore[method-assign]
+
+
+class _FastHttpStream:
+    __slots__ = ("_resp", "_timeout", "arrival")
+
+    def __init__(self, resp: HTTPSocketPoolResponse, timeout: float, sock: StampingSocket | None) -> None:
         self._resp = resp
         self._timeout = timeout
+        # The kernel's receive time of the last bytes read (users/core.py's StreamReader stamps chunks with it)
+        self.arrival = None if sock is None else (lambda: sock.arrival or time.monotonic())
 
     def items(self) -> Iterator[bytes]:
         readline = self._resp.readline
@@ -106,6 +130,7 @@ class FastHttpTransport:
             client = self.clients[host] = HTTPClient.from_url(
                 host, connection_timeout=connect_timeout, network_timeout=timeout, concurrency=10,
                 insecure=self.insecure, ssl_context_factory=_unverified_context if self.insecure else None)
+            _stamp_pool(client)
         return client
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
@@ -116,7 +141,13 @@ class FastHttpTransport:
                                                        headers=request.headers)
         except (OSError, HTTPParseError) as exc:
             raise StreamFailure(_describe(exc, timeout, mid_stream=False)) from None
-        record.headers = time.monotonic()
+        sock = getattr(resp, "_sock", None)
+        if not isinstance(sock, StampingSocket):
+            sock = None
+        if sock is not None and sock.arrival is not None and sock.written is not None:
+            record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
+        else:
+            record.headers = time.monotonic()
         record.status = resp.status_code
         if resp.status_code >= 400:
             try:
@@ -131,7 +162,7 @@ class FastHttpTransport:
         if failure is not None:
             resp.release()
             raise StreamFailure(failure)
-        return _FastHttpStream(resp, timeout)
+        return _FastHttpStream(resp, timeout, sock)
 
     def shutdown(self) -> None:
         for client in self.clients.values():

@@ -3,19 +3,28 @@
 Redirects are not followed (`allow_redirects=False`), as by every stack (users/verdicts.py). Over a body that
 is neither chunked nor sized (HTTP/1.0 style, closed to end it), `iter_lines` reads 512 bytes at a time and
 urllib3 waits for all 512: lines arrive late, and those still held when a timeout fires are not counted.
+
+Over plain HTTP on Linux, urllib3's socket is a users/socket_stamps.py `StampingSocket` (a connection class of
+ours in the session's adapter): each chunk is stamped with the kernel's receive time of its bytes, and the
+request just before its last write, however long the greenlet then waited for the hub.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import ReadTimeoutError
 
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.socket_stamps import KERNEL, StampingSocket, enable_receive_stamps
 from stopstorm.users.verdicts import response_failure
 
 __all__ = ["RequestsTransport", "RequestsUser"]
@@ -31,15 +40,43 @@ def _describe(exc: requests.RequestException, timeout: float) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class _RequestsStream:
-    __slots__ = ("_lines", "_resp", "_timeout")
+class _StampedConnection(HTTPConnection):
+    """urllib3's plain-HTTP connection, its socket read through `recvmsg` for the kernel's receive stamps."""
 
-    def __init__(self, resp: requests.Response, timeout: float) -> None:
+    def _new_conn(self) -> Any:
+        sock = super()._new_conn()
+        return StampingSocket(sock) if enable_receive_stamps(sock) else sock
+
+
+class _StampedPool(HTTPConnectionPool):
+    ConnectionCls = _StampedConnection
+
+
+class _StampingAdapter(HTTPAdapter):
+    """requests' own adapter, with our connection class for http:// (https:// is urllib3's, unstamped)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, "http": _StampedPool}
+
+
+def _stamping_socket(resp: requests.Response) -> StampingSocket | None:
+    conn = getattr(resp.raw, "connection", None)
+    sock = getattr(conn, "sock", None)
+    return sock if isinstance(sock, StampingSocket) else None
+
+
+class _RequestsStream:
+    __slots__ = ("_lines", "_resp", "_timeout", "arrival")
+
+    def __init__(self, resp: requests.Response, timeout: float, sock: StampingSocket | None) -> None:
         self._resp = resp
         # Kept here, not only in the reading loop: closing iter_lines' generator closes the connection, so a
         # `hold` must keep it and a `drop` lets it go with the response.
         self._lines = resp.iter_lines()
         self._timeout = timeout
+        # The kernel's receive time of the last bytes read (users/core.py's StreamReader stamps chunks with it)
+        self.arrival = None if sock is None else (lambda: sock.arrival or time.monotonic())
 
     def items(self) -> Iterator[bytes]:
         try:
@@ -64,6 +101,7 @@ class RequestsTransport:
         # request's `verify` left unset before the session's is merged, so `session.verify = False` alone still
         # verified wherever those are set (psf/requests#3829; Debian and most CI images set them).
         self.session.verify = not insecure
+        self.session.mount("http://", _StampingAdapter())
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
              connect_timeout: float = 10.0) -> _RequestsStream:
@@ -73,7 +111,11 @@ class RequestsTransport:
                                      verify=self.session.verify)
         except requests.RequestException as exc:
             raise StreamFailure(_describe(exc, timeout)) from None
-        record.headers = time.monotonic()
+        sock = _stamping_socket(resp)
+        if sock is not None and sock.arrival is not None and sock.written is not None:
+            record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
+        else:
+            record.headers = time.monotonic()
         record.status = resp.status_code
         if resp.status_code >= 400:
             try:
@@ -89,7 +131,7 @@ class RequestsTransport:
         if failure is not None:
             resp.close()
             raise StreamFailure(failure)
-        return _RequestsStream(resp, timeout)
+        return _RequestsStream(resp, timeout, sock)
 
     def shutdown(self) -> None:
         self.session.close()

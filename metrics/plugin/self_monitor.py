@@ -297,6 +297,8 @@ class SelfMonitor:
         self._bridge_cpu1: float | None = None
         self.ttft_checked = self.ttft_flagged = 0
         self.itl_checked = self.itl_flagged = 0
+        # Of those, stamps the kernel took (users/socket_stamps.py): exact unless a late read batched chunks
+        self.ttft_kernel = self.itl_kernel = 0
         # Each checked stamp's measured upper bound on its own lateness (the bound itself where the loop was on
         # time): the error bar of the TTFT and ITL figures, as a distribution.
         self.ttft_late = LagHistogram()
@@ -362,7 +364,16 @@ class SelfMonitor:
         """Judge the record's first-token and chunk stamps by the loop that took them (the bridge loop for
         async stacks, the hub for the others): a stamp is flagged only when that loop was late at the moment
         it was taken, by more than the bound, and every stamp gets the measured bound of its lateness. (A stall
-        in the middle of a wait does not delay the stamp that ends the wait, so the wait itself is not judged.)"""
+        in the middle of a wait does not delay the stamp that ends the wait, so the wait itself is not judged.)
+
+        Kernel stamps (`stamp_clock` "kernel", users/socket_stamps.py) are judged by the same rule, and counted
+        too: a read the loop let through on time returns one chunk with its own arrival, but a read that came
+        late, after a stall, may return several chunks that arrived during it and give them all the last one's
+        arrival, which is then late by up to the stall so far: exactly the lateness the rule measures at it."""
+        if getattr(record, "stamp_clock", None) == "kernel":
+            if getattr(record, "first_token", None) is not None:
+                self.ttft_kernel += 1
+            self.itl_kernel += max(0, len(getattr(record, "chunk_times", None) or []) - 1)
         sampler = self.bridge if str(getattr(record, "stack", "")).endswith("-async") else self.hub
         bound = self.bound
         now = time.monotonic() if now is None else now
@@ -409,8 +420,10 @@ class SelfMonitor:
             "bridge_cpu_s": bridge_cpu,
             "hub_lag": self.hub.stats(),
             "bridge_lag": self.bridge.stats(),
-            "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged, **_late(self.ttft_late)},
-            "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged, **_late(self.itl_late)},
+            "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged, "kernel": self.ttft_kernel,
+                     **_late(self.ttft_late)},
+            "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged, "kernel": self.itl_kernel,
+                    **_late(self.itl_late)},
             "gc": self.gc.stats(),
         }
 

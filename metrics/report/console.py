@@ -187,6 +187,9 @@ def self_monitor_warnings(summaries: Mapping[str, MonitorSummary]) -> list[str]:
                          f"{s.ttft_late_max_ms:g} ms){itl}; {s.ttft_flagged} of {s.ttft_checked} TTFTs and "
                          f"{s.itl_flagged} of {s.itl_checked} ITL gaps stamped while the loop was late by more than "
                          f"{s.max_loop_lag_ms:g} ms")
+        if s.ttft_kernel or s.itl_kernel:
+            lines.append(f"{key}: of those, {s.ttft_kernel} TTFTs and {s.itl_kernel} ITL gaps stamped by the kernel "
+                         "as their bytes arrived (exact unless a late read took several chunks at once)")
         bad = []
         for name, st in (("hub lag", s.hub_lag), ("bridge lag", s.bridge_lag)):
             if st is not None and st.lagged:

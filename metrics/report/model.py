@@ -364,6 +364,8 @@ class MonitorSummary:
     itl_flagged: int = 0
     itl_late_p99_ms: float | None = None
     itl_late_max_ms: float | None = None
+    ttft_kernel: int = 0  # of the checked, stamped by the kernel at arrival (users/socket_stamps.py)
+    itl_kernel: int = 0
     gc_collections: tuple[int, ...] = ()
     gc_pause_total_s: float = 0.0
     gc_pause_max_ms: float = 0.0
@@ -374,9 +376,9 @@ class MonitorSummary:
                 "bridge_cpu_s": self.bridge_cpu_s,
                 "hub_lag": None if self.hub_lag is None else _plain_json(self.hub_lag),
                 "bridge_lag": None if self.bridge_lag is None else _plain_json(self.bridge_lag),
-                "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged,
+                "ttft": {"checked": self.ttft_checked, "flagged": self.ttft_flagged, "kernel": self.ttft_kernel,
                          "late_p99_ms": self.ttft_late_p99_ms, "late_max_ms": self.ttft_late_max_ms},
-                "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged,
+                "itl": {"checked": self.itl_checked, "flagged": self.itl_flagged, "kernel": self.itl_kernel,
                         "late_p99_ms": self.itl_late_p99_ms, "late_max_ms": self.itl_late_max_ms},
                 "gc": {"collections": list(self.gc_collections), "pause_total_s": self.gc_pause_total_s,
                        "pause_max_ms": self.gc_pause_max_ms}}
@@ -394,6 +396,7 @@ class MonitorSummary:
             ttft_late_p99_ms=ttft.get("late_p99_ms"), ttft_late_max_ms=ttft.get("late_max_ms"),
             itl_checked=int(itl.get("checked") or 0), itl_flagged=int(itl.get("flagged") or 0),
             itl_late_p99_ms=itl.get("late_p99_ms"), itl_late_max_ms=itl.get("late_max_ms"),
+            ttft_kernel=int(ttft.get("kernel") or 0), itl_kernel=int(itl.get("kernel") or 0),
             gc_collections=tuple(gc.get("collections") or ()), gc_pause_total_s=float(gc.get("pause_total_s") or 0),
             gc_pause_max_ms=float(gc.get("pause_max_ms") or 0),
         )

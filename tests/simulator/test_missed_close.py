@@ -106,9 +106,11 @@ def test_whether_a_close_is_missed_follows_the_stream_speed(sim_pool):
 
 
 def test_whether_a_close_is_missed_follows_the_stop_timing(sim_pool):
-    """The same late server and speed, 40 tokens: closed at the first token it is noticed (39 tokens = 195 ms
-    left), closed after 30 tokens it is missed (10 tokens = 50 ms left)."""
-    sim = sim_pool.fresh(*LATE)
+    """A late server (300 ms) at 20 ms steps, 40 tokens: closed at the first token it is noticed (39 tokens =
+    780 ms left), closed after 30 tokens it is missed (10 tokens = 200 ms left). The margins are wide on purpose:
+    at 5 ms steps and 100 ms late (50 ms left) a test process behind by more than 50 ms under two CPU hogs read
+    its 30th token after the stream's end, and its close came after the last token: not a missed close at all."""
+    sim = sim_pool.fresh("--step-base-ms", "20", "--disconnect-delay-ms", "300")
     _close_at_first_token(sim, "mc-early", 40)
     with RawStream(sim, CHAT, chat_body(40, ignore_eos=True), "mc-late") as s:
         s.read_events(31)  # role chunk + 30 tokens
@@ -116,6 +118,7 @@ def test_whether_a_close_is_missed_follows_the_stop_timing(sim_pool):
     early = sim.wait_entry("chatcmpl-mc-early")
     late = sim.wait_entry("chatcmpl-mc-late")
     assert early["finish_reason"] == "abort" and not early["close_missed"]
+    assert late["connection_lost"] is not None and late["connection_lost"] < late["last_token"], late  # premise
     assert late["finish_reason"] == "length" and late["close_missed"] and late["generated_tokens"] == 40
 
 

@@ -183,7 +183,9 @@ def test_two_web_ui_runs_in_one_process_each_get_their_own_whole_report(tmp_path
         # …and its own self-monitor: the TTFT stamps it checked are this run's, its loop watched for this run
         monitor = doc["self_monitor"]["local"]
         timed = [r for r in records(tmp_path / f"records-run{n}.jsonl") if r["first_token"] is not None]
+        kernel = [r for r in timed if r["stamp_clock"] == "kernel"]  # checked too, and counted
         assert monitor["ttft"]["checked"] == len(timed) > 0, (n, monitor["ttft"], len(timed))
+        assert monitor["ttft"]["kernel"] == len(kernel), (n, monitor["ttft"], len(kernel))
         assert monitor["wall_s"] <= doc["meta"]["duration_s"] + 1.0, (n, monitor["wall_s"], doc["meta"]["duration_s"])
     # GPU sampling is per run too: run 2 says what run 1 said (no NVML on this machine), not "first run only"
     assert docs[1]["meta"].get("gpu") == docs[0]["meta"].get("gpu"), (docs[0]["meta"], docs[1]["meta"])

@@ -1,0 +1,142 @@
+"""Kernel receive stamps (users/socket_stamps.py): a read that ran late keeps the time its bytes arrived.
+
+Judged against the simulator's ledger (its clock read just before each chunk's write, `--ledger-send-times`), never
+against the client's own clock. The process is held whole (a blocking sleep in a greenlet: no greenlet runs, as
+when other streams' parsing holds the hub) from the moment the headers are in until after the first token was
+sent; a stamp taken when the parser gets the chunk is then late by the rest of the hold, a kernel stamp is not.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from gevent.monkey import MonkeyPatchWarning
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", MonkeyPatchWarning)
+    import locust  # noqa: F401  (gevent monkey-patches the process, as under Locust)
+
+import socket
+import time
+from collections.abc import Iterator
+
+import gevent
+import pytest
+from conftest import SimHandle, SimPool
+from gevent.monkey import get_original
+from stream_tools import Streams, ledger_id, make_settings
+
+from stopstorm.metrics.plugin.self_monitor import SelfMonitor
+from stopstorm.metrics.record import StreamRecord
+from stopstorm.users.policy import StopPlan
+from stopstorm.users.socket_stamps import KERNEL, READ, StampingSocket, enable_receive_stamps
+
+# 200 ms steps: the first token goes out one (prefill) step after the headers, the second a step later.
+SLOW = ("--step-base-ms", "200", "--max-num-seqs", "4", "--ledger-send-times")
+HOLD_S = 0.3  # from the headers: covers the first token's send (~200 ms in), ends before the second (~400 ms)
+# Kernel arrival after the server's pre-write stamp: the write and the loopback trip (~0.1 ms idle), plus the
+# server process preempted between its stamp and its write on a loaded host. A read-clock stamp is late by the
+# rest of the hold, ~100 ms.
+ARRIVAL_TOL_S = 0.020
+STAMPED = ("requests", "fasthttp")  # plain HTTP on Linux; the other stacks' libraries hide their sockets
+
+
+@pytest.fixture(scope="module")
+def slow_sim(sim_pool: SimPool) -> SimHandle:
+    return sim_pool.get(*SLOW)
+
+
+@pytest.fixture(scope="module")
+def streams() -> Iterator[Streams]:
+    s = Streams()
+    yield s
+    s.close()
+
+
+def _held_stream(stack: str, sim: SimHandle, streams: Streams) -> tuple[StreamRecord, float, float]:
+    """Three tokens read to the end, the process held HOLD_S from the headers on; the record and the hold."""
+    settings = make_settings(sim.url, max_tokens=3, stop_probability=0.0)
+    record, go = streams.prepare(stack, settings, "close", StopPlan())
+    blocking_sleep = get_original("time", "sleep")
+
+    def hold() -> tuple[float, float]:
+        while record.headers is None and record.ended is None:
+            gevent.sleep(0.0005)
+        t0 = time.monotonic()
+        blocking_sleep(HOLD_S)
+        return t0, time.monotonic()
+
+    holder = gevent.spawn(hold)
+    go()
+    held_from, held_to = holder.get(timeout=10)
+    return record, held_from, held_to
+
+
+@pytest.mark.parametrize("stack", STAMPED)
+def test_a_late_read_keeps_the_kernel_s_arrival_time(stack: str, slow_sim: SimHandle, streams: Streams) -> None:
+    record, held_from, held_to = _held_stream(stack, slow_sim, streams)
+    assert record.error is None and record.done and record.tokens == 3, record
+    e = slow_sim.wait_entry(ledger_id(record))
+    first_sent = e["first_sent"]
+    assert held_from < first_sent < held_to - 0.05, "the first token was not sent while the process was held"
+    assert record.stamp_clock == KERNEL
+    assert record.first_token is not None
+    assert first_sent <= record.first_token <= first_sent + ARRIVAL_TOL_S, (
+        f"first token stamped {(record.first_token - first_sent) * 1e3:.1f} ms after its send "
+        f"(held until {(held_to - first_sent) * 1e3:.1f} ms after it)")
+    # Every chunk's stamp is at or after its own send and never after its read (after the hold for the first)
+    sends = {n: t for t, n in e["send_times"]}
+    for at, n in zip(record.chunk_times, record.chunk_tokens, strict=True):
+        assert sends[n] <= at, (n, at - sends[n])
+    assert record.chunk_times[-1] <= time.monotonic()
+    # The request's write: after the user's send, before the server had it whole, before the headers came back
+    assert record.written is not None and record.headers is not None
+    assert record.sent <= record.written <= e["arrival"] + 0.001 <= record.headers + 0.001
+    assert record.ttft == pytest.approx(record.first_token - record.written)
+
+
+def test_the_hold_is_real_a_read_clock_stamp_is_late_by_it(slow_sim: SimHandle, streams: Streams) -> None:
+    """The same held stream on a stack whose socket we do not reach (httpx): its stamp is the read's, after the
+    hold. Shows the test above can fail: without the kernel's stamp the first token is ~100 ms late."""
+    record, _held_from, held_to = _held_stream("httpx", slow_sim, streams)
+    assert record.error is None and record.stamp_clock == READ and record.written is None
+    e = slow_sim.wait_entry(ledger_id(record))
+    assert record.first_token is not None and record.first_token >= held_to
+    assert record.first_token - e["first_sent"] > ARRIVAL_TOL_S
+
+
+def test_the_self_monitor_judges_kernel_stamps_and_counts_them() -> None:
+    """A kernel stamp is judged by the loop's lateness at it, as a read stamp is: a read that came late after a
+    stall may have taken several chunks at once and given them all the last one's arrival. Counted apart too."""
+    monitor = SelfMonitor()
+    kernel = StreamRecord(stack="requests", close_mode="close", endpoint="chat", request_id="k", stop_plan="never",
+                          wall_start=0.0, sent=1.0, first_token=1.1, chunk_times=[1.1, 1.2, 1.3],
+                          stamp_clock=KERNEL)
+    read = StreamRecord(stack="requests", close_mode="close", endpoint="chat", request_id="r", stop_plan="never",
+                        wall_start=0.0, sent=1.0, first_token=1.1, chunk_times=[1.1, 1.2])
+    monitor.check(kernel, now=2.0)
+    monitor.check(read, now=2.0)
+    s = monitor.summary()
+    assert s["ttft"]["kernel"] == 1 and s["itl"]["kernel"] == 2
+    assert s["ttft"]["checked"] == 2 and s["itl"]["checked"] == 3
+
+
+def test_no_receive_stamps_over_tls_or_on_a_unix_socket() -> None:
+    a, b = socket.socketpair()
+    try:
+        # AF_UNIX: setsockopt is accepted, but only TCP and UDP carry receive stamps; what matters here is that
+        # the answer is a bool and the wrapper still reads.
+        assert enable_receive_stamps(a) in (True, False)
+        wrapped = StampingSocket(a)
+        b.sendall(b"x")
+        assert wrapped.recv(4) == b"x" and wrapped.arrival is not None
+
+        class _Tls:
+            def getpeercert(self) -> None: ...
+
+            def recvmsg_into(self) -> None: ...
+
+        assert enable_receive_stamps(_Tls()) is False
+    finally:
+        a.close()
+        b.close()
