@@ -30,6 +30,9 @@ READ = "read"  # chunk stamps are taken when the parser got the bytes (after any
 SO_TIMESTAMPNS = 35
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 _TIMESPEC = struct.Struct("@qq")
+_TIMESPEC_SIZE = _TIMESPEC.size
+_unpack = _TIMESPEC.unpack_from
+_SOL_SOCKET = socket.SOL_SOCKET
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
 # Off only to measure the read clock beside the kernel's on the same stacks (benchmarks/bench_timing.py
 # --read-clock-too); sockets connected while it is off stay unstamped.
@@ -63,20 +66,21 @@ class StampingSocket:
         self.written: float | None = None  # just before the last write began
 
     def _stamp(self, ancillary: list[tuple[int, int, bytes]]) -> None:
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
-                sec, nsec = _TIMESPEC.unpack_from(data)
+        # One control message was asked for: the timestamp, or none when the kernel did not stamp the segment
+        now = time.monotonic()
+        if ancillary:
+            level, kind, data = ancillary[0]
+            if kind == SCM_TIMESTAMPNS and level == _SOL_SOCKET and len(data) >= _TIMESPEC_SIZE:
+                sec, nsec = _unpack(data)
                 # CLOCK_REALTIME to monotonic at this instant; never later than now (the bytes are here)
-                now = time.monotonic()
-                self.arrival = min(now, sec + nsec * 1e-9 - (time.time() - now))
+                at = sec + nsec * 1e-9 - (time.time() - now)
+                self.arrival = at if at < now else now
                 return
-        self.arrival = time.monotonic()  # no stamp came (timestamping was off for this segment): the read clock
+        self.arrival = now  # no stamp came (timestamping was off for this segment): the read clock
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        view = memoryview(buffer)
-        if nbytes:
-            view = view[:nbytes]
-        n, ancillary, _flags, _addr = self._recvmsg_into([view], _ANCILLARY, flags)
+        n, ancillary, _flags, _addr = self._recvmsg_into([memoryview(buffer)[:nbytes]] if nbytes else [buffer],
+                                                         _ANCILLARY, flags)
         if n:
             self._stamp(ancillary)
         return int(n)
@@ -85,7 +89,7 @@ class StampingSocket:
         data, ancillary, _flags, _addr = self._recvmsg(bufsize, _ANCILLARY, flags)
         if data:
             self._stamp(ancillary)
-        return bytes(data)
+        return data
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         # Stamped before the call, and the last call wins (urllib3 writes the head, then the body): the server
