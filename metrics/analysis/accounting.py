@@ -113,7 +113,7 @@ class Figures:
     goodput_rate: Figure  # goodput_tokens / run duration
     log_aborted: Figure  # stopped streams whose abort the vLLM log shows
     log_abort_latency: Figure  # Stop → abort line read, those streams (Distribution, s)
-    ttft: Figure  # send → first token, as the client saw it (Distribution, s): what a user waits
+    ttft: Figure  # request written (or sent) → first token, as the client saw it (Distribution, s)
     # What the server made of each closed stop (metrics/analysis/closes.py; `_with_closes` fills them)
     closed_stops: Figure = _NO_STREAMS  # stopped streams whose client closed (modes other than none)
     never_reached: Figure = _NO_STREAMS  # of which the server has no trace
@@ -299,8 +299,8 @@ def _figures(group: list[_Joined], has_ledger: bool, duration_s: float, grace: f
         "interrupted": Figure(interrupted, "streams", CLIENT_SOURCE, "cut short by the run's end, not failures"),
         "goodput_tokens": Figure(goodput, "tokens", CLIENT_SOURCE, "tokens read before Stop or to the end"),
         "goodput_rate": rate,
-        "ttft": (Figure(ttft, "s", CLIENT_SOURCE, "send → first token, as the client saw it") if ttft is not None
-                 else unknown("s")),
+        "ttft": (Figure(ttft, "s", CLIENT_SOURCE, "request written (where stamped, else sent) → first token, as "
+                        "the client saw it") if ttft is not None else unknown("s")),
     }
     log_aborted, log_latency = _log_figures(stopped, aborts)
     base["log_aborted"], base["log_abort_latency"] = log_aborted, log_latency

@@ -61,7 +61,7 @@ class Summary:
     request_rate: Figure  # requests / run duration
     output_rate: Figure  # tokens the server generated per second
     goodput_rate: Figure  # tokens delivered to users still reading, per second (the accounting's)
-    ttft: Figure  # send → first token, as the clients saw it (Distribution, s)
+    ttft: Figure  # request written (or sent) → first token, as the clients saw it (Distribution, s)
     tpot: Figure  # per request: (last token − first token) / (tokens − 1), the clients' (Distribution, s)
     itl: Figure  # every gap between token chunks a client read (Distribution, s)
     queue_wait: Figure  # arrival → scheduled (the accounting's run figure)
@@ -138,7 +138,7 @@ def run_summary(records: Sequence[StreamRecord], accounting: Accounting, capacit
         request_rate=rate,
         output_rate=output,
         goodput_rate=o.goodput_rate,
-        ttft=dist(ttfts, "send → first token"),
+        ttft=dist(ttfts, "request written (where stamped, else sent) → first token"),
         tpot=dist((t for r in records if (t := _tpot(r)) is not None),
                   "per stream: first → last token / (tokens − 1)"),
         itl=dist((g for r in records for g in r.itl), "gaps between the token chunks a client read"),

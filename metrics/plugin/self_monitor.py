@@ -12,8 +12,8 @@ Locust process (local, master or worker):
 - the garbage collector's pauses (`gc.callbacks`), which stop every thread at once.
 
 A stall longer than `--max-loop-lag-ms` becomes a *lagged window* (from the sleep's start to the wake-up).
-A stream whose TTFT span (send → first token) overlaps such a window has its TTFT flagged, and each ITL gap
-that overlaps one is flagged: those figures may hold the tool's own delay, and the report says how many.
+A first-token or chunk stamp taken while its loop was late (in such a window, or just after it) is flagged,
+and an ITL gap with a flagged end: those figures may hold the tool's own delay, and the report says how many.
 Streams are checked as their `request` event fires, so a worker keeps only counts, never the records.
 
 `summary()` is a small plain dict (JSON-safe, picklable) so it can travel from a worker to the master in

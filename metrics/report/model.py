@@ -34,8 +34,8 @@ distribution, or null when its truth was unavailable (source "unavailable"); nev
 seconds, slot time slot-seconds (`slot-s`). Cell and overall figures: streams, stopped, failed, failures,
 interrupted (streams the run's end cut short: neither in failed nor in failures), aborted, abort_latency,
 wasted_tokens, zombies, zombie_slot_seconds, queue_wait, freed_tokens, freed_slot_seconds, goodput_tokens,
-goodput_rate, log_aborted, log_abort_latency, ttft (send → first token, client side), and the closed stops'
-classes (metrics/analysis/closes.py):
+goodput_rate, log_aborted, log_abort_latency, ttft (request written or sent → first token, client side), and
+the closed stops' classes (metrics/analysis/closes.py):
 closed_stops, never_reached, ran_on, ran_on_to_end, ran_on_tokens, ran_on_slot_seconds. Run figures: duration,
 freed_tokens_rate, ledger_aborts, vllm_counted_aborts, blind_spot, log_aborts, unmatched_requests,
 unjoined_streams, ran_on (a finding: the missed closes in words). A reader of an older report gets the newer
