@@ -77,16 +77,22 @@ def _ledger_tokens(ledger: LedgerSnapshot, start: float, end: float) -> float:
     return total
 
 
-def _client_tokens(start: float, end: float) -> int:
-    """Tokens the clients read within [start, end), from each stream's chunk marks."""
-    total = 0
+def _client_window(start: float, end: float) -> tuple[list[float], int, int]:
+    """The streams' view of [start, end), in one pass over the run's records (read back from disk): the TTFTs
+    and count of those sent in it, and the tokens the clients read in it (from each stream's chunk marks)."""
+    ttfts: list[float] = []
+    sent = tokens_read = 0
     for r in RUN.records:
+        if start <= r.sent < end:
+            sent += 1
+            if r.ttft is not None:
+                ttfts.append(r.ttft)
         last = 0
         for t, tokens in zip(r.chunk_times, r.chunk_tokens, strict=False):
             if start <= t < end:
-                total += tokens - last
+                tokens_read += tokens - last
             last = tokens
-    return total
+    return ttfts, sent, tokens_read
 
 
 class SloStepShape(LoadTestShape):
@@ -110,9 +116,8 @@ class SloStepShape(LoadTestShape):
         assert slo is not None
         window = end - start
         if slo.metric == "ttft":
-            values = [r.ttft for r in RUN.records if r.ttft is not None and start <= r.sent < end]
-            sent = sum(1 for r in RUN.records if start <= r.sent < end)
-            rate, tokens, source = sent / window, _client_tokens(start, end) / window, CLIENT_SOURCE
+            values, sent, read = _client_window(start, end)
+            rate, tokens, source = sent / window, read / window, CLIENT_SOURCE
         else:
             client = LedgerClient(self.runner.environment.host or "")  # type: ignore[union-attr]
             try:

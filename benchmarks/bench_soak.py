@@ -10,9 +10,9 @@ time) with `--stopstorm-records` and `--stopstorm-report`. Every `--sample-s` it
 (VmRSS in /proc/PID/status) and how many streams have ended (lines in the records JSONL). At the end: the
 run's exit, its report, the simulator's ledger size, and per process the RSS after the first minute, at the
 end, the growth in between in MB/min, and that growth per stream ended (bytes/stream): what every finished
-stream leaves behind in memory. stopstorm keeps every record for the final report, and the simulator keeps
-every request in its ledger (server truth), so both grow by design by a fixed amount per stream; steady means
-no growth beyond that.
+stream leaves behind in memory. stopstorm writes every record to its record store on disk as it ends (read back
+once for the final report), so locust should stay flat; the simulator keeps every request in its ledger (server
+truth), so it grows by design by a fixed amount per stream; steady means no growth beyond that.
 
 Loopback only; both processes are stopped by their PIDs; the run is bounded by `--duration-s` (+ 60 s).
 """

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from stopstorm.metrics import redact
 from stopstorm.metrics.analysis import thresholds
 from stopstorm.metrics.analysis.accounting import server_id
 from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor, signals
-from stopstorm.metrics.plugin.record_sink import RecordSink
+from stopstorm.metrics.plugin.record_sink import RecordStore
 from stopstorm.metrics.plugin.state import RUN
 from stopstorm.metrics.plugin.truth_target import truth_host
 from stopstorm.metrics.plugin.web_form import install_form_check, install_secret_fields
@@ -193,8 +195,8 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
 
 def _what_a_forced_exit_loses() -> str:
     if RUN.in_progress:
-        sink = RUN.sink
-        kept = f"; its {sink.written} records so far are in {sink.path}" if sink is not None else ""
+        store = RUN.records
+        kept = f"; its {store.written} records so far are in {store.path}" if store.written else ""
         return f"run {RUN.runs}'s report (JSON, HTML and summary, not written){kept}"
     if RUN.simulator is not None:
         return "nothing of the report (written); the embedded simulator was killed by PID"
@@ -204,17 +206,7 @@ def _what_a_forced_exit_loses() -> str:
 @events.request.add_listener
 def _collect_record(context: dict[str, Any] | None = None, **_kwargs: Any) -> None:
     if RUN.collects and context and isinstance(context.get("record"), StreamRecord):
-        record: StreamRecord = context["record"]
-        RUN.records.append(record)
-        sink = RUN.sink
-        if sink is not None:
-            try:
-                sink.write(record)
-            except OSError as exc:  # the run goes on; the report still gets every record
-                _log.error("stopstorm: writing %s failed (%s); records go on to the report only", sink.path, exc)
-                sink.close()
-                RUN.sink = None
-        record.compact()  # kept until the report: its per-chunk marks packed (benchmarks/bench_soak.py)
+        RUN.records.append(context["record"])  # on disk until the report (metrics/plugin/record_sink.py)
 
 
 def _wait_for_report(what: str) -> None:
@@ -237,13 +229,7 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
     RUN.started, RUN.started_wall = time.monotonic(), time.time()
     opts = environment.parsed_options
     web_ui = _web_ui(environment)
-    records_path = getattr(opts, "stopstorm_records", "") or ""
-    if records_path:
-        try:
-            RUN.sink = RecordSink(run_path(records_path, number, web_ui))
-        except OSError as exc:  # checked writable at init; gone since: the report still gets every record
-            _log.error("stopstorm: --stopstorm-records %s: cannot write there (%s); records go to the report only",
-                       records_path, exc.strerror or exc)
+    RUN.records = _record_store(getattr(opts, "stopstorm_records", "") or "", number, web_ui)
     if web_ui:
         _log.info("stopstorm: run %d started; its report will be %s", number,
                   run_path(getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT, number, True))
@@ -260,6 +246,23 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
             RUN.scraper = scraper
         except Exception as exc:
             _log.warning("stopstorm: scraping /metrics failed: %s", exc)
+
+
+def _record_store(records_path: str, number: int, web_ui: bool) -> RecordStore:
+    """Where this run keeps its records until the report: the --stopstorm-records file, else a spool in the
+    temp folder; memory only when neither can be made (said), so the report still gets every record."""
+    if records_path:
+        try:
+            return RecordStore(run_path(records_path, number, web_ui))
+        except OSError as exc:  # checked writable at init; gone since
+            _log.error("stopstorm: --stopstorm-records %s: cannot write there (%s); records are spooled instead",
+                       records_path, exc.strerror or exc)
+    try:
+        return RecordStore()
+    except OSError as exc:
+        _log.error("stopstorm: no record spool in %s (%s); this run's records are kept in memory",
+                   tempfile.gettempdir(), exc.strerror or exc)
+        return RecordStore(spool=False)
 
 
 @events.test_stopping.add_listener
@@ -313,15 +316,15 @@ def _log_problem(text: str) -> None:
     _log.warning("stopstorm: %s", text)
 
 
-def _stop_log() -> LineFollower | None:
+def _stop_log(records: Iterable[StreamRecord] = ()) -> LineFollower | None:
     """Stop following (a last read first; a command's output until it is quiet), drop the events stamped
-    before the run (history a command replayed), and say so when the log named none of the run's requests."""
+    before the run (history a command replayed), and say so when the log named none of the run's `records`."""
     follower, RUN.log = RUN.log, None
     if follower is not None:
         follower.stop()
         if RUN.started_wall is not None:
             follower.forget_before(RUN.started_wall)
-        sent = {server_id(r) for r in RUN.records}
+        sent = {server_id(r) for r in records}
         if sent and not follower.matched(sent):
             follower.note(f"the server log ({follower.lines} lines) named none of this run's {len(sent)} requests: "
                           "is it this server's log, written with --enable-log-requests?")
@@ -361,7 +364,7 @@ def _fetch_ledger(host: str, settle_s: float = 1.0) -> tuple[LedgerSnapshot | No
 
 
 def _meta(env: Environment, duration: float, ledger: LedgerSnapshot | None, scraper: MetricsScraper | None,
-          delta: Any, follower: LineFollower | None, gpu_off: str | None) -> RunMeta:
+          delta: Any, follower: LineFollower | None, gpu_off: str | None, records: list[StreamRecord]) -> RunMeta:
     """The run's facts for its report, from what this process's listeners kept."""
     opts = env.parsed_options
     clock = RUN.arrivals
@@ -378,10 +381,10 @@ def _meta(env: Environment, duration: float, ledger: LedgerSnapshot | None, scra
         metrics=(ScrapeInfo(redact.redact_url(scraper.url), scraper.interval, scraper.scrapes, scraper.errors,
                             scraper.last_error, delta.duration if delta is not None else None)
                  if scraper is not None else None),
-        server_log=_server_log_meta(follower, list(RUN.records)) if follower is not None else None,
+        server_log=_server_log_meta(follower, records) if follower is not None else None,
         open_model=(OpenModelInfo(clock.rate, clock.arrivals, clock.late, clock.late_s) if clock is not None
                     else None),
-        records=RecordsInfo(str(RUN.sink.path), RUN.sink.written) if RUN.sink is not None else None,
+        records=RecordsInfo(str(RUN.records.path), RUN.records.written) if RUN.records.kept else None,
         distributed=distributed.workers_meta(env),
         gpu_off=gpu_off,
     )
@@ -410,7 +413,9 @@ def _write_run_report() -> None:
             since = _LEDGER_MARK[-1] if _LEDGER_MARK else None
             _LEDGER_MARK.append(ledger.now)
             ledger = _this_run(ledger, since)
-        follower = _stop_log()
+        RUN.records.close()  # every stream has ended: the users are gone (a straggler's record is kept in memory)
+        records = list(RUN.records)  # read back once, for the report
+        follower = _stop_log(records)
         _stop_scraper()
         scraper, RUN.scraper = RUN.scraper, None
         delta = None
@@ -420,7 +425,7 @@ def _write_run_report() -> None:
         end = RUN.stopped if RUN.stopped is not None else time.monotonic()
         readings, idle_pct, gpu_off = gpu.readings()
         report = build_report(RunInputs(
-            records=list(RUN.records), meta=_meta(env, end - RUN.started, ledger, scraper, delta, follower, gpu_off),
+            records=records, meta=_meta(env, end - RUN.started, ledger, scraper, delta, follower, gpu_off, records),
             started=RUN.started, ended=end, ledger=ledger, metrics=delta, log=follower,
             max_num_seqs=max_num_seqs,
             self_monitor=self_monitor.summaries(), gpu=readings, gpu_idle_pct=idle_pct,
@@ -439,13 +444,15 @@ def _write_run_report() -> None:
         RUN.summary = f"{text}\n\n{verdicts}" if verdicts else text
         if web_ui:  # no Locust summary to follow: said now, with the run's number
             print(f"\nstopstorm run {number}:\n{RUN.summary}\n", flush=True)
+        RUN.records.discard()  # the report has them; a spool of ours goes (a --stopstorm-records file stays)
     except Exception:
         _log.exception("stopstorm: the abort accounting failed; Locust's own results stand")
+        if RUN.records.written:
+            _log.error("stopstorm: run %d's %d records are kept in %s", number, RUN.records.written,
+                       RUN.records.path)
     finally:
         _stop_log()
-        sink, RUN.sink = RUN.sink, None
-        if sink is not None:
-            sink.close()
+        RUN.records.close()
         RUN.reported = True
         RUN.reporting = False
 

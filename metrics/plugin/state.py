@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stopstorm.metrics.analysis.verdict import CapacitySearch
-from stopstorm.metrics.plugin.record_sink import RecordSink
-from stopstorm.metrics.record import StreamRecord
+from stopstorm.metrics.plugin.record_sink import RecordStore
 from stopstorm.metrics.report.model import Report
 from stopstorm.metrics.truth.vllm_log import LineFollower
 from stopstorm.metrics.truth.vllm_metrics import MetricsScraper
@@ -55,8 +54,9 @@ class RunState:
     started_wall: float | None = None  # test_start, time.time()
     stopping: float | None = None  # test_stopping (the run's end began: -t, Stop, a signal), monotonic
     stopped: float | None = None  # test_stop, monotonic
-    records: list[StreamRecord] = field(default_factory=list)  # every finished stream's (the master's: all)
-    sink: RecordSink | None = None  # --stopstorm-records
+    # Every finished stream's (the master's: every worker's too), on disk until the report reads them back:
+    # the --stopstorm-records file, else a spool in the temp folder (metrics/plugin/record_sink.py).
+    records: RecordStore = field(default_factory=lambda: RecordStore(spool=False))
     scraper: MetricsScraper | None = None  # {host}/metrics in the background
     log: LineFollower | None = None  # --server-log (a file, or `-`: stdin) or --server-log-cmd
     reporting: bool = False  # this run's report is being written (a second stop or a signal waits for it)
@@ -66,8 +66,8 @@ class RunState:
         """A new run starts from zero: its number (1, 2, … in this process)."""
         self.runs += 1
         self.started = self.started_wall = self.stopping = self.stopped = None
-        self.records = []
-        self.sink = self.scraper = self.log = None
+        self.records = RecordStore(spool=False)  # test_start gives it its file
+        self.scraper = self.log = None
         self.reporting = self.reported = False
         return self.runs
 
