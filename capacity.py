@@ -33,8 +33,9 @@ from stopstorm.locustfile import (
 from stopstorm.metrics.analysis.verdict import CapacitySearch, SearchStep, bootstrap_interval, few_requests
 from stopstorm.metrics.figures import CLIENT_SOURCE, LEDGER_SOURCE, distribution
 from stopstorm.metrics.plugin import options
+from stopstorm.metrics.plugin.hooks import ledger_so_far
 from stopstorm.metrics.plugin.state import RUN
-from stopstorm.metrics.truth.ledger import LedgerClient, LedgerSnapshot, server_max_num_seqs
+from stopstorm.metrics.truth.ledger import LedgerSnapshot, server_max_num_seqs
 from stopstorm.users.shapes import Slo, StepResult, capacity_sentence, parse_slo
 
 __all__ = ["FastHttpStreamUser", "HttpxAsyncUser", "HttpxUser", "OpenAIAsyncUser", "OpenAIUser", "RequestsUser",
@@ -119,11 +120,7 @@ class SloStepShape(LoadTestShape):
             values, sent, read = _client_window(start, end)
             rate, tokens, source = sent / window, read / window, CLIENT_SOURCE
         else:
-            client = LedgerClient(self.runner.environment.host or "")  # type: ignore[union-attr]
-            try:
-                ledger = client.ledger()
-            finally:
-                client.close()
+            ledger = ledger_so_far(self.runner.environment.host or "")  # type: ignore[union-attr]
             if ledger is None:
                 raise SystemExit("--slo queue_wait_… needs the simulator's ledger; against real vLLM use ttft_pNN")
             # A request still waiting has waited at least until now: counted so, or a growing queue would hide.

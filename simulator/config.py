@@ -44,6 +44,9 @@ class SimulatorConfig:
     faults: tuple[Fault, ...] = ()
     # Keep every chunk's send time in the ledger (benchmarks of client timing; memory grows per chunk).
     ledger_send_times: bool = False
+    # Drop ledger entries a reader has acknowledged (GET /stopstorm/ledger/settled?after=N), so a long run keeps
+    # only what is in flight or unread; the embedded simulator runs so, its one reader being stopstorm.
+    forget_read_ledger: bool = False
     # How long after the HTTP front sees a client's close the server acts on it (asks the engine to abort).
     # vLLM acts within milliseconds when its API server keeps up, and a stream whose request finishes before
     # the server acts runs to its end unaborted (docs/guides/missed-closes.md); 0 acts at once.
@@ -134,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"at most 1; KIND is {', '.join(FAULT_KINDS)} (see simulator/faults.py); e.g. status:503@0.1")
     p.add_argument("--ledger-send-times", action="store_true",
                    help="keep every chunk's send time in the ledger ([time, sent_tokens] pairs; for benchmarks)")
+    p.add_argument("--forget-read-ledger", action="store_true",
+                   help="drop ledger entries once a reader has drained them (GET /stopstorm/ledger/settled?after=N "
+                   "acknowledges 1..N), so memory stays flat over a long run; stopstorm's embedded simulator runs so")
     p.add_argument("--disconnect-delay-ms", type=_non_negative_float, default=d.disconnect_delay_s * 1e3,
                    help="act on a client's close this long after the HTTP front sees it (default 0: at once); a "
                    "request that finishes in between runs to its end unaborted and is marked close_missed in the "
@@ -167,6 +173,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         output_len=args.output_len,
         tokens_per_chunk=args.tokens_per_chunk,
         ledger_send_times=args.ledger_send_times,
+        forget_read_ledger=getattr(args, "forget_read_ledger", False),
         disconnect_delay_s=getattr(args, "disconnect_delay_ms", 0.0) / 1e3,
         seed=args.seed,
         vllm_flavour=args.vllm_flavour,

@@ -221,6 +221,7 @@ class Scheduler:
     def _leave(self, seq: Sequence, now: float, reason: str) -> None:
         seq.entry.freed = now
         seq.entry.finish_reason = reason
+        self.ledger.freed(seq.entry)
         self._by_id.pop(seq.entry.request_id, None)
         if seq.sink is not None:
             seq.sink.on_finish(reason)

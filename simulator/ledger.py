@@ -10,6 +10,12 @@ was acted on, after its last token), the stream runs to its end and nothing is a
 when the front saw the close, `disconnect_seen` when the server acted on it (the abort), and `close_missed`
 marks a request whose connection closed before its response was complete but which ran to its end anyway
 (`disconnect_seen` None, `finish_reason` "length" or "stop"). See docs/guides/missed-closes.md.
+
+A run of hours must not keep every request in memory, so the ledger also numbers its entries as they *settle*
+(freed by the engine and its response done: nothing about it changes after that) and hands them out in that
+order (`settled_after`, `GET /stopstorm/ledger/settled?after=N`). A reader that asks after N says it holds
+every entry up to N; under `--forget-read-ledger` (the embedded simulator's setting) those are then dropped, so
+the ledger holds only what is in flight and what nobody has read yet. Without it every entry stays, as before.
 """
 
 from __future__ import annotations
@@ -85,8 +91,63 @@ class Ledger:
     # Monotonic → Unix time, taken once so every converted mark shares one offset.
     epoch_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
 
+    # Settled entries' ids in settle order: the one at index i has number `_settled_base + i + 1`.
+    _settled_ids: list[str] = field(default_factory=list)
+    _settled_base: int = 0
+    _unsettled: dict[str, None] = field(default_factory=dict)  # in the engine, or its response still going
+    _responded: set[str] = field(default_factory=set)  # response done, not yet freed (an abort in the next step)
+    forget_read: bool = False  # drop what a reader has acknowledged (--forget-read-ledger)
+    forgotten: int = 0  # entries dropped so, in all
+
     def add(self, entry: LedgerEntry) -> None:
         self.entries[entry.request_id] = entry
+        self._unsettled[entry.request_id] = None
+
+    @property
+    def settled_count(self) -> int:
+        """The number of the latest entry to settle (0: none yet)."""
+        return self._settled_base + len(self._settled_ids)
+
+    def freed(self, entry: LedgerEntry) -> None:
+        """The engine let the request go (its `freed` is set); it settles if its response is done too."""
+        if entry.request_id in self._responded:
+            self._responded.discard(entry.request_id)
+            self._settle(entry)
+
+    def responded(self, entry: LedgerEntry) -> None:
+        """The request's response is done (sent, failed or its client gone); it settles once it is freed too."""
+        if entry.freed is not None:
+            self._settle(entry)
+        else:
+            self._responded.add(entry.request_id)
+
+    def _settle(self, entry: LedgerEntry) -> None:
+        if self._unsettled.pop(entry.request_id, 0) is None:  # once, and only while it is in the ledger
+            self._settled_ids.append(entry.request_id)
+
+    def settled_after(self, after: int, limit: int) -> tuple[list[LedgerEntry], int]:
+        """Up to `limit` entries that settled after number `after`, in settle order, and the number of the last
+        one given (`after` when none). Asking after N acknowledges 1..N: under `forget_read` they are dropped."""
+        after = max(after, 0)
+        if self.forget_read and after > self._settled_base:
+            cut = min(after, self.settled_count) - self._settled_base
+            for rid in self._settled_ids[:cut]:
+                if self.entries.pop(rid, None) is not None:
+                    self.forgotten += 1
+            del self._settled_ids[:cut]
+            self._settled_base += cut
+        start = max(after - self._settled_base, 0)
+        ids = self._settled_ids[start:start + limit]
+        out = [e for rid in ids if (e := self.entries.get(rid)) is not None]  # a reset may have dropped some
+        return out, (self._settled_base + start + len(ids)) if ids else after
+
+    @property
+    def unsettled_count(self) -> int:
+        return len(self._unsettled)
+
+    def in_flight(self) -> list[LedgerEntry]:
+        """The entries not settled yet, in arrival order."""
+        return [self.entries[rid] for rid in self._unsettled if rid in self.entries]
 
     def get(self, request_id: str) -> LedgerEntry | None:
         return self.entries.get(request_id)
@@ -102,6 +163,8 @@ class Ledger:
         done = [rid for rid, e in self.entries.items() if e.freed is not None]
         for rid in done:
             del self.entries[rid]
+            self._unsettled.pop(rid, None)
+        self._responded.difference_update(done)
         return len(done)
 
     def to_json(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from stopstorm.simulator.config import SimulatorConfig
 from stopstorm.simulator.engine import EngineLoop, Scheduler, Sequence, StepPlan
 from stopstorm.simulator.faults import Fault, FaultPlan, parse_fault
 from stopstorm.simulator.gpu_work import GpuWork
-from stopstorm.simulator.ledger import Ledger, LedgerEntry
+from stopstorm.simulator.ledger import LEDGER_SCHEMA_VERSION, Ledger, LedgerEntry
 from stopstorm.simulator.request_log import RequestLog
 from stopstorm.simulator.text import TokenText, count_prompt_tokens
 from stopstorm.simulator.vllm_metrics import VllmMetrics
@@ -84,7 +84,7 @@ class Simulator:
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
-        self.ledger = Ledger()
+        self.ledger = Ledger(forget_read=config.forget_read_ledger)
         self.metrics = VllmMetrics(config)
         self.request_log = RequestLog(config.vllm_flavour)
         self.scheduler = Scheduler(config, self.ledger, _ObserverFanOut(self.metrics, self.request_log))
@@ -306,9 +306,16 @@ class _Job:
     # -- ASGI response ----------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the request beside a disconnect listener, as vLLM's routes do; a close aborts it."""
+        """Run the request beside a disconnect listener, as vLLM's routes do; a close aborts it. Its ledger
+        entry settles once the response is done and the engine has let it go (simulator/ledger.py)."""
         seq = Sequence(self.entry, sink=self.output)
         self.sim.engine.add(seq)
+        try:
+            await self._respond(seq, receive, send)
+        finally:
+            self.sim.ledger.responded(self.entry)
+
+    async def _respond(self, seq: Sequence, receive: Receive, send: Send) -> None:
         slow = self.fault is not None and self.fault.kind == "slow-headers"
         if self.stream and not slow:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
@@ -474,6 +481,7 @@ def _refuse(sim: Simulator, job: _Job, code: int) -> Response:
     entry.error = f"simulated HTTP {code}"
     entry.freed = entry.arrival
     sim.ledger.add(entry)
+    sim.ledger.responded(entry)
     return _error_response(sim.config, BadRequest(f"Simulated error {code} ({FAULT_HEADER})", code,
                                                   _STATUS_TYPES[code]))
 
@@ -559,6 +567,22 @@ def create_app(config: SimulatorConfig) -> FastAPI:
     @app.get("/stopstorm/ledger")
     async def ledger() -> Response:
         return Response(orjson.dumps(sim.ledger.to_json()), media_type="application/json")
+
+    @app.get("/stopstorm/ledger/settled")
+    async def ledger_settled(after: int = 0, limit: int = 5000, in_flight: bool = False) -> Response:
+        """Entries in the order they settled, after number `after` (which acknowledges 1..after: under
+        --forget-read-ledger those are dropped), at most `limit`; `next` is the number to ask after next time.
+        With `in_flight`, the entries not settled yet too."""
+        led = sim.ledger
+        entries, last = led.settled_after(after, max(1, min(limit, 100_000)))
+        doc: dict[str, Any] = {
+            "schema_version": LEDGER_SCHEMA_VERSION, "clock": "monotonic", "epoch_offset": led.epoch_offset,
+            "now": time.monotonic(), "next": last, "settled": led.settled_count, "forgotten": led.forgotten,
+            "forget_read": led.forget_read, "unsettled": led.unsettled_count,
+            "requests": [e.to_json() for e in entries]}
+        if in_flight:
+            doc["in_flight"] = [e.to_json() for e in led.in_flight()]
+        return Response(orjson.dumps(doc), media_type="application/json")
 
     @app.get("/stopstorm/ledger/{request_id}")
     async def ledger_entry(request_id: str) -> Response:

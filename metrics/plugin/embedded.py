@@ -89,7 +89,8 @@ def start_simulator(environment: Any) -> None:
     """Start the embedded simulator and point the run at it."""
     opts = environment.parsed_options
     args = simulator_args(opts)  # checked at init, before this
-    sim = EmbeddedSimulator(args, log_path=getattr(opts, "sim_log", "") or None)
+    # stopstorm is its one reader: what the run has drained is dropped (metrics/plugin/ledger_drain.py)
+    sim = EmbeddedSimulator([*args, "--forget-read-ledger"], log_path=getattr(opts, "sim_log", "") or None)
     url = sim.start()
     RUN.simulator = sim
     atexit.register(stop_simulator)

@@ -46,6 +46,7 @@ from stopstorm.metrics import redact
 from stopstorm.metrics.analysis import thresholds
 from stopstorm.metrics.analysis.accounting import server_id
 from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor, signals
+from stopstorm.metrics.plugin.ledger_drain import LedgerDrain
 from stopstorm.metrics.plugin.record_sink import RecordStore
 from stopstorm.metrics.plugin.state import RUN
 from stopstorm.metrics.plugin.truth_target import truth_host
@@ -235,6 +236,7 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
                   run_path(getattr(opts, "stopstorm_report", "") or DEFAULT_REPORT, number, True))
     RUN.log = _start_log(opts)
     if environment.host:
+        RUN.ledger = _start_ledger_drain(environment)
         try:
             interval = float(getattr(opts, "metrics_interval", 0.25))  # checked at init: > 0, finite
             truth = truth_host(environment)  # --truth-url when --host is a proxy in front of the server
@@ -246,6 +248,23 @@ def _run_started(environment: Environment, **_kwargs: Any) -> None:
             RUN.scraper = scraper
         except Exception as exc:
             _log.warning("stopstorm: scraping /metrics failed: %s", exc)
+
+
+def _start_ledger_drain(environment: Environment) -> LedgerDrain | None:
+    """The simulator's ledger, read as the run goes (metrics/plugin/ledger_drain.py); None for a server
+    without it (real vLLM) or a run whose users read ledger entries themselves as they go (the stop probe):
+    a forgetting simulator would drop them under their feet. Such a ledger is read whole at the end."""
+    if any(getattr(cls, "reads_ledger_entries", False) for cls in environment.user_classes or ()):
+        return None
+    try:
+        drain = LedgerDrain.open(truth_host(environment), RUN.ledger_after)
+    except Exception as exc:
+        _log.warning("stopstorm: reading the simulator's ledger as the run goes failed (%s); read at the end", exc)
+        return None
+    if drain is not None:
+        RUN.ledger_after = drain.after
+        drain.start()
+    return drain
 
 
 def _record_store(records_path: str, number: int, web_ui: bool) -> RecordStore:
@@ -349,18 +368,32 @@ def _this_run(snapshot: LedgerSnapshot, since: float | None) -> LedgerSnapshot:
 def _fetch_ledger(host: str, settle_s: float = 1.0) -> tuple[LedgerSnapshot | None, int | None]:
     """The simulator's ledger once every request has left the engine (users killed at the end are closing
     theirs), or as it is after `settle_s`, and its `max_num_seqs`; (None, None) for a server without a ledger
-    (real vLLM). One client, two requests: the stats say whether there is a ledger and how many slots."""
+    (real vLLM). The stats say whether there is a ledger and how many slots; the entries come from the run's
+    drain (what it read as the run went, and the rest now) or, without one, from one whole read."""
     client = LedgerClient(host)
+    drain, RUN.ledger = RUN.ledger, None
     try:
         stats = client.stats()
         if stats is None:
+            if drain is not None and len(drain):
+                _log.warning("stopstorm: the simulator at %s no longer answers; the %d ledger entries read "
+                             "during the run are not used (the rest of its truth is gone)", host, len(drain))
             return None, None
-        snapshot = client.wait_settled(settle_s)
+        if drain is not None:
+            snapshot = drain.settled(settle_s)
+            RUN.ledger_after = drain.after
+            if snapshot is None:
+                raise RuntimeError(f"cannot read the simulator ledger at {host}/stopstorm/ledger/settled "
+                                   f"({len(drain)} entries read before it stopped answering)")
+        else:
+            snapshot = client.wait_settled(settle_s)
         if snapshot is None:
             raise RuntimeError(f"cannot read the simulator ledger at {host}/stopstorm/ledger")
         return snapshot, max_num_seqs_of(stats)
     finally:
         client.close()
+        if drain is not None:  # what it read is in the snapshot now, or of no use
+            drain.discard()
 
 
 def _meta(env: Environment, duration: float, ledger: LedgerSnapshot | None, scraper: MetricsScraper | None,
@@ -453,6 +486,9 @@ def _write_run_report() -> None:
     finally:
         _stop_log()
         RUN.records.close()
+        if RUN.ledger is not None:  # not read (no host to read it at, or the report failed before it)
+            RUN.ledger.discard()
+            RUN.ledger = None
         RUN.reported = True
         RUN.reporting = False
 
@@ -527,6 +563,19 @@ def _planned_stacks(env: Environment) -> list[str]:
     return [stack for cls in env.user_classes or () if (stack := getattr(cls, "stack", ""))]
 
 
+def ledger_so_far(truth: str) -> LedgerSnapshot | None:
+    """The simulator's ledger until now: the run's drain (what it read, and what is in flight), else one whole
+    read. For views during the run (the Stops tab, capacity.py's steps); None when it cannot be read."""
+    drain = RUN.ledger
+    if drain is not None:
+        return drain.snapshot()
+    client = LedgerClient(truth, timeout=2.0)
+    try:
+        return client.ledger()
+    finally:
+        client.close()
+
+
 def _report_so_far() -> Report:
     """A Report of the run until now, from its records and the simulator's ledger (no replay: it is live)."""
     env = RUN.environment
@@ -535,11 +584,7 @@ def _report_so_far() -> Report:
     started = RUN.started if RUN.started is not None else time.monotonic()
     ledger = None
     if truth:
-        client = LedgerClient(truth, timeout=2.0)
-        try:
-            ledger = client.ledger()
-        finally:
-            client.close()
+        ledger = ledger_so_far(truth)
         if ledger is not None:
             ledger = _this_run(ledger, _LEDGER_MARK[-1] if _LEDGER_MARK else None)
     return build_report(RunInputs(records=list(RUN.records), meta=RunMeta(host=host), started=started,

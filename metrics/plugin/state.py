@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stopstorm.metrics.analysis.verdict import CapacitySearch
+from stopstorm.metrics.plugin.ledger_drain import LedgerDrain
 from stopstorm.metrics.plugin.record_sink import RecordStore
 from stopstorm.metrics.report.model import Report
 from stopstorm.metrics.truth.vllm_log import LineFollower
@@ -49,6 +50,8 @@ class RunState:
     thresholds_broken: bool = False  # a --fail-on threshold broke in some run of this process
     written: list[tuple[int, Path, Path]] = field(default_factory=list)  # every run's (number, JSON, HTML)
     capacity_search: CapacitySearch | None = None  # capacity.py's steps so far (it announces them here)
+    ledger_after: int = 0  # the last settled-entry number this process's drains read (a forgetting simulator
+    #                        has dropped 1..it: the next run reads after it)
     # --- this run (begin_run clears them)
     started: float | None = None  # test_start, monotonic
     started_wall: float | None = None  # test_start, time.time()
@@ -57,6 +60,7 @@ class RunState:
     # Every finished stream's (the master's: every worker's too), on disk until the report reads them back:
     # the --stopstorm-records file, else a spool in the temp folder (metrics/plugin/record_sink.py).
     records: RecordStore = field(default_factory=lambda: RecordStore(spool=False))
+    ledger: LedgerDrain | None = None  # the simulator's settled entries as they come (metrics/plugin/ledger_drain.py)
     scraper: MetricsScraper | None = None  # {host}/metrics in the background
     log: LineFollower | None = None  # --server-log (a file, or `-`: stdin) or --server-log-cmd
     reporting: bool = False  # this run's report is being written (a second stop or a signal waits for it)
@@ -67,7 +71,7 @@ class RunState:
         self.runs += 1
         self.started = self.started_wall = self.stopping = self.stopped = None
         self.records = RecordStore(spool=False)  # test_start gives it its file
-        self.scraper = self.log = None
+        self.scraper = self.log = self.ledger = None
         self.reporting = self.reported = False
         return self.runs
 

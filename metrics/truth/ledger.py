@@ -17,7 +17,7 @@ import requests
 
 from stopstorm.simulator.ledger import LedgerEntry
 
-__all__ = ["LedgerClient", "LedgerSnapshot", "max_num_seqs_of", "server_max_num_seqs"]
+__all__ = ["LedgerClient", "LedgerSnapshot", "SettledPage", "max_num_seqs_of", "server_max_num_seqs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,28 @@ class LedgerSnapshot:
         return cls(float(now), entries, doc.get("schema_version"), doc.get("epoch_offset"))
 
 
+@dataclass(frozen=True, slots=True)
+class SettledPage:
+    """One read of `GET /stopstorm/ledger/settled`: entries in the order they settled, `next` the number to
+    ask after next time; `unsettled` how many are still in flight (`in_flight` holds them when asked for)."""
+
+    now: float
+    entries: tuple[LedgerEntry, ...]
+    next: int
+    unsettled: int
+    in_flight: tuple[LedgerEntry, ...] | None
+    epoch_offset: float | None
+    schema_version: int | None
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> SettledPage:
+        flying = doc.get("in_flight")
+        return cls(float(doc["now"]), tuple(LedgerEntry.from_json(e) for e in doc.get("requests", [])),
+                   int(doc["next"]), int(doc.get("unsettled") or 0),
+                   tuple(LedgerEntry.from_json(e) for e in flying) if flying is not None else None,
+                   doc.get("epoch_offset"), doc.get("schema_version"))
+
+
 class LedgerClient:
     """Reads the ledger; None when the server has no ledger (not the simulator) or no such request."""
 
@@ -83,6 +105,14 @@ class LedgerClient:
         """The whole ledger (`GET /stopstorm/ledger`); None when it cannot be read."""
         doc = self._get_json("/stopstorm/ledger")
         return None if doc is None else LedgerSnapshot.from_json(doc)
+
+    def settled(self, after: int, *, in_flight: bool = False, limit: int = 5000) -> SettledPage | None:
+        """The entries that settled after number `after` (`GET /stopstorm/ledger/settled`; asking acknowledges
+        1..after, which a simulator under --forget-read-ledger then drops); None when it cannot be read (a
+        server without it: real vLLM, an older simulator)."""
+        flight = "&in_flight=1" if in_flight else ""
+        doc = self._get_json(f"/stopstorm/ledger/settled?after={int(after)}&limit={int(limit)}{flight}")
+        return None if doc is None else SettledPage.from_json(doc)
 
     def stats(self) -> dict[str, Any] | None:
         """The simulator's engine counters and config (`GET /stopstorm/stats`); None when it cannot be read."""

@@ -121,8 +121,9 @@ def test_a_record_after_close_is_kept_in_memory(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_without_records_file_spools_and_leaves_nothing_behind(tmp_path):
-    """The default: records spooled in the temp folder while the run goes (seen growing), gone after the report,
-    and the report still joins every stream with the ledger."""
+    """The default: records spooled in the temp folder while the run goes (seen growing), and the embedded
+    simulator's ledger drained beside them (metrics/plugin/ledger_drain.py); both gone after the report, and
+    the report still joins every stream with the ledger, none unmatched either way."""
     spool = tmp_path / "tmp"
     spool.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(spool)}
@@ -130,13 +131,16 @@ def test_a_run_without_records_file_spools_and_leaves_nothing_behind(tmp_path):
            "--max-tokens", "20", "--think-time", "0.05", "--sim-args", " ".join(FAST),
            "--stopstorm-report", str(tmp_path / "report.json")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = 0
+    seen = drained = 0
     try:
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             for p in spool.glob(f"stopstorm-records-{proc.pid}-*.jsonl"):
                 with contextlib.suppress(OSError):
                     seen = max(seen, len(p.read_bytes().splitlines()))
+            for p in spool.glob(f"stopstorm-ledger-{proc.pid}-*.jsonl"):
+                with contextlib.suppress(OSError):
+                    drained = max(drained, len(p.read_bytes().splitlines()))
             time.sleep(0.05)
         output, _ = proc.communicate(timeout=60)
     finally:
@@ -145,8 +149,11 @@ def test_a_run_without_records_file_spools_and_leaves_nothing_behind(tmp_path):
             proc.wait()
     assert proc.returncode == 0, output[-3000:]
     assert seen > 0, "no record spool was seen in the temp folder during the run"
-    assert not list(spool.glob("stopstorm-records-*")), "the spool was left behind"
+    assert drained > 0, "the simulator's ledger was not read during the run"
+    assert not list(spool.glob("stopstorm-records-*")), "the record spool was left behind"
+    assert not list(spool.glob("stopstorm-ledger-*")), "the ledger spool was left behind"
     doc = json.loads((tmp_path / "report.json").read_text())
     assert figure(doc, "overall", "streams") >= seen
     assert figure(doc, "run", "unmatched_requests") == 0
+    assert figure(doc, "run", "unjoined_streams") == 0  # every record has its ledger entry: the drain lost none
     assert doc["meta"].get("records") is None  # no file of the user's to name

@@ -148,7 +148,7 @@ def test_a_run_s_stops_tab_shows_the_live_chart_totals_and_zombies(web_ui) -> No
         assert stops[0]["stack"] == "all" and "stopped" in stops[0]["request"]  # the totals row leads
         assert all("zombie_s" in row for row in stops)
         names = {s["name"] for s in body["stats"]}
-        assert any(n.endswith((" stop", " not stopped")) for n in names) and "ttft" not in names
+        assert any(n.endswith((" stop", " not stopped")) for n in names) and "ttft" not in names, names
         assert {s["method"] for s in body["stats"] if s["name"] != "Aggregated"} <= {"stream"}
         shot = screenshot(f"{url}/?tab=stops", out / "stops.png", (1400, 1100), wait_ms=6000)
         chart = colour_counts(shot, (0, 100, 1400, 500))  # the chart above the table
