@@ -196,3 +196,23 @@ def test_the_endpoint_refuses_or_clamps_bad_cursors(sim_pool: SimPool, bad: str)
         assert r.status_code == 422
     else:
         assert r.status_code == 200 and r.json()["next"] >= 0 and isinstance(r.json()["requests"], list)
+
+
+def test_a_server_that_stops_answering_keeps_what_was_read(tmp_path) -> None:
+    """The simulator gone mid-run: the drain says so (a failed read, counted) and keeps every entry it had
+    read; it never invents the rest."""
+    sim = SimHandle(SIM, log_path=str(tmp_path / "sim.log"))
+    drain = None
+    try:
+        drain = LedgerDrain.open(sim.url)
+        assert drain is not None
+        fates = _traffic(sim, 6, seed=99)
+        wait_until(lambda: drain.poll() is not None and len(drain) == 6, what="the six entries drained")
+    finally:
+        sim.close()
+    try:
+        assert drain.poll() is None and drain.failures == 1 and "/stopstorm/ledger/settled" in drain.last_error
+        assert drain.settled(0.2) is None
+        assert {e.request_id for e in drain.entries()} == set(fates)
+    finally:
+        drain.discard()
