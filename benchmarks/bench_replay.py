@@ -115,8 +115,22 @@ def _sim_args(max_num_seqs: int, step_ms: float) -> list[str]:
     return ["--max-num-seqs", str(max_num_seqs), "--step-base-ms", str(step_ms)]
 
 
-def run_pair(plan: list[Planned], max_num_seqs: int, step_ms: float,
-             grace: float) -> tuple[LedgerSnapshot, LedgerSnapshot]:
+def step_lag_share(url: str) -> float:
+    """How far behind its own step-time model the simulator ran: the sum of its steps' lateness over the sum of
+    their modelled durations (`stopstorm_sim:step_lag_seconds` / `step_modelled_seconds` in its /metrics). A
+    process starved of CPU (a hog on a shared host) ends steps late at random moments: queueing the replay's
+    model of an on-time server cannot reproduce."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    modelled = values.get("stopstorm_sim:step_modelled_seconds_total", 0.0)
+    return values.get("stopstorm_sim:step_lag_seconds_total", 0.0) / modelled if modelled else 0.0
+
+
+def run_pair(plan: list[Planned], max_num_seqs: int, step_ms: float, grace: float,
+             lags: list[float] | None = None) -> tuple[LedgerSnapshot, LedgerSnapshot]:
     """Runs A (stops) and B (no stops) side by side, each against its own fresh simulator, in the same seconds.
 
     Run one after the other, the two runs met different machines: on a shared host a few percent of step-time
@@ -131,7 +145,10 @@ def run_pair(plan: list[Planned], max_num_seqs: int, step_ms: float,
             await asyncio.gather(_drive(sa.url or "", plan, True, limit), _drive(sb.url or "", plan, False, limit))
 
         _run(both())
-        return _ledger_once_freed(sa.url or ""), _ledger_once_freed(sb.url or "")
+        pair = _ledger_once_freed(sa.url or ""), _ledger_once_freed(sb.url or "")
+        if lags is not None:  # each simulator's step lag share (step_lag_share), A's then B's
+            lags.extend(step_lag_share(sim.url or "") for sim in (sa, sb))
+        return pair
 
 
 def measured(ledger: LedgerSnapshot) -> dict[str, float]:

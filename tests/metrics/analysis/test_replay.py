@@ -109,13 +109,30 @@ def ab_plan(bench: ModuleType) -> list[Any]:
     return bench.schedule(**AB)
 
 
+# A pair counts only if both simulators kept their step schedule: each one's step lag share (the sum of its
+# steps' lateness over their modelled time, from its own /metrics: bench_replay.step_lag_share) at most
+# LAG_MAX. On time it was 2.0-4.0 % here (idle, under 2 and under 5 `yes` hogs, 2026-12-04) with queue-wait
+# errors within 3.3 %; when a burst of other work (the flood and browser tests beside 2 hogs) starved one
+# simulator it reached 18 %, and the replay's error 14 %: queueing an on-time server's model cannot have, which
+# the test would have charged to the replay. Such a pair is run again, up to AB_TRIES times in all.
+LAG_MAX, AB_TRIES = 0.06, 4
+
+
 @pytest.fixture(scope="module")
 def ab_runs(bench: ModuleType, ab_plan: list[Any]) -> tuple[LedgerSnapshot, LedgerSnapshot]:
     """Run A (every stopped stream closed at its Stop token: prompt aborts) and run B (every stream read to its
-    end, so no abort), side by side against two fresh simulators."""
-    result: tuple[LedgerSnapshot, LedgerSnapshot] = bench.run_pair(ab_plan, max_num_seqs=AB_SEQS,
-                                                                   step_ms=AB_STEP_MS, grace=30.0)
-    return result
+    end, so no abort), side by side against two fresh simulators, both on schedule (LAG_MAX)."""
+    seen: list[list[float]] = []
+    for _ in range(AB_TRIES):
+        lags: list[float] = []
+        result: tuple[LedgerSnapshot, LedgerSnapshot] = bench.run_pair(ab_plan, max_num_seqs=AB_SEQS,
+                                                                       step_ms=AB_STEP_MS, grace=30.0, lags=lags)
+        if max(lags) <= LAG_MAX:
+            return result
+        seen.append(lags)
+    raise AssertionError(f"in {AB_TRIES} tries the simulators never kept their step schedule (step lag shares "
+                         f"A, B: {seen}; at most {LAG_MAX} counts): this machine is too loaded to compare a real "
+                         "run with the replay's model")
 
 
 @pytest.fixture(scope="module")
