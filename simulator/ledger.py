@@ -127,10 +127,12 @@ class Ledger:
 
     def settled_after(self, after: int, limit: int) -> tuple[list[LedgerEntry], int]:
         """Up to `limit` entries that settled after number `after`, in settle order, and the number of the last
-        one given (`after` when none). Asking after N acknowledges 1..N: under `forget_read` they are dropped."""
+        one given (`after` when none). Asking after N acknowledges 1..N: under `forget_read` they are dropped;
+        a reader ahead of what has settled (it read another server, or this one before a restart) acknowledges
+        nothing."""
         after = max(after, 0)
-        if self.forget_read and after > self._settled_base:
-            cut = min(after, self.settled_count) - self._settled_base
+        if self.forget_read and self._settled_base < after <= self.settled_count:
+            cut = after - self._settled_base
             for rid in self._settled_ids[:cut]:
                 if self.entries.pop(rid, None) is not None:
                     self.forgotten += 1

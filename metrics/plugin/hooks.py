@@ -257,12 +257,13 @@ def _start_ledger_drain(environment: Environment) -> LedgerDrain | None:
     if any(getattr(cls, "reads_ledger_entries", False) for cls in environment.user_classes or ()):
         return None
     try:
-        drain = LedgerDrain.open(truth_host(environment), RUN.ledger_after)
+        truth = truth_host(environment)
+        drain = LedgerDrain.open(truth, RUN.ledger_after.get(truth, 0))
     except Exception as exc:
         _log.warning("stopstorm: reading the simulator's ledger as the run goes failed (%s); read at the end", exc)
         return None
     if drain is not None:
-        RUN.ledger_after = drain.after
+        RUN.ledger_after[truth] = drain.after
         drain.start()
     return drain
 
@@ -381,7 +382,7 @@ def _fetch_ledger(host: str, settle_s: float = 1.0) -> tuple[LedgerSnapshot | No
             return None, None
         if drain is not None:
             snapshot = drain.settled(settle_s)
-            RUN.ledger_after = drain.after
+            RUN.ledger_after[drain.host] = drain.after
             if snapshot is None:
                 raise RuntimeError(f"cannot read the simulator ledger at {host}/stopstorm/ledger/settled "
                                    f"({len(drain)} entries read before it stopped answering)")

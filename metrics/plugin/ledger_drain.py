@@ -65,10 +65,15 @@ class LedgerDrain:
         vLLM, an older simulator) or one that does not answer now: its ledger is read whole at the end."""
         probe = LedgerClient(host, timeout=2.0)
         try:
-            if probe.settled(after, limit=1) is None:
-                return None
+            first = probe.settled(after, limit=1)
         finally:
             probe.close()
+        if first is None:
+            return None
+        if after > first.settled:  # not where an earlier run left off: another server, or this one restarted
+            _log.info("stopstorm: the ledger at %s has %d settled entries, fewer than the %d read before: a new "
+                      "server; read from its start", host, first.settled, after)
+            after = 0
         try:
             drain = cls(host, after, interval_s)
         except OSError as exc:

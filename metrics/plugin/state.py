@@ -50,8 +50,9 @@ class RunState:
     thresholds_broken: bool = False  # a --fail-on threshold broke in some run of this process
     written: list[tuple[int, Path, Path]] = field(default_factory=list)  # every run's (number, JSON, HTML)
     capacity_search: CapacitySearch | None = None  # capacity.py's steps so far (it announces them here)
-    ledger_after: int = 0  # the last settled-entry number this process's drains read (a forgetting simulator
-    #                        has dropped 1..it: the next run reads after it)
+    # Per truth URL, the last settled-entry number this process's drains read there (a forgetting simulator has
+    # dropped 1..it: the next run reads after it)
+    ledger_after: dict[str, int] = field(default_factory=dict)
     # --- this run (begin_run clears them)
     started: float | None = None  # test_start, monotonic
     started_wall: float | None = None  # test_start, time.time()

@@ -62,6 +62,7 @@ class SettledPage:
     now: float
     entries: tuple[LedgerEntry, ...]
     next: int
+    settled: int  # the number of the latest entry to settle on the server (a cursor beyond it is not its)
     unsettled: int
     in_flight: tuple[LedgerEntry, ...] | None
     epoch_offset: float | None
@@ -71,7 +72,7 @@ class SettledPage:
     def from_json(cls, doc: dict[str, Any]) -> SettledPage:
         flying = doc.get("in_flight")
         return cls(float(doc["now"]), tuple(LedgerEntry.from_json(e) for e in doc.get("requests", [])),
-                   int(doc["next"]), int(doc.get("unsettled") or 0),
+                   int(doc["next"]), int(doc.get("settled") or 0), int(doc.get("unsettled") or 0),
                    tuple(LedgerEntry.from_json(e) for e in flying) if flying is not None else None,
                    doc.get("epoch_offset"), doc.get("schema_version"))
 

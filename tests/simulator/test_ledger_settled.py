@@ -79,6 +79,19 @@ def test_pages_acknowledge_and_a_forgetting_ledger_drops_only_what_was_read() ->
         assert ledger.unsettled_count == 1
 
 
+def test_a_reader_ahead_of_the_ledger_acknowledges_nothing() -> None:
+    """A cursor from another server (or from this one before a restart) is beyond what settled here: a
+    forgetting ledger must not take it as "I hold everything" and drop entries nobody read."""
+    ledger = Ledger(forget_read=True)
+    for i in range(5):
+        ledger.add(_entry(f"r{i}", float(i)))
+        _settle(ledger, f"r{i}")
+    assert ledger.settled_after(500, 10) == ([], 500)
+    assert len(ledger) == 5 and ledger.forgotten == 0
+    page, last = ledger.settled_after(0, 10)
+    assert len(page) == 5 and last == 5
+
+
 def _traffic(sim: SimHandle, n: int, seed: int) -> dict[str, str]:
     """`n` streams, four at a time: read to the end, closed after a few chunks or refused by a fault header;
     returns each request id's fate."""
@@ -179,6 +192,22 @@ def test_in_flight_entries_come_with_the_final_read_and_settle_later(sim_pool: S
         assert len(drain) == 1
     finally:
         s.__exit__()
+        drain.discard()
+
+
+def test_a_drain_with_another_server_s_cursor_reads_this_one_from_its_start(sim_pool: SimPool) -> None:
+    """A web UI run may point at another simulator than the run before (or the same URL, restarted): the
+    earlier cursor is beyond what settled there, so the drain starts from 0 and loses none of its entries."""
+    sim = sim_pool.fresh(*SIM, "--forget-read-ledger")
+    fates = _traffic(sim, 5, seed=7)
+    wait_until(lambda: all(e["freed"] is not None for e in sim.entries().values()), what="the five settled")
+    settled = _settled_now(sim)
+    drain = LedgerDrain.open(sim.url, after=settled + 10_000)
+    assert drain is not None
+    try:
+        snapshot = drain.settled(5.0)
+        assert snapshot is not None and set(fates) <= {e.request_id for e in snapshot.entries}
+    finally:
         drain.discard()
 
 

@@ -155,5 +155,7 @@ def test_a_run_without_records_file_spools_and_leaves_nothing_behind(tmp_path):
     doc = json.loads((tmp_path / "report.json").read_text())
     assert figure(doc, "overall", "streams") >= seen
     assert figure(doc, "run", "unmatched_requests") == 0
-    assert figure(doc, "run", "unjoined_streams") == 0  # every record has its ledger entry: the drain lost none
+    # Every record has its ledger entry (the drain lost none), but for a stream the run's end cut before it
+    # reached the server (as tests/metrics/plugin/test_lifecycle.py allows: seen once in 3 runs here)
+    assert figure(doc, "run", "unjoined_streams") <= figure(doc, "overall", "interrupted")
     assert doc["meta"].get("records") is None  # no file of the user's to name
