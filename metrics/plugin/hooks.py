@@ -434,6 +434,7 @@ def _write_run_report() -> None:
     if env is None or not RUN.collects or RUN.started is None or RUN.reported or RUN.reporting:
         return
     if probe.PROBE.active:  # the probe writes its own report, from its own streams (metrics/plugin/probe.py)
+        RUN.records.discard()  # so this run's record spool is not needed (a --stopstorm-records file stays)
         return
     RUN.reporting = True
     number = RUN.runs
