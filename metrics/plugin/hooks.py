@@ -48,6 +48,7 @@ from stopstorm.metrics.analysis.accounting import server_id
 from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor, signals
 from stopstorm.metrics.plugin.ledger_drain import LedgerDrain
 from stopstorm.metrics.plugin.record_sink import RecordStore
+from stopstorm.metrics.plugin.spool import JsonlSpool
 from stopstorm.metrics.plugin.state import RUN
 from stopstorm.metrics.plugin.truth_target import truth_host
 from stopstorm.metrics.plugin.web_form import install_form_check, install_secret_fields
@@ -184,7 +185,7 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         except ValueError as exc:
             _refuse(exc)
     signals.install_stop_signals()  # every process: a worker's Ctrl-C ends it cleanly too
-    signals.on_force(lost=_what_a_forced_exit_loses)
+    signals.on_force(_drop_empty_spools, lost=_what_a_forced_exit_loses)
     distributed.install(environment, lambda record: _collect_record(context={"record": record}))
     if _web_ui(environment):
         install_stops_tab(environment.web_ui, _tab_report)
@@ -196,12 +197,30 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
 
 def _what_a_forced_exit_loses() -> str:
     if RUN.in_progress:
-        store = RUN.records
-        kept = f"; its {store.written} records so far are in {store.path}" if store.written else ""
-        return f"run {RUN.runs}'s report (JSON, HTML and summary, not written){kept}"
+        return f"run {RUN.runs}'s report (JSON, HTML and summary, not written){_spools_left()}"
     if RUN.simulator is not None:
         return "nothing of the report (written); the embedded simulator was killed by PID"
     return "nothing (every run's report was written)"
+
+
+def _spools() -> list[tuple[JsonlSpool[Any], str]]:
+    """The run's spools: its records and the ledger entries drained so far (with a forgetting simulator, the
+    only copy of that server truth)."""
+    drain = RUN.ledger
+    return [(RUN.records, "records"), *([(drain.spool, "ledger entries")] if drain is not None else [])]
+
+
+def _spools_left() -> str:
+    return "".join(f"; its {spool.written} {what} so far are in {spool.path}" for spool, what in _spools()
+                   if spool.written)
+
+
+def _drop_empty_spools() -> None:
+    """A forced exit leaves a spool that holds something (named in its message) for the user; an empty one of
+    ours goes."""
+    for spool, _what in _spools():
+        if not spool.written and not spool.kept:
+            spool.discard()
 
 
 @events.request.add_listener

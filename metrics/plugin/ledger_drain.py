@@ -15,19 +15,16 @@ the same ledger a whole read would have given: same entries, same marks.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import gevent
-import orjson
 
+from stopstorm.metrics.plugin.spool import JsonlSpool
 from stopstorm.metrics.truth.ledger import LedgerClient, LedgerSnapshot, SettledPage
 from stopstorm.simulator.ledger import LedgerEntry
 
@@ -47,12 +44,8 @@ class LedgerDrain:
         self.after = after
         self.interval_s = interval_s
         self.client = LedgerClient(host, timeout=timeout_s)
-        fd, name = tempfile.mkstemp(prefix=f"stopstorm-ledger-{os.getpid()}-", suffix=".jsonl")
-        self.path: Path | None = Path(name)
-        self._fh: IO[bytes] | None = os.fdopen(fd, "wb")
-        self._whole_bytes = 0
-        self._on_disk = 0
-        self._in_memory: list[LedgerEntry] = []  # after a failed write
+        self.spool: JsonlSpool[LedgerEntry] = JsonlSpool(  # raises OSError when the temp folder takes no file
+            "the ledger spool", LedgerEntry.to_json, LedgerEntry.from_json, temp_prefix="ledger")
         self._lock = threading.Lock()  # the loop's greenlet and the report's final read take turns
         self._loop: gevent.Greenlet | None = None
         self.last: SettledPage | None = None  # the latest page read (its `now`, `unsettled`, clock offset)
@@ -96,45 +89,23 @@ class LedgerDrain:
                     self.last_error = f"GET {self.host}/stopstorm/ledger/settled failed"
                     return None
                 for entry in page.entries:
-                    self._keep(entry)
+                    self.spool.append(entry)
                 self.after = page.next
                 self.last = page
                 if len(page.entries) < PAGE:
                     return page
 
-    def _keep(self, entry: LedgerEntry) -> None:
-        fh = self._fh
-        if fh is not None:
-            line = orjson.dumps(entry.to_json()) + b"\n"
-            try:
-                fh.write(line)
-                fh.flush()
-            except OSError as exc:  # a full disk: nothing is lost, the rest is kept in memory
-                _log.error("stopstorm: writing the ledger spool %s failed (%s); entries are kept in memory",
-                           self.path, exc)
-                with contextlib.suppress(OSError):
-                    fh.close()
-                self._fh = None
-            else:
-                self._on_disk += 1
-                self._whole_bytes += len(line)
-                return
-        self._in_memory.append(entry)
-
     def __len__(self) -> int:
-        return self._on_disk + len(self._in_memory)
+        return len(self.spool)
+
+    @property
+    def path(self) -> Path | None:
+        """The spool's file (None once discarded)."""
+        return self.spool.path
 
     def entries(self) -> Iterator[LedgerEntry]:
         """Every entry drained so far, in settle order."""
-        on_disk, whole = self._on_disk, self._whole_bytes
-        if on_disk and self.path is not None:
-            with self.path.open("rb") as fh:
-                for _ in range(on_disk):
-                    line = fh.readline(max(whole - fh.tell(), 0))
-                    if not line.endswith(b"\n"):
-                        break
-                    yield LedgerEntry.from_json(orjson.loads(line))
-        yield from list(self._in_memory)
+        return iter(self.spool)
 
     def snapshot(self, page: SettledPage | None = None) -> LedgerSnapshot | None:
         """The ledger as a whole read would give it: every drained entry and those in flight in `page` (a read
@@ -183,14 +154,5 @@ class LedgerDrain:
     def discard(self) -> None:
         """The report has the entries: the loop stopped, the spool closed and removed."""
         self.stop()
-        fh, self._fh = self._fh, None
-        if fh is not None:
-            with contextlib.suppress(OSError):
-                fh.close()
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-            self.path = None
-        self._on_disk = self._whole_bytes = 0
-        self._in_memory = []
+        self.spool.discard()
         self.client.close()

@@ -156,8 +156,9 @@ def test_processes_2_starts_one_simulator_and_matches_a_single_process(single_ru
 
     report = tmp_path / "processes.json"
     log = tmp_path / "processes.log"
-    p = _locust(*WORK, "--processes", "2", "--sim-args", " ".join(SIM_ARGS[:2]), "--stopstorm-report", str(report),
-                log=log)
+    port = str(free_port())  # not Locust's default 5557: another run on this machine may hold it
+    p = _locust(*WORK, "--processes", "2", "--master-bind-port", port, "--master-port", port,
+                "--sim-args", " ".join(SIM_ARGS[:2]), "--stopstorm-report", str(report), log=log)
     _finish([p], timeout=90)
     text = log.read_text()
     assert p.returncode == 0, text[-3000:]

@@ -55,11 +55,11 @@ def _truthful(doc: dict[str, Any], jsonl: Path) -> None:
     assert figure(doc, "overall", "queue_wait")["count"] > 0
 
 
-def _signalled(tmp_path: Path, send: Any, extra: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess[str],
-                                                                             float]:
+def _signalled(tmp_path: Path, send: Any, extra: tuple[str, ...] = (),
+               env: dict[str, str] = ENV) -> tuple[subprocess.CompletedProcess[str], float]:
     """A 60 s run in a session of its own (as a terminal's foreground job), signalled by `send(pid)` once it has
     8 streams; its result and how long it took to end after the signal."""
-    proc = subprocess.Popen(locust_cmd(tmp_path, *LOAD, "-t", "60s", *extra), cwd=ROOT, env=ENV, text=True,
+    proc = subprocess.Popen(locust_cmd(tmp_path, *LOAD, "-t", "60s", *extra), cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(lambda: _lines(tmp_path / "records.jsonl") >= 8, timeout=60, interval=0.05, what="8 streams")
@@ -120,14 +120,28 @@ def test_two_sigterms_still_write_the_report_once(tmp_path):
 
 @pytest.mark.slow
 def test_a_third_signal_exits_at_once_and_says_what_is_lost(tmp_path):
+    """It exits at once, the simulator killed by PID; what it leaves in the temp folder (the ledger entries
+    drained so far: with the embedded simulator, their only copy) is named in its last line, and nothing else
+    is left there."""
     def thrice(pid: int) -> None:
+        time.sleep(2.5)  # past the drain's first read, so its spool holds entries
         for _ in range(3):
             os.kill(pid, signal.SIGINT)
             time.sleep(0.01)
 
-    out, took = _signalled(tmp_path, thrice)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    out, took = _signalled(tmp_path, thrice, env={**ENV, "TMPDIR": str(temp)})
     assert out.returncode == EXIT_CUT_SHORT and took < 10, out.stdout[-3000:]
-    assert "third signal: exiting now" in out.stdout and "lost: " in out.stdout, out.stdout[-3000:]
+    said = [line for line in out.stdout.splitlines() if "third signal: exiting now" in line]
+    assert said and "lost: " in said[0], out.stdout[-3000:]
+    left = sorted(temp.iterdir())
+    logs = [p for p in left if p.name.startswith("stopstorm-simulator-")]  # the simulator's log, named at its start
+    assert all(f"its log: {p}" in out.stdout for p in logs), (logs, out.stdout[-3000:])
+    spools = [(p.name, p.stat().st_size) for p in left if p not in logs]
+    assert all(str(temp / name) in said[0] and size > 0 for name, size in spools), (spools, said[0])
+    if "report (JSON, HTML and summary, not written)" in said[0]:  # the signal came before the report was
+        assert [name for name, _size in spools if name.startswith("stopstorm-ledger-")], (spools, said[0])
     sim = [line for line in out.stdout.splitlines() if "started the embedded simulator" in line]
     pid = int(sim[0].split("(pid ")[1].split(",")[0])
     wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
