@@ -168,10 +168,15 @@ def main() -> None:
                  "stack, no think time, the default Stop mix"
                  + (f", a master and {args.processes} workers" if args.processes else "")
                  + "): RSS from 1 min to the run's end")
-        figures = [{"id": k, "label": label, "value": summary[k], "format": "{:,}"} for k, label in (
+        # Ids by the run's shape (`rss_60min_2workers`), so a run of another length or shape adds its own table
+        # beside the others in benchmarks/results/bench_soak.json instead of replacing theirs.
+        tag = f"{args.duration_s / 60:g}min" + (f"_{args.processes}workers" if args.processes else "")
+        tag = tag.replace(".", "_")
+        figures = [{"id": f"{k}_{tag}", "label": label, "value": summary[k], "format": "{:,}"} for k, label in (
             ("streams", f"streams in the {args.duration_s / 60:g}-minute soak"),
-            ("ledger_requests", "ledger requests"), ("unmatched_requests", "unmatched_requests"))]
-        doc = document("bench_soak", {"rss": results_table(RESULTS_COLUMNS, rows, title)}, figures,
+            ("ledger_requests", f"ledger requests in the {args.duration_s / 60:g}-minute soak"),
+            ("unmatched_requests", f"unmatched_requests in the {args.duration_s / 60:g}-minute soak"))]
+        doc = document("bench_soak", {f"rss_{tag}": results_table(RESULTS_COLUMNS, rows, title)}, figures,
                        summary=summary, samples=samples)
         Path(args.json).write_text(dumps(doc) + "\n")
 

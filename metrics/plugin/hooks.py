@@ -45,7 +45,16 @@ from locust.runners import WorkerRunner
 from stopstorm.metrics import redact
 from stopstorm.metrics.analysis import thresholds
 from stopstorm.metrics.analysis.accounting import server_id
-from stopstorm.metrics.plugin import distributed, embedded, gpu, options, probe, self_monitor, signals
+from stopstorm.metrics.plugin import (
+    distributed,
+    embedded,
+    gpu,
+    locust_stats,
+    options,
+    probe,
+    self_monitor,
+    signals,
+)
 from stopstorm.metrics.plugin.ledger_drain import LedgerDrain
 from stopstorm.metrics.plugin.record_sink import RecordStore
 from stopstorm.metrics.plugin.spool import JsonlSpool
@@ -185,6 +194,8 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         except ValueError as exc:
             _refuse(exc)
     signals.install_stop_signals()  # every process: a worker's Ctrl-C ends it cleanly too
+    if not worker and environment.stats is not None:  # a worker's counters are reset at each report
+        locust_stats.start_trimming(environment.stats)  # Locust's per-second counters: flat over hours
     signals.on_force(_drop_empty_spools, lost=_what_a_forced_exit_loses)
     distributed.install(environment, lambda record: _collect_record(context={"record": record}))
     if _web_ui(environment):
