@@ -232,6 +232,7 @@ def test_every_stack_accepts_it_with_insecure(tls: Recorder, stack: str) -> None
         streams.close()
     assert record.error is None and record.done and record.tokens == 5, (record.error, record.tokens)
     assert record.request_id in {r["request_id"] for r in tls.received()["requests"]}
+    assert record.stamp_clock == "read"  # TLS is decrypted above the socket: no kernel stamps (the read clock)
 
 
 def test_a_run_against_an_untrusted_certificate_stops_before_any_load_naming_insecure(

@@ -6,7 +6,8 @@ process, against a server that sent each chunk on time). Linux stamps every TCP 
 `SO_TIMESTAMPNS` set, `recvmsg` hands that stamp back, so a read that ran late still knows when its bytes came.
 
 `StampingSocket` wraps the plain-TCP socket a library reads (urllib3's connection for requests, geventhttpclient's
-pooled socket for fasthttp) and reads through `recvmsg` instead of `recv`; everything else is the socket's own.
+pooled socket for fasthttp, httpcore's stream for httpx and the openai SDK: users/httpcore_stamps.py) and reads
+through `recvmsg` instead of `recv`; everything else is the socket's own.
 The stamp of a read is the arrival of the last segment it returned, which is when a line that read completed
 became readable. Not for TLS (an `SSLSocket` has no `recvmsg`, and its records are decrypted in user space): such
 streams keep the read clock, and the record says which clock stamped it (`StreamRecord.stamp_clock`).
@@ -98,6 +99,16 @@ class StampingSocket:
         # let the first token arrive before the stamp: a TTFT below the server's, even negative.
         self.written = time.monotonic()
         self._sock.sendall(data, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        # httpcore writes with send() in a loop: stamped as each call begins, the last one wins (see sendall)
+        self.written = time.monotonic()
+        return int(self._sock.send(data, flags))
+
+    @property
+    def raw(self) -> Any:
+        """The wrapped socket (httpcore hands it to TLS, which reads it in C: no stamps there)."""
+        return self._sock
 
     def makefile(self, *args: Any, **kwargs: Any) -> Any:
         """The socket's own file (its reference counting kept), reading through this wrapper."""

@@ -15,7 +15,9 @@ import httpx
 
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
+from stopstorm.users.httpcore_stamps import install_on_client, stamping_socket
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.socket_stamps import KERNEL, StampingSocket
 from stopstorm.users.tls import shared_ssl_context
 from stopstorm.users.verdicts import response_failure
 
@@ -45,12 +47,14 @@ def describe_httpx_error(exc: httpx.HTTPError, timeout: float, mid_stream: bool)
 
 
 class _HttpxStream:
-    __slots__ = ("_lines", "_resp", "_timeout")
+    __slots__ = ("_lines", "_resp", "_timeout", "arrival")
 
-    def __init__(self, resp: httpx.Response, timeout: float) -> None:
+    def __init__(self, resp: httpx.Response, timeout: float, sock: StampingSocket | None) -> None:
         self._resp = resp
         self._lines = resp.iter_lines()
         self._timeout = timeout
+        # The kernel's receive time of the last bytes read (users/core.py's StreamReader stamps chunks with it)
+        self.arrival = None if sock is None else (lambda: sock.arrival or time.monotonic())
 
     def items(self) -> Iterator[str]:
         try:
@@ -65,13 +69,15 @@ class _HttpxStream:
 
 class HttpxTransport:
     """One `httpx.Client` per user (its own connection pool), as a backend would keep one, over the process's
-    one SSL context (users/tls.py: a context of its own costs ~21 ms of CPU, which blocks the hub)."""
+    one SSL context (users/tls.py: a context of its own costs ~21 ms of CPU, which blocks the hub). Over plain
+    HTTP its connections read through a StampingSocket (users/httpcore_stamps.py)."""
 
     name = "httpx"
     yields_chunks = False
 
     def __init__(self, insecure: bool = False) -> None:
         self.client = httpx.Client(verify=shared_ssl_context("httpx", insecure))
+        install_on_client(self.client)
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
              connect_timeout: float = 10.0) -> _HttpxStream:
@@ -81,7 +87,11 @@ class HttpxTransport:
             resp = self.client.send(req, stream=True)
         except httpx.HTTPError as exc:
             raise StreamFailure(describe_httpx_error(exc, timeout, mid_stream=False)) from None
-        record.headers = time.monotonic()
+        sock = stamping_socket(resp)
+        if sock is not None and sock.arrival is not None and sock.written is not None:
+            record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
+        else:
+            record.headers = time.monotonic()
         record.status = resp.status_code
         if resp.status_code >= 400:
             body = bytearray()
@@ -101,7 +111,7 @@ class HttpxTransport:
         if failure is not None:
             resp.close()
             raise StreamFailure(failure)
-        return _HttpxStream(resp, timeout)
+        return _HttpxStream(resp, timeout, sock)
 
     def shutdown(self) -> None:
         self.client.close()

@@ -31,7 +31,9 @@ from openai._streaming import ServerSentEvent  # the SDK's event type, which its
 
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import HubTurn, StreamFailure, SyncStreamingUser, error_text
+from stopstorm.users.httpcore_stamps import install_on_client, stamping_socket
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.socket_stamps import KERNEL, StampingSocket
 from stopstorm.users.sse import DONE, SSEDecoder, SSEEvent
 from stopstorm.users.tls import shared_ssl_context
 from stopstorm.users.verdicts import response_failure
@@ -160,13 +162,17 @@ def describe_openai_error(exc: Exception, timeout: float, mid_stream: bool) -> s
 
 
 class _OpenAIStream:
-    __slots__ = ("_chunks", "_decoder", "_stream", "_timeout")
+    __slots__ = ("_chunks", "_decoder", "_stream", "_timeout", "arrival")
 
-    def __init__(self, stream: openai.Stream[Any], decoder: EventDecoder, timeout: float) -> None:
+    def __init__(self, stream: openai.Stream[Any], decoder: EventDecoder, timeout: float,
+                 sock: StampingSocket | None) -> None:
         self._stream = stream
         self._chunks = iter(stream)
         self._decoder = decoder
         self._timeout = timeout
+        # The kernel's receive time of the last bytes read: the SDK's iterator reads no further than the event it
+        # yields (EventDecoder hands each read's events over before the next read)
+        self.arrival = None if sock is None else (lambda: sock.arrival or time.monotonic())
 
     def items(self) -> Iterator[tuple[Any, str]]:
         decoder = self._decoder
@@ -212,10 +218,11 @@ class OpenAITransport:
     def _client(self, host: str, api_key: str) -> _Client:
         client = self.clients.get(host)
         if client is None:
-            client = self.clients[host] = _Client(
-                base_url=host + "/v1", api_key=api_key, max_retries=0,
-                http_client=openai.DefaultHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure),
-                                                  follow_redirects=False))
+            http_client = openai.DefaultHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure),
+                                                    follow_redirects=False)
+            install_on_client(http_client)  # kernel receive stamps over plain HTTP (users/httpcore_stamps.py)
+            client = self.clients[host] = _Client(base_url=host + "/v1", api_key=api_key, max_retries=0,
+                                                  http_client=http_client)
         return client
 
     def open(self, host: str, request: StreamRequest, record: StreamRecord, timeout: float,
@@ -230,14 +237,18 @@ class OpenAITransport:
             raise status_failure(exc) from None
         except openai.OpenAIError as exc:
             raise StreamFailure(describe_openai_error(exc, timeout, mid_stream=False)) from None
-        record.headers = time.monotonic()
+        sock = stamping_socket(stream.response)
+        if sock is not None and sock.arrival is not None and sock.written is not None:
+            record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
+        else:
+            record.headers = time.monotonic()
         record.status = stream.response.status_code
         failure = stream_failure(stream.response)
         if failure is not None:
             stream.close()
             raise StreamFailure(failure)
         assert client.last_decoder is not None  # the SDK asked for one when it built the stream
-        return _OpenAIStream(stream, client.last_decoder, timeout)
+        return _OpenAIStream(stream, client.last_decoder, timeout, sock)
 
     def shutdown(self) -> None:
         for client in self.clients.values():
