@@ -64,7 +64,7 @@ from stopstorm.users.policy import StopPlan
 from stopstorm.users.stacks import STACKS, is_async, transport_for
 
 READ_CLOCK = " (read clock)"  # a row with the kernel's receive stamps off (--read-clock-too)
-KERNEL_STAMPED = ("requests", "fasthttp")  # over plain HTTP on Linux: users/socket_stamps.py
+KERNEL_STAMPED = ("requests", "fasthttp", "httpx", "openai")  # plain HTTP on Linux: users/socket_stamps.py
 
 SIM_CPU, CLIENT_CPU = 0, 1
 RUN_TIMEOUT = 120.0
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() once the clients are built (do full-collection pauses shrink?)")
     parser.add_argument("--read-clock-too", action="store_true",
-                        help="also run requests and fasthttp with the kernel's receive stamps off (the read clock), "
+                        help="also run the sync stacks with the kernel's receive stamps off (the read clock), "
                         "side by side")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
