@@ -158,7 +158,8 @@ def main() -> None:
         from results_doc import table as results_table
 
         # KB = 1000 bytes, as the README's soak table had it.
-        rows = [{"process": name, "rss_mb_at_1min": summary[name]["rss_mb_at_1min"],
+        shown = {"locust": "locust master", "worker": "locust worker (the larger)"} if args.processes else {}
+        rows = [{"process": shown.get(name, name), "rss_mb_at_1min": summary[name]["rss_mb_at_1min"],
                  "rss_mb_at_end": summary[name]["rss_mb_at_end"],
                  "growth_mb_per_min": round(summary[name]["growth_mb_per_min"], 2),
                  "kb_per_stream": round(summary[name]["bytes_per_stream"] / 1000, 2),
