@@ -77,8 +77,9 @@ CLOSE_WASTE_MAX = 2
 # once under two hogs (~60 ms of backlog at ~550 tokens/s). A close that lets vLLM generate on is a hold's
 # hundreds of tokens, far above this.
 PROBE_CLOSE_WASTE_MAX = 64
-# A held stream keeps generating through its hold (~550 tokens/s here): far more than any close lets through.
-HOLD_WASTE_MIN = 50
+# A held stream keeps generating through its hold (~550 tokens/s on the machine of 2026-12-02; 45 tokens in the
+# side-by-side scenario's hold on a slower VM, 2026-12-04): far more than any close lets through (CLOSE_WASTE_MAX).
+HOLD_WASTE_MIN = 20
 # The openai SDK's stream closes only when the garbage collector runs (DESIGN.md §5).
 DROP_CLOSES_AT_ONCE = {"requests": True, "httpx": True, "httpx-async": True, "fasthttp": True,
                        "openai": False, "openai-async": False}

@@ -15,13 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import FAST, RawStream, SimHandle, SimPool, chat_body, wait_until
+from conftest import RawStream, SimHandle, SimPool, chat_body, wait_until
 
 from stopstorm.metrics.plugin.ledger_drain import LedgerDrain
 from stopstorm.simulator.ledger import Ledger, LedgerEntry
 
 CHAT = "/v1/chat/completions"
-SIM = (*FAST, "--max-num-seqs", "4", "--output-len", "fixed:12")
+# 20 ms steps, not FAST's 5: a stream closed after 3 of its 12 tokens must be closed before the engine makes the
+# other 9 (at 5 ms a slower VM once read 3 and closed after all 12 were made: `length`, not `abort`, 2026-12-04)
+SIM = ("--step-base-ms", "20", "--max-num-seqs", "4", "--output-len", "fixed:12")
 
 
 def _entry(rid: str, arrival: float = 0.0) -> LedgerEntry:
