@@ -19,9 +19,13 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["KERNEL", "READ", "StampingSocket", "enable_receive_stamps"]
+if TYPE_CHECKING:
+    from stopstorm.metrics.record import StreamRecord
+
+__all__ = ["KERNEL", "READ", "StampingSocket", "arrival_clock", "enable_receive_stamps", "stamp_headers"]
 
 KERNEL = "kernel"  # chunk stamps are the kernel's receive time of their bytes
 READ = "read"  # chunk stamps are taken when the parser got the bytes (after any wait for the hub)
@@ -123,3 +127,18 @@ class StampingSocket:
 
     def __repr__(self) -> str:
         return f"<StampingSocket {self._sock!r}>"
+
+
+def stamp_headers(record: StreamRecord, sock: StampingSocket | None) -> None:
+    """The response's headers are in: stamped with the kernel's arrival of their bytes, and the request's write
+    kept (TTFT counts from it), where the stack's socket stamps both; else with the read clock, now."""
+    if sock is not None and sock.arrival is not None and sock.written is not None:
+        record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
+    else:
+        record.headers = time.monotonic()
+
+
+def arrival_clock(sock: StampingSocket | None) -> Callable[[], float] | None:
+    """What a stack's stream hands users/core.py's StreamReader as `arrival`: the kernel's receive time of the
+    last bytes read (now, before the first stamped read); None, the read clock, for an unstamped socket."""
+    return None if sock is None else (lambda: sock.arrival or time.monotonic())

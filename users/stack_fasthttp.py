@@ -22,7 +22,6 @@ its write began, however long the greenlet then waited for the hub.
 from __future__ import annotations
 
 import ssl
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,7 +34,7 @@ from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from stopstorm.users.request import StreamRequest
-from stopstorm.users.socket_stamps import KERNEL, StampingSocket, enable_receive_stamps
+from stopstorm.users.socket_stamps import StampingSocket, arrival_clock, enable_receive_stamps, stamp_headers
 from stopstorm.users.verdicts import response_failure
 
 __all__ = ["FastHttpStreamUser", "FastHttpTransport"]
@@ -91,8 +90,7 @@ class _FastHttpStream:
     def __init__(self, resp: HTTPSocketPoolResponse, timeout: float, sock: StampingSocket | None) -> None:
         self._resp = resp
         self._timeout = timeout
-        # The kernel's receive time of the last bytes read (users/core.py's StreamReader stamps chunks with it)
-        self.arrival = None if sock is None else (lambda: sock.arrival or time.monotonic())
+        self.arrival = arrival_clock(sock)
 
     def items(self) -> Iterator[bytes]:
         readline = self._resp.readline
@@ -144,10 +142,7 @@ class FastHttpTransport:
         sock = getattr(resp, "_sock", None)
         if not isinstance(sock, StampingSocket):
             sock = None
-        if sock is not None and sock.arrival is not None and sock.written is not None:
-            record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
-        else:
-            record.headers = time.monotonic()
+        stamp_headers(record, sock)
         record.status = resp.status_code
         if resp.status_code >= 400:
             try:

@@ -8,7 +8,6 @@ the connection when that iterator is closed (httpcore's pool stream closes on an
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -17,7 +16,7 @@ from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from stopstorm.users.httpcore_stamps import install_on_client, stamping_socket
 from stopstorm.users.request import StreamRequest
-from stopstorm.users.socket_stamps import KERNEL, StampingSocket
+from stopstorm.users.socket_stamps import StampingSocket, arrival_clock, stamp_headers
 from stopstorm.users.tls import shared_ssl_context
 from stopstorm.users.verdicts import response_failure
 
@@ -53,8 +52,7 @@ class _HttpxStream:
         self._resp = resp
         self._lines = resp.iter_lines()
         self._timeout = timeout
-        # The kernel's receive time of the last bytes read (users/core.py's StreamReader stamps chunks with it)
-        self.arrival = None if sock is None else (lambda: sock.arrival or time.monotonic())
+        self.arrival = arrival_clock(sock)
 
     def items(self) -> Iterator[str]:
         try:
@@ -88,10 +86,7 @@ class HttpxTransport:
         except httpx.HTTPError as exc:
             raise StreamFailure(describe_httpx_error(exc, timeout, mid_stream=False)) from None
         sock = stamping_socket(resp)
-        if sock is not None and sock.arrival is not None and sock.written is not None:
-            record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
-        else:
-            record.headers = time.monotonic()
+        stamp_headers(record, sock)
         record.status = resp.status_code
         if resp.status_code >= 400:
             body = bytearray()

@@ -33,7 +33,7 @@ from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import HubTurn, StreamFailure, SyncStreamingUser, error_text
 from stopstorm.users.httpcore_stamps import install_on_client, stamping_socket
 from stopstorm.users.request import StreamRequest
-from stopstorm.users.socket_stamps import KERNEL, StampingSocket
+from stopstorm.users.socket_stamps import StampingSocket, arrival_clock, stamp_headers
 from stopstorm.users.sse import DONE, SSEDecoder, SSEEvent
 from stopstorm.users.tls import shared_ssl_context
 from stopstorm.users.verdicts import response_failure
@@ -172,7 +172,7 @@ class _OpenAIStream:
         self._timeout = timeout
         # The kernel's receive time of the last bytes read: the SDK's iterator reads no further than the event it
         # yields (EventDecoder hands each read's events over before the next read)
-        self.arrival = None if sock is None else (lambda: sock.arrival or time.monotonic())
+        self.arrival = arrival_clock(sock)
 
     def items(self) -> Iterator[tuple[Any, str]]:
         decoder = self._decoder
@@ -238,10 +238,7 @@ class OpenAITransport:
         except openai.OpenAIError as exc:
             raise StreamFailure(describe_openai_error(exc, timeout, mid_stream=False)) from None
         sock = stamping_socket(stream.response)
-        if sock is not None and sock.arrival is not None and sock.written is not None:
-            record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
-        else:
-            record.headers = time.monotonic()
+        stamp_headers(record, sock)
         record.status = stream.response.status_code
         failure = stream_failure(stream.response)
         if failure is not None:

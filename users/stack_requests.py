@@ -11,7 +11,6 @@ request just before its last write, however long the greenlet then waited for th
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,7 @@ from urllib3.exceptions import ReadTimeoutError
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
 from stopstorm.users.request import StreamRequest
-from stopstorm.users.socket_stamps import KERNEL, StampingSocket, enable_receive_stamps
+from stopstorm.users.socket_stamps import StampingSocket, arrival_clock, enable_receive_stamps, stamp_headers
 from stopstorm.users.verdicts import response_failure
 
 __all__ = ["RequestsTransport", "RequestsUser"]
@@ -75,8 +74,7 @@ class _RequestsStream:
         # `hold` must keep it and a `drop` lets it go with the response.
         self._lines = resp.iter_lines()
         self._timeout = timeout
-        # The kernel's receive time of the last bytes read (users/core.py's StreamReader stamps chunks with it)
-        self.arrival = None if sock is None else (lambda: sock.arrival or time.monotonic())
+        self.arrival = arrival_clock(sock)
 
     def items(self) -> Iterator[bytes]:
         try:
@@ -112,10 +110,7 @@ class RequestsTransport:
         except requests.RequestException as exc:
             raise StreamFailure(_describe(exc, timeout)) from None
         sock = _stamping_socket(resp)
-        if sock is not None and sock.arrival is not None and sock.written is not None:
-            record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
-        else:
-            record.headers = time.monotonic()
+        stamp_headers(record, sock)
         record.status = resp.status_code
         if resp.status_code >= 400:
             try:
