@@ -125,6 +125,13 @@ class SimHandle:
         """Longest one engine step may take with these flags: the modelled duration plus scheduling slack."""
         return self.config.step_duration(running, prefill_tokens) + SCHED_TOL_S
 
+    def max_step_lag(self) -> float:
+        """The latest any of this simulator's steps has ended against its model so far, as the simulator measured
+        it (/stopstorm/stats): a bound on a step's end that a starved host stretches says so by this much."""
+        r = self.http.get("/stopstorm/stats")
+        r.raise_for_status()
+        return float(r.json()["engine"]["max_lag_s"])
+
     # ledger
 
     def ledger(self) -> dict[str, Any]:

@@ -347,7 +347,9 @@ def check_client_abort(sim: SimHandle, rid: str, t_close: float, t_closed: float
     seen = e["disconnect_seen"]
     assert seen is not None
     assert t_close <= seen <= t_closed + DISCONNECT_TOL_S, f"seen {(seen - t_closed) * 1e3:.2f} ms after the close"
-    assert e["disconnect_seen"] <= e["freed"] <= e["disconnect_seen"] + sim.step_bound(1)
+    # Freed at the end of the step in progress: within one step (and slack) of the close, plus however late the
+    # simulator's steps have run (its own measure): a CI host once ended that step 0.06 ms past the plain bound.
+    assert e["disconnect_seen"] <= e["freed"] <= e["disconnect_seen"] + sim.step_bound(1) + sim.max_step_lag()
     # The abort lands at the step boundary and the token of that step is dropped: nothing after the close.
     assert e["generated_tokens"] == e["generated_at_disconnect"]
     assert e["last_token"] <= e["disconnect_seen"]
