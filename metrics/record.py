@@ -32,8 +32,9 @@ class StreamRecord:
     stop_plan: str  # when the user was to press Stop: "never", "tokens:37", "seconds:1.25", "first-token"
     wall_start: float  # time.time() when sent
     sent: float  # when the user sent it: stopstorm began the request (before the library's pool and connect)
-    # Just before the request's last write began, where the stack lets us see it (requests and
-    # fasthttp over plain HTTP on Linux: users/socket_stamps.py); TTFT counts from it when known.
+    # Just before the request's last write began, where the stack lets us see it (the sync stacks over plain HTTP
+    # on Linux: users/socket_stamps.py; the async stacks at their network stream's write, TLS too:
+    # users/httpcore_stamps.py); TTFT counts from it when known.
     written: float | None = None
     server_id: str | None = None  # the id the server put in its chunks (chatcmpl-… / cmpl-…)
     headers: float | None = None
@@ -57,7 +58,8 @@ class StreamRecord:
     # character itself, sent as such: a text-decoding client cannot tell them apart).
     replaced_chunks: int = 0
     # Which clock stamped headers, first_token and chunk_times: "kernel" (the kernel's receive time of their
-    # bytes, SO_TIMESTAMPNS) or "read" (when the parser got them, after any wait for the hub or the event loop).
+    # bytes, SO_TIMESTAMPNS) or "read" (the process's clock when they were read, after any wait for the hub or the
+    # event loop: by the parser, or by the async stacks' network stream before the library parses them).
     stamp_clock: str = "read"
 
     # -- derived ---------------------------------------------------------------------------------------

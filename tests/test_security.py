@@ -41,7 +41,7 @@ from stream_tools import make_settings
 
 from stopstorm.users.policy import StopPlan
 from stopstorm.users.single import SingleStreams
-from stopstorm.users.stacks import STACKS
+from stopstorm.users.stacks import STACKS, is_async
 
 KEY = "sk-stopstorm-canary-7Qx2Vb9LmZ4"  # distinctive: found in any text only if it leaked
 CLASSES = [cls.__name__ for cls in STACKS.values()]
@@ -233,6 +233,9 @@ def test_every_stack_accepts_it_with_insecure(tls: Recorder, stack: str) -> None
     assert record.error is None and record.done and record.tokens == 5, (record.error, record.tokens)
     assert record.request_id in {r["request_id"] for r in tls.received()["requests"]}
     assert record.stamp_clock == "read"  # TLS is decrypted above the socket: no kernel stamps (the read clock)
+    if is_async(stack):  # their network stream stamps the write through TLS too (users/httpcore_stamps.py)
+        assert record.written is not None and record.headers is not None
+        assert record.sent <= record.written <= record.headers
 
 
 def test_a_run_against_an_untrusted_certificate_stops_before_any_load_naming_insecure(

@@ -487,6 +487,7 @@ async def arun_stream(transport: AsyncTransport, settings: RunSettings, request:
                                                       connect_timeout=settings.connect_timeout)
                 except TimeoutError:
                     raise headers_late(settings) from None
+                reader.arrival = getattr(stream, "arrival", None)
                 turn = HubTurn()
                 async for item in stream.aitems():
                     if reader.feed(item, transport.yields_chunks):

@@ -20,12 +20,12 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from stopstorm.metrics.record import StreamRecord
 
-__all__ = ["KERNEL", "READ", "StampingSocket", "arrival_clock", "enable_receive_stamps", "stamp_headers"]
+__all__ = ["KERNEL", "READ", "StampingSocket", "Stamps", "arrival_clock", "enable_receive_stamps", "stamp_headers"]
 
 KERNEL = "kernel"  # chunk stamps are the kernel's receive time of their bytes
 READ = "read"  # chunk stamps are taken when the parser got the bytes (after any wait for the hub)
@@ -42,6 +42,18 @@ _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") 
 # Off only to measure the read clock beside the kernel's on the same stacks (benchmarks/bench_timing.py
 # --read-clock-too); sockets connected while it is off stay unstamped.
 RECEIVE_STAMPS = True
+
+
+class Stamps(Protocol):
+    """What a stack's connection knows of its bytes: the last read's arrival, the last write's start, and which
+    clock took them (StampingSocket: the kernel's; users/httpcore_stamps.py's StampedAsyncStream: the loop's)."""
+
+    @property
+    def clock(self) -> str: ...
+    @property
+    def arrival(self) -> float | None: ...
+    @property
+    def written(self) -> float | None: ...
 
 
 def enable_receive_stamps(sock: Any) -> bool:
@@ -61,6 +73,7 @@ class StampingSocket:
     """A socket whose reads remember when the kernel received their bytes (`arrival`, time.monotonic's clock)
     and whose writes are stamped as they begin (`written`). Every other attribute is the wrapped socket's."""
 
+    clock = KERNEL
     __slots__ = ("_recvmsg", "_recvmsg_into", "_sock", "arrival", "written")
 
     def __init__(self, sock: Any) -> None:
@@ -129,16 +142,17 @@ class StampingSocket:
         return f"<StampingSocket {self._sock!r}>"
 
 
-def stamp_headers(record: StreamRecord, sock: StampingSocket | None) -> None:
-    """The response's headers are in: stamped with the kernel's arrival of their bytes, and the request's write
-    kept (TTFT counts from it), where the stack's socket stamps both; else with the read clock, now."""
-    if sock is not None and sock.arrival is not None and sock.written is not None:
-        record.headers, record.written, record.stamp_clock = sock.arrival, sock.written, KERNEL
+def stamp_headers(record: StreamRecord, stamps: Stamps | None) -> None:
+    """The response's headers are in: stamped with the arrival of their bytes, and the request's write kept (TTFT
+    counts from it), where the stack's connection stamps both (`stamps.clock` says how); else with the parser's
+    read clock, now."""
+    if stamps is not None and stamps.arrival is not None and stamps.written is not None:
+        record.headers, record.written, record.stamp_clock = stamps.arrival, stamps.written, stamps.clock
     else:
         record.headers = time.monotonic()
 
 
-def arrival_clock(sock: StampingSocket | None) -> Callable[[], float] | None:
-    """What a stack's stream hands users/core.py's StreamReader as `arrival`: the kernel's receive time of the
-    last bytes read (now, before the first stamped read); None, the read clock, for an unstamped socket."""
-    return None if sock is None else (lambda: sock.arrival or time.monotonic())
+def arrival_clock(stamps: Stamps | None) -> Callable[[], float] | None:
+    """What a stack's stream hands users/core.py's StreamReader as `arrival`: the arrival of the last bytes read
+    (now, before the first stamped read); None, the parser's read clock, for a connection that stamps nothing."""
+    return None if stamps is None else (lambda: stamps.arrival or time.monotonic())

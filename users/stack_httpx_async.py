@@ -6,14 +6,15 @@ kept on the stream object for the same reason (closing it closes the connection)
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import httpx
 
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import ERROR_BODY_LIMIT, AsyncStreamingUser, StreamFailure, http_failure
+from stopstorm.users.httpcore_stamps import StampedAsyncStream, install_async_on_client, stamped_stream
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.socket_stamps import arrival_clock, stamp_headers
 from stopstorm.users.stack_httpx import describe_httpx_error, httpx_timeout
 from stopstorm.users.tls import shared_ssl_context
 from stopstorm.users.verdicts import response_failure
@@ -22,12 +23,13 @@ __all__ = ["HttpxAsyncTransport", "HttpxAsyncUser"]
 
 
 class _HttpxAsyncStream:
-    __slots__ = ("_lines", "_resp", "_timeout")
+    __slots__ = ("_lines", "_resp", "_timeout", "arrival")
 
-    def __init__(self, resp: httpx.Response, timeout: float) -> None:
+    def __init__(self, resp: httpx.Response, timeout: float, stamps: StampedAsyncStream | None) -> None:
         self._resp = resp
         self._lines = resp.aiter_lines()
         self._timeout = timeout
+        self.arrival = arrival_clock(stamps)  # the network read's clock
 
     async def aitems(self) -> AsyncIterator[str]:
         try:
@@ -45,6 +47,7 @@ class HttpxAsyncTransport:
 
     Its own pool and connections, over the process's one SSL context (users/tls.py): built with a context of
     its own the client costs ~21 ms of the loop's CPU, and 200 users starting at once stalled it for seconds.
+    Its connections stamp their writes and reads (users/httpcore_stamps.py).
     """
 
     name = "httpx-async"
@@ -52,6 +55,7 @@ class HttpxAsyncTransport:
 
     def __init__(self, insecure: bool = False) -> None:
         self.client = httpx.AsyncClient(verify=shared_ssl_context("httpx", insecure))
+        install_async_on_client(self.client)
 
     async def open(self, host: str, request: StreamRequest, record: StreamRecord,
                    timeout: float, connect_timeout: float = 10.0) -> _HttpxAsyncStream:
@@ -61,7 +65,8 @@ class HttpxAsyncTransport:
             resp = await self.client.send(req, stream=True)
         except httpx.HTTPError as exc:
             raise StreamFailure(describe_httpx_error(exc, timeout, mid_stream=False)) from None
-        record.headers = time.monotonic()
+        stamps = stamped_stream(resp)
+        stamp_headers(record, stamps)
         record.status = resp.status_code
         if resp.status_code >= 400:
             body = bytearray()
@@ -81,7 +86,7 @@ class HttpxAsyncTransport:
         if failure is not None:
             await resp.aclose()
             raise StreamFailure(failure)
-        return _HttpxAsyncStream(resp, timeout)
+        return _HttpxAsyncStream(resp, timeout, stamps)
 
     async def shutdown(self) -> None:
         await self.client.aclose()

@@ -23,7 +23,9 @@ import openai
 
 from stopstorm.metrics.record import StreamRecord
 from stopstorm.users.core import AsyncStreamingUser, StreamFailure
+from stopstorm.users.httpcore_stamps import StampedAsyncStream, install_async_on_client, stamped_stream
 from stopstorm.users.request import StreamRequest
+from stopstorm.users.socket_stamps import arrival_clock, stamp_headers
 from stopstorm.users.stack_openai import (
     HTTP_LIBRARY,
     EventDecoder,
@@ -42,13 +44,15 @@ platform.platform()  # cached from here on: see the module's docstring
 
 
 class _OpenAIAsyncStream:
-    __slots__ = ("_chunks", "_decoder", "_stream", "_timeout")
+    __slots__ = ("_chunks", "_decoder", "_stream", "_timeout", "arrival")
 
-    def __init__(self, stream: openai.AsyncStream[Any], decoder: EventDecoder, timeout: float) -> None:
+    def __init__(self, stream: openai.AsyncStream[Any], decoder: EventDecoder, timeout: float,
+                 stamps: StampedAsyncStream | None) -> None:
         self._stream = stream
         self._chunks = aiter(stream)
         self._decoder = decoder
         self._timeout = timeout
+        self.arrival = arrival_clock(stamps)  # the network read's clock, before the SDK builds its model
 
     async def aitems(self) -> AsyncIterator[tuple[Any, str]]:
         decoder = self._decoder
@@ -100,10 +104,11 @@ class OpenAIAsyncTransport:
     def _client(self, host: str, api_key: str) -> _AsyncClient:
         client = self.clients.get(host)
         if client is None:
-            client = self.clients[host] = _AsyncClient(
-                base_url=host + "/v1", api_key=api_key, max_retries=0,
-                http_client=openai.DefaultAsyncHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure),
-                                                  follow_redirects=False))
+            http_client = openai.DefaultAsyncHttpxClient(verify=shared_ssl_context(HTTP_LIBRARY, self.insecure),
+                                                         follow_redirects=False)
+            install_async_on_client(http_client)  # write and read stamps at the network stream
+            client = self.clients[host] = _AsyncClient(base_url=host + "/v1", api_key=api_key, max_retries=0,
+                                                       http_client=http_client)
         return client
 
     async def open(self, host: str, request: StreamRequest, record: StreamRecord,
@@ -118,14 +123,15 @@ class OpenAIAsyncTransport:
             raise status_failure(exc) from None
         except openai.OpenAIError as exc:
             raise StreamFailure(describe_openai_error(exc, timeout, mid_stream=False)) from None
-        record.headers = time.monotonic()
+        stamps = stamped_stream(stream.response)
+        stamp_headers(record, stamps)
         record.status = stream.response.status_code
         failure = stream_failure(stream.response)
         if failure is not None:
             await stream.close()
             raise StreamFailure(failure)
         assert client.last_decoder is not None  # the SDK asked for one when it built the stream
-        return _OpenAIAsyncStream(stream, client.last_decoder, timeout)
+        return _OpenAIAsyncStream(stream, client.last_decoder, timeout, stamps)
 
     async def shutdown(self) -> None:
         for client in self.clients.values():

@@ -19,6 +19,7 @@ with warnings.catch_warnings():
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import pytest
@@ -154,3 +155,49 @@ def test_no_receive_stamps_over_tls_or_on_a_unix_socket() -> None:
     finally:
         a.close()
         b.close()
+
+
+# --- the async stacks: their network stream stamps the write and the reads (users/httpcore_stamps.py) ----------
+
+CONNECT_DELAY_S = 0.08  # pre-write work (here: a slow connect) the TTFT must not count
+
+
+@pytest.mark.parametrize("stack", ["httpx-async", "openai-async"])
+def test_async_stacks_count_ttft_from_the_write(stack: str, slow_sim: SimHandle,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library's own work before the write (the SDK building its request, the pool connecting: issue 21
+    measured the openai SDK's ~2 ms a request queued 64 deep on one loop) is not the server's time to first
+    token. Judged against the ledger: the write stamp comes before the server's arrival and within a loopback
+    trip of it, and the client's TTFT is the server's (arrival → first send) plus the trip back, not plus the
+    delay. With TTFT counted from the send stamp (the code before 2026-12-06) it was ~80 ms over."""
+    import asyncio
+
+    from stopstorm.users import httpcore_stamps
+
+    connect = httpcore_stamps._StampedAsyncBackend.connect_tcp
+
+    async def slow_connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(CONNECT_DELAY_S)
+        return await connect(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpcore_stamps._StampedAsyncBackend, "connect_tcp", slow_connect)
+    fresh = Streams()  # a new connection, through the slow connect
+    try:
+        record = fresh.run(stack, make_settings(slow_sim.url, max_tokens=3, stop_probability=0.0), "close",
+                           StopPlan())
+    finally:
+        fresh.close()
+    assert record.error is None and record.done and record.tokens == 3, record
+    e = slow_sim.wait_entry(ledger_id(record))
+    assert record.stamp_clock == READ  # the loop's clock at the network read, not the kernel's
+    assert record.written is not None and record.headers is not None and record.first_token is not None
+    assert record.written - record.sent >= CONNECT_DELAY_S
+    assert record.written <= e["arrival"] + CLOCK_TOL_S, (record.written - e["arrival"]) * 1e3
+    assert e["arrival"] - record.written <= ARRIVAL_TOL_S, (e["arrival"] - record.written) * 1e3
+    assert record.ttft == pytest.approx(record.first_token - record.written)
+    server_ttft = e["first_sent"] - e["arrival"]
+    assert server_ttft - CLOCK_TOL_S <= record.ttft <= server_ttft + 2 * ARRIVAL_TOL_S, (
+        f"client TTFT {record.ttft * 1e3:.1f} ms, server's {server_ttft * 1e3:.1f} ms")
+    sends = {n: t for t, n in e["send_times"]}
+    for at, n in zip(record.chunk_times, record.chunk_tokens, strict=True):  # stamped at or after each send
+        assert sends[n] - CLOCK_TOL_S <= at <= sends[n] + ARRIVAL_TOL_S, (n, (at - sends[n]) * 1e3)
