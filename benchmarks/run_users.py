@@ -134,8 +134,9 @@ def run(stack: str, url: str, users: int, streams_per_user: int, tokens: int, ti
         "self_monitor": monitor.summary(),
         "bridge_stalls": sorted(watch.stalls, key=lambda s: -s[1])[:50],
         "records": [{k: v for k, v in r.to_json().items()
-                     if k in ("request_id", "sent", "headers", "first_token", "chunk_times", "chunk_tokens",
-                              "ended", "error", "ttft", "tokens", "done")} for r in records],
+                     if k in ("request_id", "sent", "written", "headers", "first_token", "chunk_times",
+                              "chunk_tokens", "ended", "error", "ttft", "tokens", "done", "stamp_clock")}
+                    for r in records],
     }
 
 
