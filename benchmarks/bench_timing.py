@@ -138,10 +138,9 @@ def run_users(stack: str, url: str, n: int, st: RunSettings, spread: float, stop
     return records, cpu, wall
 
 
-def timing_errors(records: list[StreamRecord], ledger: dict[str, LedgerEntry], monitor: SelfMonitor,
-                  sampler_name: str) -> dict[str, Any]:
+def timing_errors(records: list[StreamRecord], ledger: dict[str, LedgerEntry],
+                  monitor: SelfMonitor) -> dict[str, Any]:
     ttft, ttft_clean, chunk, itl, ingress = [], [], [], [], []
-    sampler = getattr(monitor, sampler_name)
     missing = 0
     for rec in records:
         e = ledger.get(f"chatcmpl-{rec.request_id}")
@@ -151,7 +150,8 @@ def timing_errors(records: list[StreamRecord], ledger: dict[str, LedgerEntry], m
         ttft.append(rec.first_token - e.first_sent)
         # the tool's own delay before the server had the request: from TTFT's start (the write where stamped)
         ingress.append(e.arrival - (rec.sent if rec.written is None else rec.written))
-        if sampler.lateness(rec.first_token) <= monitor.bound:  # the self-monitor would not flag this stamp
+        late = monitor.ttft_lateness(rec)
+        if late is not None and late <= monitor.bound:  # the self-monitor does not flag this stamp
             ttft_clean.append(ttft[-1])
         sent_at = {int(n): t for t, n in e.send_times or []}
         prev = None
@@ -254,7 +254,7 @@ def main() -> None:
                               f"{ms(pct(sl['stop_to_disconnect_seen'], .99))} ms", flush=True)
                     else:
                         loop = "bridge" if is_async(stack) else "hub"
-                        row.update(timing_errors(records, ledger, monitor, loop))
+                        row.update(timing_errors(records, ledger, monitor))
                         hub = row["self_monitor"][f"{loop}_lag"] or {}
                         print(f"  {label:12s} N={n:4d} TTFT err p50 {ms(pct(row['ttft_err'], .5))} p99 "
                               f"{ms(pct(row['ttft_err'], .99))} max {ms(pct(row['ttft_err'], 1))} ms (unflagged p99 "

@@ -136,6 +136,41 @@ def test_the_self_monitor_judges_kernel_stamps_and_counts_them() -> None:
     assert s["ttft"]["checked"] == 2 and s["itl"]["checked"] == 3
 
 
+def _kernel_record(times: list[float], headers: float = 1.0, clock: str = KERNEL) -> StreamRecord:
+    return StreamRecord(stack="requests", close_mode="close", endpoint="chat", request_id="k", stop_plan="never",
+                        wall_start=0.0, sent=0.9, written=0.95, headers=headers, first_token=times[0],
+                        chunk_times=times, stamp_clock=clock)
+
+
+def test_chunks_of_one_read_are_flagged_by_their_shared_stamp() -> None:
+    """The kernel gives one stamp a read, the last segment's: chunks that share a stamp came in one read, and
+    all but the last carry a later arrival than their own, by at most the time since the stamp before that
+    read. The loop ran on time throughout here (no stall sampled), so only the shared stamp can say so."""
+    monitor = SelfMonitor(bound=0.001)
+    # chunk 1 came in one read with chunk 2 (both 1.2): late by at most 1.2 - 1.1; the gaps 0-1 and 1-2 flagged
+    monitor.check(_kernel_record([1.1, 1.2, 1.2, 1.3]), now=2.0)
+    s = monitor.summary()
+    assert s["ttft"]["flagged"] == 0 and s["itl"]["flagged"] == 2 and s["itl"]["checked"] == 3
+    assert s["itl"]["late_max_ms"] == pytest.approx(100.0)
+    # the first token came in one read with the next two: late by at most its stamp - the headers' (0.5 s)
+    monitor.check(_kernel_record([1.5, 1.5, 1.5, 1.6]), now=2.0)
+    s = monitor.summary()
+    assert s["ttft"]["flagged"] == 1 and s["ttft"]["late_max_ms"] == pytest.approx(500.0)
+    assert s["itl"]["flagged"] == 2 + 2  # gaps 0-1 and 1-2; chunk 2 is its read's last, 2-3 is clean
+    # the headers in that same read too: nothing of the answer came before the request's write (0.95)
+    monitor.check(_kernel_record([1.5, 1.5], headers=1.5), now=2.0)
+    assert monitor.summary()["ttft"]["late_max_ms"] == pytest.approx(550.0)
+
+
+def test_a_shared_stamp_on_the_read_clock_is_judged_by_the_loop_alone() -> None:
+    """Read-clock stamps of one read are equal because the parser got them at once; the loop's lag is their
+    measure (unchanged), and a stamp that merely equals its neighbour is not evidence of anything there."""
+    monitor = SelfMonitor(bound=0.001)
+    monitor.check(_kernel_record([1.5, 1.5, 1.5, 1.6], clock="read"), now=2.0)
+    s = monitor.summary()
+    assert s["ttft"]["flagged"] == 0 and s["itl"]["flagged"] == 0
+
+
 def test_no_receive_stamps_over_tls_or_on_a_unix_socket() -> None:
     a, b = socket.socketpair()
     try:
