@@ -378,10 +378,7 @@ class SelfMonitor:
     def ttft_lateness(self, record: Any, now: float | None = None) -> float | None:
         """The bound `check` gives this record's first-token stamp (seconds; over `bound` means flagged), for a
         benchmark that judges each stream as the monitor does; None without a first token."""
-        times = getattr(record, "chunk_times", None) or []
-        shared = (_shared_read_lateness(times, _before_first_read(record, times))
-                  if getattr(record, "stamp_clock", None) == "kernel" else None)
-        return self._first_token_lateness(record, self._sampler(record), shared,
+        return self._first_token_lateness(record, self._sampler(record), _shared_read_bounds(record),
                                           time.monotonic() if now is None else now)
 
     def check(self, record: Any, now: float | None = None) -> None:
@@ -406,7 +403,7 @@ class SelfMonitor:
         sampler = self._sampler(record)
         bound = self.bound
         now = time.monotonic() if now is None else now
-        shared = _shared_read_lateness(times, _before_first_read(record, times)) if kernel else None
+        shared = _shared_read_bounds(record)
         late = self._first_token_lateness(record, sampler, shared, now)
         if late is not None:
             self.ttft_checked += 1
@@ -472,14 +469,16 @@ def add_arguments(parser: LocustArgumentParser) -> None:
     TABLE.add_arguments(parser)
 
 
-def _before_first_read(record: Any, times: Sequence[float]) -> float | None:
-    """The last stamp known to come before the read of the first chunk: the headers', unless the same read
-    brought them (then the request's write: nothing of the answer came before it)."""
+def _shared_read_bounds(record: Any) -> list[float] | None:
+    """`_shared_read_lateness` of a kernel-stamped record's chunks (None for another clock, or no shared stamp).
+    Before the first chunk's read: the headers' stamp, unless the same read brought them (then the request's
+    write: nothing of the answer came before it)."""
+    if getattr(record, "stamp_clock", None) != "kernel":
+        return None
+    times: Sequence[float] = getattr(record, "chunk_times", None) or []
     headers = getattr(record, "headers", None)
-    if headers is not None and times and headers < times[0]:
-        return float(headers)
-    written = getattr(record, "written", None)
-    return None if written is None else float(written)
+    before = headers if headers is not None and times and headers < times[0] else getattr(record, "written", None)
+    return _shared_read_lateness(times, None if before is None else float(before))
 
 
 def _shared_read_lateness(times: Sequence[float], before: float | None) -> list[float] | None:
