@@ -209,9 +209,9 @@ def self_monitor_warnings(summaries: Mapping[str, MonitorSummary]) -> list[str]:
                          f"(--processes {suggested_processes(s)})")
         elif flagged > TOO_MANY_FLAGGED:
             lines.append(f"{key}: this process timed {100 * (1 - flagged):.0f} % of its stamps within "
-                         f"{s.max_loop_lag_ms:g} ms at {s.cpu_pct:g} % of a core: its loop stalled for something "
-                         "other than its streams' load (start-up, a blocking call, the GC); more processes would "
-                         "not help")
+                         f"{s.max_loop_lag_ms:g} ms at {s.cpu_pct:g} % of a core: under half a core, its stalls "
+                         "are most likely not its streams' load (start-up, a blocking call, the GC), so more "
+                         "processes are not suggested")
     return lines
 
 
