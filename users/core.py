@@ -59,6 +59,7 @@ from stopstorm.users.verdicts import (
 )
 
 __all__ = [
+    "CONNECT_TIMED_OUT",
     "ERROR_BODY_LIMIT",
     "HUB_YIELD_S",
     "REQUEST_TYPE",
@@ -196,6 +197,9 @@ class AsyncTransport(Protocol):
 
 
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of a 4xx/5xx body a stack reads for the server's message
+# Every stack's words for a connect that timed out (a `connection error`, as a refused one is: the server was
+# not reached; described as a read timeout, "no byte for <read timeout> s", it read as a silent server)
+CONNECT_TIMED_OUT = "connect timed out (--connect-timeout)"
 
 
 def http_failure(status: int, body: bytes | str) -> StreamFailure:

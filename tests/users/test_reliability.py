@@ -30,9 +30,11 @@ from typing import Any
 import pytest
 from conftest import FAST, wait_until
 from locust_tools import ROOT, SimProcess, figure, free_port, locust_cmd, records, server_id
+from stream_tools import make_settings
 
 from stopstorm.metrics.record import INTERRUPTED
 from stopstorm.users.options import build_settings
+from stopstorm.users.policy import StopPlan
 from stopstorm.users.preflight import check_server
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -227,7 +229,8 @@ def test_an_unreachable_host_is_recorded_and_the_run_goes_on_until_it_answers(tm
     recs = records(tmp_path / "records.jsonl")
     failed = [r for r in recs if r["error"] is not None and r["error"] != INTERRUPTED]
     served = [r for r in recs if r["error"] is None]
-    assert len(failed) >= 4 and all(r["error"].startswith("connection error") for r in failed), failed
+    assert len(failed) >= 4 and all(r["error"].startswith("connection error") for r in failed), [
+        r["error"] for r in failed]
     assert all(r["sent"] < up for r in failed)  # only while nothing listened: no stream after went without a model
     assert len(served) >= 4 and all(server_id(r) in ledger for r in served)  # the model found: the server took them
     assert set(ledger) <= {server_id(r) for r in recs}  # and nothing else reached it
@@ -235,3 +238,30 @@ def test_an_unreachable_host_is_recorded_and_the_run_goes_on_until_it_answers(tm
     assert figure(report, "overall", "failed") == len(failed) and figure(report, "overall", "streams") == len(recs)
     assert any(c.startswith(f"Caveat: {len(failed)} of {len(recs)} streams failed")
                for c in report["verdict"]["caveats"])
+
+
+@pytest.mark.parametrize("stack", ["requests", "httpx", "httpx-async", "openai", "openai-async"])
+def test_a_connect_that_times_out_is_a_connection_error(stack: str) -> None:
+    """A server whose accept queue is full drops the SYN, and the connect times out: the server was not reached,
+    so it is a connection error, as a refused connect is, naming the connect timeout (before 2026-12-06 these
+    stacks called it "timeout: no byte for <read timeout> s", a silent server's words). fasthttp's
+    geventhttpclient raises the same TimeoutError for both and keeps its words."""
+    import socket
+
+    from stopstorm.users.single import SingleStreams
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # one pending connection fills the queue (Linux), and is never accepted
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))
+    streams = SingleStreams()
+    try:
+        record = streams.run(stack, make_settings(f"http://127.0.0.1:{port}", connect_timeout=0.5, model="llm"),
+                             "close", StopPlan())
+    finally:
+        streams.close()
+        filler.close()
+        listener.close()
+    assert record.error is not None and record.error.startswith("connection error: connect timed out"), record.error
+    assert record.first_token is None and record.tokens == 0
