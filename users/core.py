@@ -59,7 +59,6 @@ from stopstorm.users.verdicts import (
 )
 
 __all__ = [
-    "CONNECT_TIMED_OUT",
     "ERROR_BODY_LIMIT",
     "HUB_YIELD_S",
     "REQUEST_TYPE",
@@ -74,6 +73,7 @@ __all__ = [
     "SyncStreamingUser",
     "SyncTransport",
     "arun_stream",
+    "connect_timed_out",
     "error_text",
     "http_failure",
     "locust_name",
@@ -197,9 +197,12 @@ class AsyncTransport(Protocol):
 
 
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of a 4xx/5xx body a stack reads for the server's message
-# Every stack's words for a connect that timed out (a `connection error`, as a refused one is: the server was
-# not reached; described as a read timeout, "no byte for <read timeout> s", it read as a silent server)
-CONNECT_TIMED_OUT = "connect timed out (--connect-timeout)"
+
+
+def connect_timed_out(exc_name: str) -> str:
+    """Every stack's words for a connect that timed out: a `connection error`, as a refused one is (the server
+    was not reached; described as a read timeout, "no byte for <read timeout> s", it read as a silent server)."""
+    return f"connection error: connect timed out (--connect-timeout) ({exc_name})"
 
 
 def http_failure(status: int, body: bytes | str) -> StreamFailure:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 
 from stopstorm.metrics.record import StreamRecord
-from stopstorm.users.core import CONNECT_TIMED_OUT, ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
+from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, connect_timed_out, http_failure
 from stopstorm.users.httpcore_stamps import install_on_client, stamping_socket
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.socket_stamps import StampingSocket, arrival_clock, stamp_headers
@@ -37,7 +37,7 @@ def describe_httpx_error(exc: httpx.HTTPError, timeout: float, mid_stream: bool)
     """One httpx exception in words (shared with the async twin)."""
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.ConnectTimeout):  # a timeout too, but no connection, not a silent server
-        return f"connection error: {CONNECT_TIMED_OUT} ({type(exc).__name__})"
+        return connect_timed_out(type(exc).__name__)
     if isinstance(exc, httpx.TimeoutException):
         return f"timeout: no byte for {timeout:g} s ({type(exc).__name__})"
     if mid_stream and isinstance(exc, httpx.TransportError):

@@ -30,7 +30,7 @@ import openai
 from openai._streaming import ServerSentEvent  # the SDK's event type, which its stream reads from our decoder
 
 from stopstorm.metrics.record import StreamRecord
-from stopstorm.users.core import CONNECT_TIMED_OUT, HubTurn, StreamFailure, SyncStreamingUser, error_text
+from stopstorm.users.core import HubTurn, StreamFailure, SyncStreamingUser, connect_timed_out, error_text
 from stopstorm.users.httpcore_stamps import install_on_client, stamping_socket
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.socket_stamps import StampingSocket, arrival_clock, stamp_headers
@@ -150,7 +150,7 @@ def describe_openai_error(exc: Exception, timeout: float, mid_stream: bool) -> s
     detail = f"{cause}" if cause is not None and str(cause) else str(exc)
     if isinstance(exc, openai.APITimeoutError):
         if type(cause).__name__ == "ConnectTimeout":  # httpx2's, under the SDK: no connection, not a silent server
-            return f"connection error: {CONNECT_TIMED_OUT} (ConnectTimeout)"
+            return connect_timed_out("ConnectTimeout")
         return f"timeout: no byte for {timeout:g} s ({type(cause or exc).__name__})"
     if isinstance(exc, openai.APIConnectionError):
         if mid_stream:

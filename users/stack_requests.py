@@ -21,7 +21,7 @@ from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import ReadTimeoutError
 
 from stopstorm.metrics.record import StreamRecord
-from stopstorm.users.core import CONNECT_TIMED_OUT, ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, http_failure
+from stopstorm.users.core import ERROR_BODY_LIMIT, StreamFailure, SyncStreamingUser, connect_timed_out, http_failure
 from stopstorm.users.request import StreamRequest
 from stopstorm.users.socket_stamps import StampingSocket, arrival_clock, enable_receive_stamps, stamp_headers
 from stopstorm.users.verdicts import response_failure
@@ -30,7 +30,7 @@ __all__ = ["RequestsTransport", "RequestsUser"]
 
 def _describe(exc: requests.RequestException, timeout: float) -> str:
     if isinstance(exc, requests.ConnectTimeout):  # a Timeout too, but no connection, not a silent server
-        return f"connection error: {CONNECT_TIMED_OUT} ({type(exc).__name__})"
+        return connect_timed_out(type(exc).__name__)
     # Mid-stream, iter_lines raises a read timeout as ConnectionError(urllib3's ReadTimeoutError).
     if isinstance(exc, requests.Timeout) or (exc.args and isinstance(exc.args[0], ReadTimeoutError)):
         return f"timeout: no byte for {timeout:g} s ({type(exc).__name__})"
